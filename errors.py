@@ -1,0 +1,9 @@
+"""The one error type users see: a message that names the thing and the fix.
+
+`federate.main()` turns a `FedMPTError` into that message and exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+
+class FedMPTError(Exception):
+    """Bad input (an option, a file on disk, an answer from a server) the user can act on."""

@@ -1,0 +1,229 @@
+"""Federated training of FedMPT with a plain Python FedAvg loop, and the command line.
+
+    python federate.py                                   # offline shapes world, tiny CLIP
+    python federate.py --dataset voc2007 --root DIR --clip ViT-B/16 --device cuda
+
+Round r: every sampled client copies the global tunable state, trains E local epochs on its own
+images (SGD, cosine learning rate over rounds) and returns its state and sample count n_i; the
+server sets theta = sum_i n_i theta_i / sum_i n_i and evaluates theta on the test set.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import metrics
+from errors import FedMPTError
+from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, bce_loss, load_clip
+from prompts import load_conditions
+
+METHODS = ["fedmpt"]
+
+
+@dataclass
+class Config:
+    dataset: str = "shapes"  # shapes (generated offline) | voc2007
+    root: str = ""  # dataset directory; default data/<dataset>
+    method: str = "fedmpt"
+    clip: str = "tiny"  # tiny (random, offline) or a clip.available_models() name
+    clip_weights: str = ""  # a local CLIP .pt file instead of the download
+    random_init: bool = False  # random weights for a named architecture (no download)
+    conditions: str = ""  # condition file; default the dataset's shipped one; 'none' = ablation
+    clients: int = 4
+    rounds: int = 10
+    local_epochs: int = 1
+    client_fraction: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 32
+    heterogeneity: float = 1.0  # t in (0, 1]: fraction of a client's data from its own cluster
+    loss: str = "asl"  # asl | bce
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = ""  # run directory; default runs/<dataset>-<method>-<timestamp>
+
+
+HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
+        "conditions": "condition JSON file (default: conditions/<dataset>.json) or 'none'",
+        "clip": "tiny, or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)"}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Federated multi-label prompt tuning (FedMPT).")
+    for config_class in (Config, ModelConfig):
+        for field in dataclasses.fields(config_class):
+            flag = "--" + field.name.replace("_", "-")
+            if field.type is bool or isinstance(field.default, bool):
+                parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
+            else:
+                parser.add_argument(flag, type=type(field.default), default=field.default,
+                                    help=HELP.get(field.name, f"default {field.default}"))
+    return parser
+
+
+def parse_config(argv):
+    args = vars(build_parser().parse_args(argv))
+    pick = lambda cls: cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
+    return pick(Config), pick(ModelConfig)
+
+
+def validate(cfg: Config, model_cfg: ModelConfig):
+    checks = [(cfg.dataset in ("shapes", "voc2007"), f"--dataset {cfg.dataset}: choose shapes or voc2007"),
+              (cfg.method in METHODS, f"--method {cfg.method}: choose one of {', '.join(METHODS)}"),
+              (cfg.rounds > 0, f"--rounds {cfg.rounds}: must be positive"),
+              (cfg.clients > 0, f"--clients {cfg.clients}: must be positive"),
+              (cfg.local_epochs > 0, f"--local-epochs {cfg.local_epochs}: must be positive"),
+              (0 < cfg.client_fraction <= 1, f"--client-fraction {cfg.client_fraction}: must lie in (0, 1]"),
+              (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
+              (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
+              (cfg.loss in ("asl", "bce"), f"--loss {cfg.loss}: choose asl or bce"),
+              (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
+              (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
+              (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
+              (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive")]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise FedMPTError("; ".join(problems) + ".")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
+
+
+# ---- The federated pieces: local training, aggregation, evaluation ------------------------
+def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, generator):
+    """One client's update: copy the global state, E epochs of SGD on the client's images.
+    Returns (state, n_samples, mean loss per image)."""
+    model.load_tunable_state(global_state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
+    loss_fn = asymmetric_loss if cfg.loss == "asl" else bce_loss
+    indices = torch.as_tensor(indices)
+    total, seen = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        order = indices[torch.randperm(len(indices), generator=generator)]
+        for batch in order.split(cfg.batch_size):
+            batch = batch.to(v.device)
+            loss = loss_fn(model(v[batch], P[batch]), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item(), seen + len(batch)
+    return model.tunable_state(), len(indices), total / max(seen, 1)
+
+
+def aggregate_weighted(states, weights):
+    """FedAvg: theta = sum_i w_i theta_i / sum_i w_i, tensor by tensor."""
+    total = float(sum(weights))
+    return {key: sum(state[key] * (w / total) for state, w in zip(states, weights)) for key in states[0]}
+
+
+@torch.no_grad()
+def predict(model, v, P, batch_size=256):
+    """Probabilities (n, C) for frozen features; the text side is encoded once."""
+    T = model.text_features()
+    return torch.cat([torch.sigmoid(model(v[i:i + batch_size], P[i:i + batch_size], T))
+                      for i in range(0, len(v), batch_size)]).cpu()
+
+
+def cosine_lr(base_lr, round_index, n_rounds):
+    """Learning rate of round r (1-based): cosine from base_lr towards 0 over the rounds."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (round_index - 1) / n_rounds))
+
+
+def write_json_atomic(path: Path, obj):
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(obj, indent=1))
+    os.replace(temporary, path)
+
+
+# ---- The run ------------------------------------------------------------------------------
+def run(cfg: Config, model_cfg: ModelConfig):
+    validate(cfg, model_cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    root = cfg.root or os.path.join("data", cfg.dataset)
+    out = Path(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    torch.manual_seed(cfg.seed)
+    conditions = load_conditions(cfg.conditions, cfg.dataset)
+
+    train_set = data.load_dataset(cfg.dataset, root, "train")
+    test_set = data.load_dataset(cfg.dataset, root, "test")
+    backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, cfg.random_init, cfg.seed)).to(device)
+    train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
+    splits = data.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    class_names = [data.prompt_name(c) for c in train_set.classes]
+    model = FedMPT(backbone, class_names, conditions["conditions"], model_cfg).to(device)
+    n_tunable = sum(t.numel() for t in model.tunable_state().values())
+    resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
+                "device": device, "out": str(out), "classes": train_set.classes,
+                "conditions": conditions, "tunable_params": n_tunable,
+                "client_sizes": [len(s) for s in splits]}
+    print(json.dumps(resolved, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", resolved)
+
+    bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
+    v_train, P_train = (x.to(device) for x in data.encode_dataset(backbone, train_set, device=device, progress=bar("train")))
+    v_test, P_test = (x.to(device) for x in data.encode_dataset(backbone, test_set, device=device, progress=bar("test")))
+    y_train, y_test = train_set.targets.to(device), test_set.targets
+    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(y_test)), y_test)
+
+    history = []
+
+    def evaluate(round_index, loss, seconds):
+        result = metrics.multilabel_metrics(predict(model, v_test, P_test), y_test)
+        row = {"round": round_index, "loss": loss, "seconds": seconds,
+               **{k: result[k] for k in result if k not in ("per_class_AP",)}, "per_class_AP": result["per_class_AP"]}
+        if round_index == 0:
+            row["label_prior_mAP"] = prior["mAP"]
+        history.append(row)
+        write_json_atomic(out / "metrics.json", history)
+        tqdm.write(f"{round_index:>5} {loss if loss is not None else float('nan'):>10.4f} "
+                   f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}")
+
+    print(f"label prior mAP {prior['mAP']:.2f}; clients {[len(s) for s in splits]}")
+    tqdm.write(f"{'round':>5} {'train loss':>10} {'mAP':>7} {'CF1':>7} {'OF1':>7} {'seconds':>8}")
+    evaluate(0, None, 0.0)
+    global_state = model.tunable_state()
+    rng = np.random.default_rng(cfg.seed)
+    for round_index in range(1, cfg.rounds + 1):
+        start = time.time()
+        n_sampled = max(1, round(cfg.client_fraction * cfg.clients))
+        sampled = sorted(rng.choice(cfg.clients, n_sampled, replace=False).tolist())
+        lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
+        states, sizes, losses = [], [], []
+        for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1_009 + client)
+            state, n, loss = local_train(model, global_state, v_train, P_train, y_train,
+                                         splits[client], cfg, lr, generator)
+            states.append(state), sizes.append(n), losses.append(loss)
+        global_state = aggregate_weighted(states, sizes)
+        model.load_tunable_state(global_state)
+        evaluate(round_index, float(np.average(losses, weights=sizes)), time.time() - start)
+    torch.save(global_state, out / "state.pt")
+    print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, label prior "
+          f"{prior['mAP']:.2f}); run saved in {out}")
+    return history
+
+
+def main(argv=None):
+    cfg, model_cfg = parse_config(argv)
+    try:
+        run(cfg, model_cfg)
+    except FedMPTError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Multi-label evaluation metrics (mAP, CP/CR/CF1, OP/OR/OF1, top-k variants).
+
+Conventions (ML-GCN / ASL / DualCoOp):
+  * targets are in {1, 0, -1}; -1 means "ignore this (image, class) pair"
+    (e.g. VOC difficult-only) and the pair is excluded from every metric.
+  * AP is sklearn's non-interpolated average precision
+        AP = sum_n (R_n - R_{n-1}) P_n
+    over the distinct score thresholds in decreasing order (tied scores enter
+    together). mAP is the mean AP over classes that have >= 1 positive.
+  * CP, CR = mean over ALL C classes of per-class precision / recall, where an
+    undefined value (no prediction / no positive) counts as 0.
+    CF1 = 2 CP CR / (CP + CR).  NOTE: this is the F1 of the means, not
+    sklearn's macro F1 (the mean of per-class F1s).
+  * OP, OR, OF1 = precision / recall / F1 pooled over all non-ignored pairs.
+  * All metric values are returned in percent.
+"""
+import numpy as np
+
+
+def _to_numpy(x):
+    """Convert a torch tensor (anything with .detach) or array-like to numpy."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+def _validate(scores, targets):
+    """Return (scores float64, targets int64) or raise ValueError."""
+    s, t = _to_numpy(scores), _to_numpy(targets)
+    if s.ndim != 2 or s.shape != t.shape:
+        raise ValueError(f"scores and targets must be 2-D with equal shapes "
+                         f"(n_images, C); got scores {s.shape}, targets {t.shape}")
+    if not np.isin(t, (-1, 0, 1)).all():
+        bad = np.unique(t[~np.isin(t, (-1, 0, 1))])[:5].tolist()
+        raise ValueError(f"targets (shape {t.shape}) must only contain -1, 0, 1; "
+                         f"found e.g. {bad}")
+    s = s.astype(np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError(f"scores (shape {s.shape}) contain "
+                         f"{int((~np.isfinite(s)).sum())} non-finite values")
+    return s, t.astype(np.int64)
+
+
+def average_precision(scores, labels):
+    """Non-interpolated AP of one class: sum_n (R_n - R_{n-1}) P_n.
+
+    scores, labels: 1-D arrays, labels in {0, 1} with at least one 1.
+    Thresholds are the distinct scores, highest first; all samples sharing a
+    score are counted together (same as sklearn.average_precision_score).
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True]       # end of each tie group
+    tp = np.cumsum(y)[last_of_tie]
+    n_pred = np.arange(1, len(s) + 1)[last_of_tie]
+    precision, recall = tp / n_pred, tp / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def _safe_div(a, b):
+    """a / b elementwise, 0 where b == 0."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+
+def _f1(p, r):
+    return float(2 * p * r / (p + r)) if p + r > 0 else 0.0
+
+
+def _prf(pred, targets, suffix=""):
+    """CP, CR, CF1, OP, OR, OF1 (percent) for a boolean prediction matrix.
+
+    Pairs with target -1 are dropped from predictions and positives.
+    """
+    pred = pred & (targets != -1)
+    pos = targets == 1
+    tp, n_pred, n_pos = (pred & pos).sum(0), pred.sum(0), pos.sum(0)
+    cp = _safe_div(tp, n_pred).mean() if tp.size else 0.0
+    cr = _safe_div(tp, n_pos).mean() if tp.size else 0.0
+    op, or_ = _safe_div(tp.sum(), n_pred.sum()), _safe_div(tp.sum(), n_pos.sum())
+    vals = {"CP": cp, "CR": cr, "CF1": _f1(cp, cr),
+            "OP": op, "OR": or_, "OF1": _f1(op, or_)}
+    return {k + suffix: 100.0 * float(v) for k, v in vals.items()}
+
+
+def top_k_predictions(scores, k):
+    """Boolean (n, C) matrix marking each image's k highest scores.
+
+    Ties are broken by class index (lower index wins; stable sort).
+    """
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    pred = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(pred, idx, True, axis=1)
+    return pred
+
+
+def multilabel_metrics(scores, targets, threshold=0.5, top_k=3):
+    """All multi-label metrics in percent, as a JSON-serialisable dict.
+
+    scores: (n_images, C) probabilities (higher = more likely).
+    targets: (n_images, C) in {1, 0, -1}; -1 pairs are ignored everywhere.
+    Threshold metrics: predicted positive iff score >= threshold.
+    Top-k metrics (keys suffixed f"_top{top_k}"): each image's predicted
+    positives are its top_k scores (ties -> lower class index); a top-k slot
+    that falls on a -1 pair is simply dropped (not refilled).
+    per_class_AP[c] is None and c is in excluded_classes when class c has no
+    positive among its non-ignored pairs; mAP averages the others (None if
+    every class is excluded).
+    """
+    s, t = _validate(scores, targets)
+    if not 1 <= top_k <= s.shape[1]:
+        raise ValueError(f"top_k must be in [1, C={s.shape[1]}]; got {top_k}")
+    per_class, excluded = [], []
+    for c in range(s.shape[1]):
+        keep = t[:, c] != -1
+        y = t[keep, c]
+        if y.sum() == 0:
+            per_class.append(None)
+            excluded.append(c)
+        else:
+            per_class.append(100.0 * average_precision(s[keep, c], y))
+    included = [ap for ap in per_class if ap is not None]
+    out = {"mAP": float(np.mean(included)) if included else None}
+    out.update(_prf(s >= threshold, t))
+    out.update(_prf(top_k_predictions(s, top_k), t, f"_top{top_k}"))
+    out["per_class_AP"] = per_class
+    out["excluded_classes"] = excluded
+    return out
+
+
+def label_prior_scores(train_targets, n_images):
+    """Label-prior baseline: score every image with each class's training
+    frequency, positives / non-ignored pairs (0 if a class is all ignored).
+
+    Returns an (n_images, C) array. All scores of a class tie, so its AP is the
+    class's test prevalence and the mAP is the mean test prevalence.
+    """
+    _, t = _validate(train_targets, train_targets)
+    freq = _safe_div((t == 1).sum(0), (t != -1).sum(0))
+    return np.tile(freq, (int(n_images), 1))

@@ -1,0 +1,76 @@
+"""The federated loop: FedAvg math, learning, determinism, and the command line's errors."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import federate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fedavg_weights_by_samples():
+    states = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)},
+              {"w": torch.tensor([5.0, -2.0]), "b": torch.tensor(0.0)},
+              {"w": torch.tensor([0.0, 0.0]), "b": torch.tensor(-6.0)}]
+    sizes = [10, 30, 60]  # unequal clients: weights 0.1, 0.3, 0.6
+    result = federate.aggregate_weighted(states, sizes)
+    assert torch.allclose(result["w"], torch.tensor([0.1 * 1 + 0.3 * 5, 0.1 * 2 - 0.3 * 2]))
+    assert torch.allclose(result["b"], torch.tensor(0.1 * 3 - 0.6 * 6))
+
+
+def test_cosine_schedule_starts_at_lr_and_decays():
+    lrs = [federate.cosine_lr(1.0, r, 4) for r in range(1, 5)]
+    assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert math.isclose(lrs[2], 0.5, abs_tol=1e-12)
+
+
+def run(root, out, *extra):
+    cfg, model_cfg = federate.parse_config(["--root", str(root), "--out", str(out), *extra])
+    return federate.run(cfg, model_cfg)
+
+
+def test_fedmpt_learns_across_clients(shapes_root, tmp_path):
+    history = run(shapes_root, tmp_path / "run", "--rounds", "4", "--clients", "3")
+    maps = [row["mAP"] for row in history]
+    assert maps[-1] > maps[0] + 5, maps  # at least 5 mAP points over 4 rounds
+    assert maps[-1] > history[0]["label_prior_mAP"] + 5
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["round"] for row in saved] == [0, 1, 2, 3, 4]
+    assert {"mAP", "CF1", "OF1", "loss", "seconds"} <= set(saved[-1])
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert set(state) >= {"prompts.context", "gate.mlp.2.weight"}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["tunable_params"] == sum(t.numel() for t in state.values())
+
+
+def test_runs_are_deterministic_for_a_seed(shapes_root, tmp_path):
+    first = run(shapes_root, tmp_path / "a", "--rounds", "2", "--clients", "2", "--client-fraction", "0.5")
+    second = run(shapes_root, tmp_path / "b", "--rounds", "2", "--clients", "2", "--client-fraction", "0.5")
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]
+    assert strip(first) == strip(second)
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "federate.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "voc2007", "--root", "{tmp}/missing"], "VOCtrainval_06-Nov-2007.tar"),
+    (["--dataset", "imagenet"], "--dataset imagenet"),
+    (["--heterogeneity", "1.5"], "--heterogeneity 1.5"),
+    (["--rounds", "0"], "--rounds 0"),
+    (["--clip", "ViT-Z/99"], "--clip ViT-Z/99"),
+])
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, message):
+    result = cli(*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,121 @@
+"""The model: shapes, finiteness, what trains and what stays frozen, the loss."""
+import clip
+import pytest
+import torch
+
+import fedmpt
+import ot
+from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, load_clip
+
+CLASSES = ["circle", "square", "triangle"]
+CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig())
+
+
+def images(n=3, seed=0):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_patch_features_have_shape_B_N_D(model):
+    v, P = model.backbone.encode_image_tokens(images(3))
+    assert v.shape == (3, 128) and P.shape == (3, 64, 128)  # 64 px / 8 px patches -> N = 64
+    # the class token through ln_post and proj is exactly CLIP's own image feature
+    assert torch.allclose(v, model.backbone.model.encode_image(images(3)), atol=1e-5)
+
+
+def test_resnet_patch_features_have_shape_B_N_D():
+    torch.manual_seed(0)
+    resnet = clip.model.CLIP(64, 128, (1, 1, 1, 1), 16, None, 32, 49408, 64, 2, 1).eval()
+    x = torch.randn(2, 3, 128, 128)
+    v, P = FrozenCLIP(resnet).encode_image_tokens(x)
+    assert v.shape == (2, 64) and P.shape == (2, 16, 64)  # 128 px / 32 -> 4 x 4 grid
+    assert torch.allclose(v, resnet.encode_image(x), atol=1e-5)
+
+
+def test_forward_gives_finite_logits_of_shape_B_C(model):
+    v, P = model.backbone.encode_image_tokens(images(4))
+    logits = model(v, P)
+    assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+    T = model.text_features()
+    assert T.shape == (2, 5, 3, 128)
+    assert torch.allclose(T.norm(dim=-1), torch.ones(2, 5, 3), atol=1e-5)
+
+
+def test_one_text_call_and_one_transport_solve_per_forward(model, monkeypatch):
+    calls = {"text": [], "ot": []}
+    encode, solve = model.backbone.encode_prompts, ot.sinkhorn
+    monkeypatch.setattr(model.backbone, "encode_prompts",
+                        lambda e, eot: calls["text"].append(e.shape) or encode(e, eot))
+    monkeypatch.setattr(ot, "sinkhorn", lambda cost, *a, **k: calls["ot"].append(cost.shape) or solve(cost, *a, **k))
+    v, P = model.backbone.encode_image_tokens(images(4))
+    model(v, P)
+    assert calls["text"] == [(2 * 5 * 3, 32, 128)]  # all 2*K*C prompts in one batch
+    assert calls["ot"] == [(4, 2, 3, 64, 5)]  # all B*2*C problems of N x K in one solve
+
+
+def test_only_contexts_adapters_and_gate_are_tunable(model):
+    names = set(model.tunable_state())
+    assert names == {"prompts.context", "text_adapter.down.weight", "text_adapter.down.bias",
+                     "text_adapter.up.weight", "text_adapter.up.bias", "patch_adapter.down.weight",
+                     "patch_adapter.down.bias", "patch_adapter.up.weight", "patch_adapter.up.bias",
+                     "gate.mlp.0.weight", "gate.mlp.0.bias", "gate.mlp.2.weight", "gate.mlp.2.bias"}
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_backbone_is_bit_identical_after_training_steps():
+    torch.manual_seed(0)
+    model = FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig())
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    tunable_before = model.tunable_state()
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    v, P = model.backbone.encode_image_tokens(images(4))
+    targets = torch.tensor([[1, 0, -1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    for _ in range(3):
+        loss = asymmetric_loss(model(v, P), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.backbone.training
+    changed = [k for k, t in model.tunable_state().items() if not torch.equal(t, tunable_before[k])]
+    assert "prompts.context" in changed and "gate.mlp.2.weight" in changed
+
+
+def test_asl_matches_its_formula_and_masks_ignored_targets():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.5, 3.0]], requires_grad=True)
+    targets = torch.tensor([[1, 0, -1], [0, 1, 0]])
+    loss = asymmetric_loss(logits, targets)
+    p = torch.sigmoid(logits.detach())
+    expected = 0.0
+    for (i, j), t in zip([(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)], [1, 0, 0, 1, 0]):
+        q = p[i, j]
+        if t == 1:
+            expected -= (1 - q) * torch.log(q)
+        else:
+            m = max(q - 0.05, 0)
+            expected -= m ** 2 * torch.log(1 - m)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert logits.grad[0, 2] == 0  # the ignored pair gets no gradient
+
+
+def test_uniform_ablations_run(model):
+    torch.manual_seed(0)
+    ablation = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot="uniform", gate="uniform"))
+    v, P = model.backbone.encode_image_tokens(images(2))
+    assert torch.isfinite(ablation(v, P)).all()
+    assert not any(k.startswith("gate") for k in ablation.tunable_state())
+
+
+def test_unknown_clip_name_is_a_clear_error():
+    with pytest.raises(fedmpt.FedMPTError, match="ViT-B/16"):
+        load_clip("ViT-Z/99")
+    with pytest.raises(fedmpt.FedMPTError, match="no such file"):
+        load_clip("ViT-B/16", weights="/nonexistent/ViT-B-16.pt")
