@@ -24,6 +24,7 @@ from tqdm import tqdm
 import data
 import metrics
 from errors import FedMPTError
+from aggregation import AGGREGATORS, aggregate_weighted, validate_update  # noqa: F401
 from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, bce_loss, load_clip
 from prompts import load_conditions
 
@@ -50,6 +51,8 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     out: str = ""  # run directory; default runs/<dataset>-<method>-<timestamp>
+    aggregate: str = "mean"  # mean (FedAvg) | median | trimmed-mean
+    resume: str = ""  # a run directory to continue from its last checkpoint
 
 
 HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
@@ -86,6 +89,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
               (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
               (cfg.loss in ("asl", "bce"), f"--loss {cfg.loss}: choose asl or bce"),
+              (cfg.aggregate in AGGREGATORS, f"--aggregate {cfg.aggregate}: choose {', '.join(AGGREGATORS)}"),
               (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
               (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
               (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
@@ -97,10 +101,11 @@ def validate(cfg: Config, model_cfg: ModelConfig):
         raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
 
 
-# ---- The federated pieces: local training, aggregation, evaluation ------------------------
+# ---- The federated pieces: local training, evaluation, the learning rate ------------------
 def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, generator):
     """One client's update: copy the global state, E epochs of SGD on the client's images.
-    Returns (state, n_samples, mean loss per image)."""
+    Returns (state, n_samples, mean loss per image). The optimizer starts fresh every round,
+    so nothing of it outlives the round (nor needs a checkpoint)."""
     model.load_tunable_state(global_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
@@ -117,12 +122,6 @@ def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, ge
             optimizer.step()
             total, seen = total + loss.item(), seen + len(batch)
     return model.tunable_state(), len(indices), total / max(seen, 1)
-
-
-def aggregate_weighted(states, weights):
-    """FedAvg: theta = sum_i w_i theta_i / sum_i w_i, tensor by tensor."""
-    total = float(sum(weights))
-    return {key: sum(state[key] * (w / total) for state, w in zip(states, weights)) for key in states[0]}
 
 
 @torch.no_grad()
@@ -144,13 +143,67 @@ def write_json_atomic(path: Path, obj):
     os.replace(temporary, path)
 
 
+def save_atomic(obj, path: Path):
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise FedMPTError(f"cannot load checkpoint {path} ({error}).") from None
+
+
 # ---- The run ------------------------------------------------------------------------------
+def resume_config(run_dir: str):
+    """The configuration a run was started with, from its config.json."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise FedMPTError(f"--resume {run_dir}: cannot read {path} ({error}).") from None
+    pick = lambda cls: cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+    cfg, model_cfg = pick(Config), pick(ModelConfig)
+    cfg.out, cfg.resume = str(run_dir), str(run_dir)
+    return cfg, model_cfg
+
+
+def run_round(round_index, model, global_state, features, splits, sampled, cfg, log):
+    """Train the sampled clients, drop the ones that fail or send a bad update, aggregate the
+    rest. Returns (new global state, mean loss, number aggregated, rejected client ids)."""
+    v, P, targets = features
+    lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
+    states, sizes, losses, rejected = [], [], [], []
+    for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1_009 + client)
+        try:
+            state, n, loss = local_train(model, global_state, v, P, targets, splits[client], cfg, lr, generator)
+        except Exception as error:  # a crashing client must not end the federation
+            log(f"round {round_index}: client {client} failed ({type(error).__name__}: {error}); left out")
+            rejected.append(client)
+            continue
+        problem = validate_update(state, global_state)
+        if problem:
+            log(f"round {round_index}: client {client} update rejected: {problem}")
+            rejected.append(client)
+            continue
+        states.append(state), sizes.append(n), losses.append(loss)
+    if not states:
+        log(f"round {round_index}: every client failed; the global state stays as it was")
+        return global_state, None, 0, rejected
+    new_state = AGGREGATORS[cfg.aggregate](states, sizes)
+    return new_state, float(np.average(losses, weights=sizes)), len(states), rejected
+
+
 def run(cfg: Config, model_cfg: ModelConfig):
+    if cfg.resume:
+        cfg, model_cfg = resume_config(cfg.resume)
     validate(cfg, model_cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     root = cfg.root or os.path.join("data", cfg.dataset)
     out = Path(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.manual_seed(cfg.seed)
     conditions = load_conditions(cfg.conditions, cfg.dataset)
 
     train_set = data.load_dataset(cfg.dataset, root, "train")
@@ -165,51 +218,54 @@ def run(cfg: Config, model_cfg: ModelConfig):
     n_tunable = sum(t.numel() for t in model.tunable_state().values())
     resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
                 "device": device, "out": str(out), "classes": train_set.classes,
-                "conditions": conditions, "tunable_params": n_tunable,
+                "condition_set": conditions, "tunable_params": n_tunable,
                 "client_sizes": [len(s) for s in splits]}
-    print(json.dumps(resolved, indent=1))
+    print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
+    print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", resolved)
+    if not cfg.resume:
+        write_json_atomic(out / "config.json", resolved)
 
     bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
     v_train, P_train = (x.to(device) for x in data.encode_dataset(backbone, train_set, device=device, progress=bar("train")))
     v_test, P_test = (x.to(device) for x in data.encode_dataset(backbone, test_set, device=device, progress=bar("test")))
-    y_train, y_test = train_set.targets.to(device), test_set.targets
+    features, y_test = (v_train, P_train, train_set.targets.to(device)), test_set.targets
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(y_test)), y_test)
 
-    history = []
+    global_state, history, first_round = model.tunable_state(), [], 1
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        checkpoint = load_checkpoint(out / "checkpoint.pt")
+        model.load_tunable_state(checkpoint["global_state"])
+        global_state, history = model.tunable_state(), checkpoint["history"]
+        rng.bit_generator.state = checkpoint["rng_state"]
+        first_round = checkpoint["round"] + 1
+        print(f"resuming {out} after round {checkpoint['round']}")
 
-    def evaluate(round_index, loss, seconds):
+    def evaluate(round_index, loss, seconds, extra):
         result = metrics.multilabel_metrics(predict(model, v_test, P_test), y_test)
-        row = {"round": round_index, "loss": loss, "seconds": seconds,
-               **{k: result[k] for k in result if k not in ("per_class_AP",)}, "per_class_AP": result["per_class_AP"]}
-        if round_index == 0:
-            row["label_prior_mAP"] = prior["mAP"]
+        row = {"round": round_index, "loss": loss, "seconds": seconds, **result, **extra}
         history.append(row)
         write_json_atomic(out / "metrics.json", history)
         tqdm.write(f"{round_index:>5} {loss if loss is not None else float('nan'):>10.4f} "
                    f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}")
 
-    print(f"label prior mAP {prior['mAP']:.2f}; clients {[len(s) for s in splits]}")
+    print(f"label prior mAP {prior['mAP']:.2f}; client sizes {[len(s) for s in splits]}")
     tqdm.write(f"{'round':>5} {'train loss':>10} {'mAP':>7} {'CF1':>7} {'OF1':>7} {'seconds':>8}")
-    evaluate(0, None, 0.0)
-    global_state = model.tunable_state()
-    rng = np.random.default_rng(cfg.seed)
-    for round_index in range(1, cfg.rounds + 1):
+    if not history:
+        evaluate(0, None, 0.0, {"label_prior_mAP": prior["mAP"]})
+    for round_index in range(first_round, cfg.rounds + 1):
         start = time.time()
         n_sampled = max(1, round(cfg.client_fraction * cfg.clients))
         sampled = sorted(rng.choice(cfg.clients, n_sampled, replace=False).tolist())
-        lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
-        states, sizes, losses = [], [], []
-        for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1_009 + client)
-            state, n, loss = local_train(model, global_state, v_train, P_train, y_train,
-                                         splits[client], cfg, lr, generator)
-            states.append(state), sizes.append(n), losses.append(loss)
-        global_state = aggregate_weighted(states, sizes)
+        global_state, loss, n_aggregated, rejected = run_round(
+            round_index, model, global_state, features, splits, sampled, cfg, tqdm.write)
         model.load_tunable_state(global_state)
-        evaluate(round_index, float(np.average(losses, weights=sizes)), time.time() - start)
-    torch.save(global_state, out / "state.pt")
+        evaluate(round_index, loss, time.time() - start,
+                 {"clients_aggregated": n_aggregated, "clients_rejected": rejected, "failed": n_aggregated == 0})
+        save_atomic({"global_state": global_state, "round": round_index, "history": history,
+                     "rng_state": rng.bit_generator.state}, out / "checkpoint.pt")
+    save_atomic(global_state, out / "state.pt")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, label prior "
           f"{prior['mAP']:.2f}); run saved in {out}")
     return history

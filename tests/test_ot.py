@@ -90,7 +90,8 @@ def pot_plans(tmp_path_factory):
         C, a, b = _case(*case)
         N, K = C.shape[-2:]
         a = torch.full(C.shape[:-1], 1 / N, dtype=C.dtype) if a is None else a.expand(C.shape[:-1])
-        b = torch.full(C.shape[:-2] + (K,), 1 / K, dtype=C.dtype) if b is None else b.expand(C.shape[:-2] + (K,))
+        b = (torch.full(C.shape[:-2] + (K,), 1 / K, dtype=C.dtype) if b is None
+             else b.expand(C.shape[:-2] + (K,)))
         C, a, b = C.reshape(-1, N, K), a.reshape(-1, N), b.reshape(-1, K)
         index[case] = range(len(problems), len(problems) + len(C))
         problems += [(C[i].numpy(), a[i].numpy(), b[i].numpy(), case[0]) for i in range(len(C))]
@@ -98,7 +99,12 @@ def pot_plans(tmp_path_factory):
     return {case: np.stack([plans[i] for i in idx]) for case, idx in index.items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"eps{c[0]}-N{c[1][0]}K{c[1][1]}-batch{len(c[2])}-{'uni' if c[3] else 'nonuni'}")
+def _case_id(case):
+    eps, (N, K), batch, uniform = case
+    return f"eps{eps}-N{N}K{K}-batch{len(batch)}-{'uniform' if uniform else 'nonuniform'}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_plan_matches_pot_sinkhorn_log(case, pot_plans):
     C, a, b = _case(*case)
     Q = sinkhorn(C, case[0], a, b, n_iters=20000, tol=1e-12)

@@ -1,0 +1,163 @@
+"""Runs that survive faults: kill and resume, failing and malicious clients, bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import aggregation
+import federate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(root, out, *extra):
+    cfg, model_cfg = federate.parse_config(["--root", str(root), "--out", str(out), *extra])
+    return federate.run(cfg, model_cfg)
+
+
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_killed_run_resumes_to_the_same_result(shapes_root, tmp_path):
+    options = ["--root", str(shapes_root), "--rounds", "4", "--clients", "3"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(REPO / "federate.py"), *options, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        checkpoint = killed / "checkpoint.pt"
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["round"] >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # What a killed run leaves is valid: JSON parses, the last checkpoint loads.
+    partial = json.loads((killed / "metrics.json").read_text())
+    last = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert 2 <= last["round"] < 4 and partial[-1]["round"] >= last["round"]
+
+    resumed = subprocess.run([sys.executable, str(REPO / "federate.py"), "--resume", str(killed)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {killed} after round {last['round']}" in resumed.stdout
+    straight = run(shapes_root, tmp_path / "straight", "--rounds", "4", "--clients", "3")
+    assert without_seconds(json.loads((killed / "metrics.json").read_text())) == without_seconds(straight)
+    a = torch.load(killed / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in b)  # bit for bit on CPU
+
+
+def faulty(behaviour):
+    """Wrap federate.local_train so that client 1 misbehaves as `behaviour` says."""
+    honest = federate.local_train
+
+    def local_train(model, global_state, v, P, targets, indices, cfg, lr, generator):
+        state, n, loss = honest(model, global_state, v, P, targets, indices, cfg, lr, generator)
+        if indices is not faulty.splits[1]:
+            return state, n, loss
+        return behaviour(state), n, loss
+    return local_train
+
+
+@pytest.mark.parametrize("name, behaviour, reason", [
+    ("raises", lambda s: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")), "failed"),
+    ("nan", lambda s: {**s, "prompts.context": s["prompts.context"] * float("nan")}, "non-finite"),
+    ("shape", lambda s: {**s, "prompts.context": s["prompts.context"][:, :1]}, "shape"),
+    ("keys", lambda s: {k: v for k, v in s.items() if k != "gate.mlp.0.bias"}, "keys differ"),
+])
+def test_bad_client_is_left_out_and_the_rest_aggregate(shapes_root, tmp_path, monkeypatch, capsys, name, behaviour, reason):
+    import data
+    faulty.splits = data.client_splits(data.load_dataset("shapes", shapes_root, "train").targets, 3, 1.0, 0)
+    monkeypatch.setattr(data, "client_splits", lambda *a, **k: faulty.splits)
+    monkeypatch.setattr(federate, "local_train", faulty(behaviour))
+    history = run(shapes_root, tmp_path / name, "--rounds", "2", "--clients", "3")
+    assert [row["clients_aggregated"] for row in history[1:]] == [2, 2]
+    assert [row["clients_rejected"] for row in history[1:]] == [[1], [1]]
+    assert history[-1]["mAP"] > history[0]["mAP"]  # the honest clients still taught the model
+    log = [line for line in capsys.readouterr().out.splitlines() if "client 1" in line]
+    assert len(log) == 2 and all(reason in line for line in log), log  # one line per round, with the reason
+
+
+def test_round_where_every_client_fails_keeps_the_global_state(shapes_root, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(federate, "local_train", broken)
+    history = run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2")
+    assert history[1]["failed"] and history[1]["clients_aggregated"] == 0
+    assert history[1]["mAP"] == history[0]["mAP"]
+    saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert saved[1]["failed"] is True
+
+
+def client_states(n=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = {"context": torch.randn(2, 5, 16, generator=generator), "bias": torch.randn(7, generator=generator)}
+    return [{k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_robust_rules_resist_a_poisoned_client(rule):
+    clean = client_states()
+    poisoned = [{k: v * 1000 for k, v in clean[0].items()}] + clean[1:]
+    combine = aggregation.AGGREGATORS[rule]
+    reference, attacked = combine(clean, [1] * 5), combine(poisoned, [1] * 5)
+    mean_attacked = aggregation.aggregate_weighted(poisoned, [1] * 5)
+    for key in reference:
+        scale = reference[key].norm()
+        assert (attacked[key] - reference[key]).norm() < 0.05 * scale  # stays close to the clean one
+        assert (mean_attacked[key] - reference[key]).norm() > 10 * scale  # while FedAvg is dragged off
+
+
+def test_trimmed_mean_and_median_by_hand():
+    states = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, 20.0])},
+              {"w": torch.tensor([3.0, 30.0])}, {"w": torch.tensor([100.0, -100.0])}]
+    assert torch.equal(aggregation.aggregate_median(states)["w"], torch.tensor([2.5, 15.0]))
+    assert torch.equal(aggregation.aggregate_trimmed_mean(states, trim=0.25)["w"], torch.tensor([2.5, 15.0]))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "federate.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def tiny_voc(root, labels):
+    from tests.test_data import write_voc
+    write_voc(root, {f"{i:06d}": [(name, 0) for name in names] for i, names in enumerate(labels, 1)})
+    write_voc(root, {f"{i:06d}": [(name, 0) for name in names] for i, names in enumerate(labels, 1)}, split="test")
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("method", ["--method", "fedsgd"], "--method fedsgd"),
+    ("aggregate", ["--aggregate", "max"], "--aggregate max"),
+    ("clients", ["--clients", "0"], "--clients 0"),
+    ("fraction", ["--client-fraction", "0"], "--client-fraction 0"),
+    ("too many clients", ["--clients", "5000"], "--clients 5000"),
+    ("resume", ["--resume", "{tmp}/no-run"], "config.json"),
+])
+def test_bad_options_exit_2_naming_the_option(tmp_path, case, args, message):
+    result = cli(*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_files_exit_2_naming_the_file(tmp_path):
+    tiny_voc(tmp_path / "same", [["dog"], ["dog"], ["dog"]])  # one label vector: K-means finds 1 cluster
+    result = cli("--dataset", "voc2007", "--root", str(tmp_path / "same"), "--clients", "2", "--out", str(tmp_path / "o1"))
+    assert result.returncode == 2 and "without data" in result.stderr and "Traceback" not in result.stderr
+
+    tiny_voc(tmp_path / "bad", [["dog"], ["cat"], ["dog", "cat"]])
+    annotation = tmp_path / "bad" / "VOCdevkit/VOC2007/Annotations/000002.xml"
+    annotation.write_text("<annotation><object><name>cat")
+    result = cli("--dataset", "voc2007", "--root", str(tmp_path / "bad"), "--clients", "2", "--out", str(tmp_path / "o2"))
+    assert result.returncode == 2 and "000002.xml" in result.stderr and "Traceback" not in result.stderr
+
+    tiny_voc(tmp_path / "image", [["dog"], ["cat"], ["dog", "cat"]])
+    (tmp_path / "image" / "VOCdevkit/VOC2007/JPEGImages/000003.jpg").write_bytes(b"\x00garbage")
+    result = cli("--dataset", "voc2007", "--root", str(tmp_path / "image"), "--clients", "2", "--out", str(tmp_path / "o3"))
+    assert result.returncode == 2 and "000003.jpg" in result.stderr and "Traceback" not in result.stderr
