@@ -197,9 +197,24 @@ def run_round(round_index, model, global_state, features, splits, sampled, cfg, 
     return new_state, float(np.average(losses, weights=sizes)), len(states), rejected
 
 
-def run(cfg: Config, model_cfg: ModelConfig):
-    if cfg.resume:
-        cfg, model_cfg = resume_config(cfg.resume)
+@dataclass
+class Experiment:
+    """Everything a run needs, built once by `setup`: the plain loop, the Flower app and
+    `evaluate` share it."""
+    cfg: Config
+    model_cfg: ModelConfig
+    out: Path
+    model: FedMPT
+    splits: list
+    train: tuple  # frozen features and targets of the training images: v, P, y
+    test: tuple  # the same for the test images
+    prior_mAP: float
+    resolved: dict
+
+
+def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment:
+    """Validate options, load data and backbone, split clients, build the model, encode the
+    frozen features of every image once, and (with `write`) save config.json."""
     validate(cfg, model_cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     root = cfg.root or os.path.join("data", cfg.dataset)
@@ -222,16 +237,31 @@ def run(cfg: Config, model_cfg: ModelConfig):
                 "client_sizes": [len(s) for s in splits]}
     print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
     print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        write_json_atomic(out / "config.json", resolved)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            write_json_atomic(out / "config.json", resolved)
 
     bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
-    v_train, P_train = (x.to(device) for x in data.encode_dataset(backbone, train_set, device=device, progress=bar("train")))
-    v_test, P_test = (x.to(device) for x in data.encode_dataset(backbone, test_set, device=device, progress=bar("test")))
-    features, y_test = (v_train, P_train, train_set.targets.to(device)), test_set.targets
-    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(y_test)), y_test)
+    train = data.encode_dataset(backbone, train_set, device=device, progress=bar("train"))
+    test = data.encode_dataset(backbone, test_set, device=device, progress=bar("test"))
+    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)), test_set.targets)
+    return Experiment(cfg, model_cfg, out, model, splits,
+                      (*(x.to(device) for x in train), train_set.targets.to(device)),
+                      (*(x.to(device) for x in test), test_set.targets), prior["mAP"], resolved)
 
+
+def evaluate_global(exp: Experiment) -> dict:
+    """Metrics of the model's current state on the test images."""
+    v, P, y = exp.test
+    return metrics.multilabel_metrics(predict(exp.model, v, P), y)
+
+
+def run(cfg: Config, model_cfg: ModelConfig):
+    if cfg.resume:
+        cfg, model_cfg = resume_config(cfg.resume)
+    exp = setup(cfg, model_cfg)
+    model, out = exp.model, exp.out
     global_state, history, first_round = model.tunable_state(), [], 1
     rng = np.random.default_rng(cfg.seed)
     if cfg.resume and (out / "checkpoint.pt").exists():
@@ -242,32 +272,31 @@ def run(cfg: Config, model_cfg: ModelConfig):
         first_round = checkpoint["round"] + 1
         print(f"resuming {out} after round {checkpoint['round']}")
 
-    def evaluate(round_index, loss, seconds, extra):
-        result = metrics.multilabel_metrics(predict(model, v_test, P_test), y_test)
-        row = {"round": round_index, "loss": loss, "seconds": seconds, **result, **extra}
+    def record(round_index, loss, seconds, extra):
+        row = {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp), **extra}
         history.append(row)
         write_json_atomic(out / "metrics.json", history)
         tqdm.write(f"{round_index:>5} {loss if loss is not None else float('nan'):>10.4f} "
                    f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}")
 
-    print(f"label prior mAP {prior['mAP']:.2f}; client sizes {[len(s) for s in splits]}")
+    print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
     tqdm.write(f"{'round':>5} {'train loss':>10} {'mAP':>7} {'CF1':>7} {'OF1':>7} {'seconds':>8}")
     if not history:
-        evaluate(0, None, 0.0, {"label_prior_mAP": prior["mAP"]})
+        record(0, None, 0.0, {"label_prior_mAP": exp.prior_mAP})
     for round_index in range(first_round, cfg.rounds + 1):
         start = time.time()
         n_sampled = max(1, round(cfg.client_fraction * cfg.clients))
         sampled = sorted(rng.choice(cfg.clients, n_sampled, replace=False).tolist())
         global_state, loss, n_aggregated, rejected = run_round(
-            round_index, model, global_state, features, splits, sampled, cfg, tqdm.write)
+            round_index, model, global_state, exp.train, exp.splits, sampled, cfg, tqdm.write)
         model.load_tunable_state(global_state)
-        evaluate(round_index, loss, time.time() - start,
-                 {"clients_aggregated": n_aggregated, "clients_rejected": rejected, "failed": n_aggregated == 0})
+        record(round_index, loss, time.time() - start,
+               {"clients_aggregated": n_aggregated, "clients_rejected": rejected, "failed": n_aggregated == 0})
         save_atomic({"global_state": global_state, "round": round_index, "history": history,
                      "rng_state": rng.bit_generator.state}, out / "checkpoint.pt")
     save_atomic(global_state, out / "state.pt")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, label prior "
-          f"{prior['mAP']:.2f}); run saved in {out}")
+          f"{exp.prior_mAP:.2f}); run saved in {out}")
     return history
 
 
