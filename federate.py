@@ -157,15 +157,19 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # ---- The run ------------------------------------------------------------------------------
-def resume_config(run_dir: str):
-    """The configuration a run was started with, from its config.json."""
+def read_config(run_dir: str):
+    """The configuration a run was started with (from its config.json) and the whole file."""
     path = Path(run_dir) / "config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise FedMPTError(f"--resume {run_dir}: cannot read {path} ({error}).") from None
+        raise FedMPTError(f"run {run_dir}: cannot read {path} ({error}).") from None
     pick = lambda cls: cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
-    cfg, model_cfg = pick(Config), pick(ModelConfig)
+    return pick(Config), pick(ModelConfig), saved
+
+
+def resume_config(run_dir: str):
+    cfg, model_cfg, _ = read_config(run_dir)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
     return cfg, model_cfg
 
@@ -234,6 +238,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
                 "device": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "tunable_params": n_tunable,
+                "backbone_sha256": backbone.fingerprint(),
                 "client_sizes": [len(s) for s in splits]}
     print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
     print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
@@ -301,9 +306,14 @@ def run(cfg: Config, model_cfg: ModelConfig):
 
 
 def main(argv=None):
-    cfg, model_cfg = parse_config(argv)
+    """`federate.py [options]` trains; `federate.py predict|evaluate ...` uses a finished run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run(cfg, model_cfg)
+        if argv[:1] in (["predict"], ["evaluate"]):
+            import predict as use_run
+            command = use_run.predict_command if argv[0] == "predict" else use_run.evaluate_command
+            return command(argv[1:])
+        run(*parse_config(argv))
     except FedMPTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ frozen; the contexts, the two adapters and the gate are all that trains and trav
 (`FedMPT.tunable_state`). Adapters sit after the frozen encoders, so an image's frozen features
 (v, P) never change and are computed once (`FrozenCLIP.encode_image_tokens`).
 """
+import hashlib
 import os
 import socket
 import warnings
@@ -85,6 +86,14 @@ class FrozenCLIP(nn.Module):
         self.width = model.text_projection.shape[1]  # D
         self.resolution = model.visual.input_resolution
         self.context_length = model.context_length
+
+    def fingerprint(self) -> str:
+        """sha256 of every weight: a saved run names the exact backbone it was trained on."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: BatchNorm statistics and dropout stay frozen

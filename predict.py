@@ -1,0 +1,147 @@
+"""Use a finished run: label new images (`predict`) or evaluate its global model (`evaluate`).
+
+    python federate.py predict --run DIR PATH... [--threshold 0.5] [--top-k K] [--out FILE]
+    python federate.py evaluate --run DIR [--dataset NAME --root DIR]
+
+Both rebuild the model from the run directory alone: config.json (backbone, classes,
+conditions, model options) and state.pt (or the last checkpoint of an unfinished run).
+"""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import metrics
+from errors import FedMPTError
+from fedmpt import FedMPT, FrozenCLIP, load_clip
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_run(run_dir: str, device: str = "cpu"):
+    """The run's configuration and its global model, on the backbone it was trained with."""
+    import federate  # late: federate imports this module for its subcommands
+    cfg, model_cfg, saved = federate.read_config(run_dir)
+    backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, cfg.random_init, cfg.seed))
+    if saved.get("backbone_sha256") and backbone.fingerprint() != saved["backbone_sha256"]:
+        raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
+                          f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
+    names = [data.prompt_name(c) for c in saved["classes"]]
+    torch.manual_seed(cfg.seed)
+    model = FedMPT(backbone, names, saved["condition_set"]["conditions"], model_cfg).to(device).eval()
+    state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+    elif checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=True)["global_state"]
+    else:
+        raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
+    model.load_tunable_state(state)
+    return cfg, saved, model
+
+
+def list_images(paths):
+    """Image files named directly, and every image under named folders (sorted)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FedMPTError(f"{path}: no such file or folder.")
+    if not found:
+        raise FedMPTError(f"no images found in {', '.join(map(str, paths))}.")
+    return found
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            return self.transform(Image.open(self.files[i]).convert("RGB")), 0
+        except OSError as error:
+            raise FedMPTError(f"cannot read image {self.files[i]} ({error}).") from None
+
+
+@torch.no_grad()
+def score_images(model, files, batch_size=64):
+    """Probabilities (n_images, C), through the same frozen encoding as training."""
+    import federate
+    dataset = ImageFiles(files, data.clip_transform(model.backbone.resolution))
+    progress = (lambda it: tqdm(it, desc="predict", leave=False)) if len(files) > batch_size else None
+    v, P = data.encode_dataset(model.backbone, dataset, batch_size, "cpu", progress)
+    return federate.predict(model, v, P)
+
+
+def predict_command(argv):
+    parser = argparse.ArgumentParser(prog="federate.py predict", description="Label images with a finished run.")
+    parser.add_argument("--run", required=True, help="run directory (config.json + state.pt)")
+    parser.add_argument("paths", nargs="+", help="image files or folders")
+    parser.add_argument("--threshold", type=float, default=0.5, help="label if probability >= this")
+    parser.add_argument("--top-k", type=int, default=0, help="instead: the K most probable labels")
+    parser.add_argument("--out", default="", help="write results to FILE.csv or FILE.json")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.out and Path(args.out).suffix not in (".csv", ".json"):
+        raise FedMPTError(f"--out {args.out}: use a .csv or .json file name.")
+    _, saved, model = load_run(args.run)
+    classes, files = saved["classes"], list_images(args.paths)
+    probabilities = score_images(model, files, args.batch_size)
+    rows = []
+    for file, p in zip(files, probabilities.tolist()):
+        order = sorted(range(len(classes)), key=lambda c: -p[c])
+        chosen = order[:args.top_k] if args.top_k > 0 else [c for c in order if p[c] >= args.threshold]
+        rows.append({"image": str(file), "labels": [classes[c] for c in chosen],
+                     "probabilities": dict(zip(classes, p))})
+        print(f"{file}: " + (", ".join(f"{classes[c]} ({p[c]:.2f})" for c in chosen) or "(no label)"))
+    if args.out:
+        write_predictions(Path(args.out), rows, classes)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def write_predictions(path: Path, rows, classes):
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+        return
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "labels", *classes])
+        for row in rows:
+            writer.writerow([row["image"], "|".join(row["labels"]),
+                             *(f"{row['probabilities'][c]:.6f}" for c in classes)])
+
+
+def evaluate_command(argv):
+    parser = argparse.ArgumentParser(prog="federate.py evaluate", description="Evaluate a finished run.")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--dataset", default="", help="default: the run's own dataset")
+    parser.add_argument("--root", default="", help="default: the run's own root")
+    args = parser.parse_args(argv)
+    cfg, saved, model = load_run(args.run)
+    dataset, root = args.dataset or cfg.dataset, args.root or saved["root"]
+    test_set = data.load_dataset(dataset, root, "test")
+    if list(test_set.classes) != list(saved["classes"]):
+        raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
+                          f"{root} has {list(test_set.classes)}.")
+    test_set.transform = data.clip_transform(model.backbone.resolution)
+    v, P = data.encode_dataset(model.backbone, test_set, progress=lambda it: tqdm(it, desc="encode test", leave=False))
+    import federate
+    result = metrics.multilabel_metrics(federate.predict(model, v, P), test_set.targets)
+    summary = {k: result[k] for k in ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3")}
+    print(" ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    out = Path(args.run) / f"evaluation-{dataset}.json"
+    out.write_text(json.dumps({"dataset": dataset, "root": str(root), **result}, indent=1))
+    print(f"wrote {out}")
+    return 0
