@@ -22,9 +22,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import download
 import metrics
 from errors import FedMPTError
-from aggregation import AGGREGATORS, aggregate_weighted, validate_update  # noqa: F401
+from aggregation import AGGREGATORS, aggregate_weighted, validate_update  # noqa: F401 (tests, Flower)
 from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, bce_loss, load_clip
 from prompts import load_conditions
 
@@ -33,7 +34,7 @@ METHODS = ["fedmpt"]
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # shapes (generated offline) | voc2007
+    dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide
     root: str = ""  # dataset directory; default data/<dataset>
     method: str = "fedmpt"
     clip: str = "tiny"  # tiny (random, offline) or a clip.available_models() name
@@ -53,11 +54,15 @@ class Config:
     out: str = ""  # run directory; default runs/<dataset>-<method>-<timestamp>
     aggregate: str = "mean"  # mean (FedAvg) | median | trimmed-mean
     resume: str = ""  # a run directory to continue from its last checkpoint
+    download: bool = False  # download and extract VOC2007 into --root first
+    skip_unreadable: bool = False  # decode every image first; leave out and list unreadable ones
 
 
 HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
         "conditions": "condition JSON file (default: conditions/<dataset>.json) or 'none'",
-        "clip": "tiny, or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)"}
+        "clip": "tiny, or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
+        "download": "download and extract VOC2007 into --root first (voc2007 only)",
+        "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones"}
 
 
 def build_parser():
@@ -80,7 +85,9 @@ def parse_config(argv):
 
 
 def validate(cfg: Config, model_cfg: ModelConfig):
-    checks = [(cfg.dataset in ("shapes", "voc2007"), f"--dataset {cfg.dataset}: choose shapes or voc2007"),
+    checks = [(cfg.dataset in data.DATASETS, f"--dataset {cfg.dataset}: choose one of {', '.join(data.DATASETS)}"),
+              (not cfg.download or cfg.dataset == "voc2007",
+               "--download: only voc2007 can be downloaded; see the README for coco2014 and nuswide"),
               (cfg.method in METHODS, f"--method {cfg.method}: choose one of {', '.join(METHODS)}"),
               (cfg.rounds > 0, f"--rounds {cfg.rounds}: must be positive"),
               (cfg.clients > 0, f"--clients {cfg.clients}: must be positive"),
@@ -225,11 +232,14 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     out = Path(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     conditions = load_conditions(cfg.conditions, cfg.dataset)
 
-    train_set = data.load_dataset(cfg.dataset, root, "train")
-    test_set = data.load_dataset(cfg.dataset, root, "test")
+    if cfg.download:
+        download.download_voc2007(root)
+    train_set = data.load_dataset(cfg.dataset, root, "train", skip_unreadable=cfg.skip_unreadable)
+    test_set = data.load_dataset(cfg.dataset, root, "test", skip_unreadable=cfg.skip_unreadable)
     backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, cfg.random_init, cfg.seed)).to(device)
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     splits = data.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed)
+    print(data.split_report(train_set.targets, splits, train_set.classes))
 
     torch.manual_seed(cfg.seed)
     class_names = [data.prompt_name(c) for c in train_set.classes]
@@ -239,13 +249,16 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
                 "device": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "tunable_params": n_tunable,
                 "backbone_sha256": backbone.fingerprint(),
-                "client_sizes": [len(s) for s in splits]}
+                "client_sizes": [len(s) for s in splits],
+                "label_skew": data.label_skew(train_set.targets, splits),
+                "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped]}
     print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
     print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
     if write:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             write_json_atomic(out / "config.json", resolved)
+        data.plot_client_distributions(train_set.targets, splits, train_set.classes, out / "clients.png")
 
     bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
     train = data.encode_dataset(backbone, train_set, device=device, progress=bar("train"))
