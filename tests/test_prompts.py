@@ -1,0 +1,217 @@
+"""Condition files and LLM-driven condition discovery against a scripted local chat server."""
+import collections
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import clip
+import pytest
+import torch.nn as nn
+
+import data
+import prompts
+from errors import FedMPTError
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = ["colour", "background", "scene type", "spatial layout", "object size"]
+PREVIOUS = b'{"conditions": ["kept"], "source": "previous run"}\n'
+
+
+class ChatServer:
+    """An OpenAI-style /v1/chat/completions on 127.0.0.1 that plays a scripted list of replies
+    and records every request. A reply is an answer text, ("status", code, body) or ("hang",)."""
+
+    def __init__(self):
+        self.replies, self.requests = collections.deque(), []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                reply = server.replies.popleft()
+                if reply == ("hang",):
+                    server.release.wait(10)
+                    return
+                code, payload = (reply[1], reply[2]) if isinstance(reply, tuple) else (
+                    200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}))
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload.encode())
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def server():
+    chat = ChatServer()
+    yield chat
+    chat.close()
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An --out file left by an earlier run: a failed discovery must not touch it."""
+    path = tmp_path / "conditions.json"
+    path.write_bytes(PREVIOUS)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_api_key(monkeypatch):
+    for variable in prompts.API_KEY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def answer(conditions):
+    return json.dumps({"conditions": conditions})
+
+
+def discover(server, out, *extra):
+    return prompts.main(["discover", "--dataset", "shapes", "--base-url", server.base_url,
+                         "--model", "test-model", "--out", str(out), *extra])
+
+
+def test_discovery_writes_llm_provenance_and_sends_classes_and_key(server, out, shapes_root, monkeypatch):
+    monkeypatch.setenv("FEDMPT_LLM_API_KEY", "secret")
+    server.replies.append(answer(GOOD))
+    assert discover(server, out, "--root", str(shapes_root)) == 0
+    written = json.loads(out.read_text())
+    assert written["conditions"] == GOOD and written["source"] == "llm:test-model"
+    assert written["dataset"] == "shapes" and written["base_url"] == server.base_url
+    assert written["cooccurrences"][0][2] > 0  # the training split's most frequent pair
+    [request] = server.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer secret"
+    assert request["body"]["model"] == "test-model" and request["body"]["temperature"] == 0
+    prompt = request["body"]["messages"][0]["content"]
+    assert prompt == written["prompt"] and all(c in prompt for c in data.SHAPES_CLASSES)
+
+
+def test_fenced_answer_without_key_or_root_is_accepted(server, out):
+    server.replies.append(f"```json\n{answer(GOOD)}\n```")
+    assert discover(server, out) == 0
+    assert json.loads(out.read_text())["conditions"] == GOOD
+    assert "Authorization" not in server.requests[0]["headers"]
+
+
+def test_malformed_json_is_retried_with_the_complaint(server, out):
+    server.replies.extend(['{"conditions": ["colour",', answer(GOOD)])
+    assert discover(server, out) == 0
+    first, second = (r["body"]["messages"] for r in server.requests)
+    assert len(first) == 1 and second[:2] == first + [
+        {"role": "assistant", "content": '{"conditions": ["colour",'}]
+    assert "not valid JSON" in second[2]["content"]
+
+
+def test_server_error_is_retried(server, out):
+    server.replies.extend([("status", 500, "overloaded"), answer(GOOD)])
+    assert discover(server, out) == 0
+    assert len(server.requests) == 2 and json.loads(out.read_text())["conditions"] == GOOD
+
+
+@pytest.mark.parametrize("conditions, complaint", [
+    (GOOD[:4], "exactly 5 conditions"),
+    (GOOD[:4] + ["Circle"], "class name"),
+    (GOOD[:4] + ["Background"], "repeat"),
+    (GOOD[:4] + ["a very long condition phrase"], "1-4 words"),
+])
+def test_invalid_answer_fails_after_retries_and_keeps_out(server, out, capsys, conditions, complaint):
+    server.replies.extend([answer(conditions)] * 2)
+    assert discover(server, out, "--retries", "1") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and complaint in error and answer(conditions) in error
+    assert len(server.requests) == 2 and complaint in server.requests[1]["body"]["messages"][-1]["content"]
+    assert out.read_bytes() == PREVIOUS
+
+
+def test_client_error_is_not_retried(server, out, capsys):
+    server.replies.append(("status", 401, '{"error": "bad key"}'))
+    assert discover(server, out) == 2
+    assert "HTTP 401" in capsys.readouterr().err and len(server.requests) == 1
+    assert out.read_bytes() == PREVIOUS
+
+
+def test_silent_server_times_out_in_bounded_time(server, out, capsys):
+    server.replies.extend([("hang",)] * 2)
+    start = time.time()
+    assert discover(server, out, "--timeout", "0.5", "--retries", "1") == 2
+    assert time.time() - start < 5
+    assert "--timeout 0.5" in capsys.readouterr().err and len(server.requests) == 2
+    assert out.read_bytes() == PREVIOUS
+
+
+def test_command_line_exits_2_without_traceback(server, out):
+    server.replies.append(answer(["colour"]))
+    result = subprocess.run([sys.executable, "prompts.py", "discover", "--dataset", "shapes",
+                             "--base-url", server.base_url, "--model", "m", "--out", str(out),
+                             "--retries", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: " in result.stderr and out.read_bytes() == PREVIOUS
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conditions").glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_condition_files_validate_and_say_default(path):
+    loaded = prompts.load_conditions(str(path), path.stem)
+    assert loaded["dataset"] == path.stem and loaded["source"] == "default"
+    shipped = json.loads(path.read_text())
+    assert f"exactly {len(loaded['conditions'])} visual conditions" in shipped["prompt"]
+
+
+def test_shipped_files_cover_every_dataset():
+    assert {p.stem for p in (REPO / "conditions").glob("*.json")} == {"voc2007", "coco2014", "nuswide", "shapes"}
+
+
+def test_none_gives_one_generic_condition():
+    assert prompts.load_conditions("none", "shapes")["conditions"] == [""]
+
+
+@pytest.mark.parametrize("content", ['{"conditions": ["pose", "Pose"]}', '{"conditions": ["circle"]}',
+                                     '{"conditions": []}', '["pose"]', "not json"])
+def test_bad_condition_file_names_the_file(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(FedMPTError, match="bad.json"):
+        prompts.load_conditions(str(path), "shapes")
+
+
+def test_prompt_names_count_as_class_names():
+    assert "class name" in prompts.condition_problems(["Potted Plant"], data.VOC_CLASSES)[0]
+
+
+def test_token_budget_is_a_parameter():
+    long_condition = "supercalifragilistic expialidocious antidisestablishment floccinaucinihilipilification"
+    assert prompts.condition_problems([long_condition], data.VOC_CLASSES) == []
+    assert "too long" in prompts.condition_problems([long_condition], data.VOC_CLASSES, context_length=32)[0]
+
+
+def test_token_count_agrees_with_condition_prompts():
+    """The budget check passes exactly the conditions ConditionPrompts can build."""
+    embedding, outcomes = nn.Embedding(49408, 4), set()
+    for n in range(1, 12):
+        condition = "ab" * n
+        fits = prompts.prompt_length(condition, "tv monitor", n_ctx=8) <= 20
+        try:
+            prompts.ConditionPrompts(["tv monitor"], [condition], 8, embedding, 20, clip.tokenize)
+            built = True
+        except FedMPTError:
+            built = False
+        assert fits == built, condition
+        outcomes.add(fits)
+    assert outcomes == {True, False}  # the loop crossed the budget
