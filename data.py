@@ -5,9 +5,12 @@ ignored (VOC: the class appears only on objects marked "difficult"); `image` is 
 `transform(image)` when a transform is set. `classes` lists the names in target order and
 `targets` holds all targets, (n_images, C).
 """
+import csv
 import json
 import math
+import os
 import random
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path, PureWindowsPath
 
@@ -19,7 +22,7 @@ from tqdm import tqdm
 
 from errors import FedMPTError
 
-DATASETS = ["shapes", "voc2007", "coco2014", "nuswide"]
+DATASETS = ["shapes", "voc2007", "coco2014", "nuswide", "folder"]
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor"]
@@ -84,6 +87,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, name, split, images, targets, classes, transform=None, skip_unreadable=False):
         self.name, self.split, self.images, self.targets = name, split, list(images), targets
         self.classes, self.transform, self.skipped = list(classes), transform, []
+        self.natural_clients = None  # [(site, indices)] where the data names its clients (FolderDataset)
         if skip_unreadable:
             print(check_images(self, skip_unreadable=True))
 
@@ -274,6 +278,144 @@ def read_labels(path: Path, n_images: int) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.long)  # (n_images,)
 
 
+# ---- Your own data: a folder of images and labels.csv -------------------------------------
+FOLDER_COLUMNS = ["image", "labels", "split"]  # required; an optional "client" column names sites
+FOLDER_FORMAT = ("labels.csv starts with the header image,labels,split (optionally ,client); one "
+                 "row per image: its path relative to the folder, its class names separated by "
+                 "'|' (empty: none), train or test, and optionally the site it comes from")
+MAX_LISTED_PROBLEMS = 20
+
+
+class FolderDataset(ImageDataset):
+    """Your own multi-label data: images anywhere under ROOT, listed in ROOT/labels.csv:
+
+        image,labels,split,client
+        hospital-a/2021/0001.png,cat|dog,train,hospital-a
+        hospital-b/0002.png,,train,hospital-b        (no label: targets all 0)
+        held-out/0003.png,dog,test,
+
+    Class order: ROOT/classes.txt (one name a line) if present, otherwise the sorted names the
+    file uses. Targets are 0/1 (no -1). With a `client` column every site is one client, its
+    images in `natural_clients` (site, indices) sorted by site, instead of the K-means split of
+    `client_splits`; every training row needs a site, test rows may leave it empty. The whole
+    file is checked first (`read_folder_labels`) and every problem reported in one error."""
+
+    def __init__(self, root, split, transform=None, skip_unreadable=False):
+        root = Path(root)
+        classes, rows, has_clients = read_folder_labels(root, check_images=not skip_unreadable)
+        rows = [row for row in rows if row["split"] == split]
+        column = {name: c for c, name in enumerate(classes)}
+        targets = torch.zeros(len(rows), len(classes), dtype=torch.long)  # (n_images, C)
+        for i, row in enumerate(rows):
+            targets[i, [column[name] for name in row["labels"]]] = 1
+        images = [root / row["image"] for row in rows]
+        super().__init__("folder", split, images, targets, classes, transform, skip_unreadable)
+        if has_clients:  # after skip_unreadable: indices count the images that are left
+            site_of = {root / row["image"]: row["client"] for row in rows}
+            sites = sorted({site_of[path] for path in self.images} - {""})
+            self.natural_clients = [(site, [i for i, path in enumerate(self.images) if site_of[path] == site])
+                                    for site in sites]
+        positives = (self.targets == 1).sum(0)  # (C,)
+        unlearnable = [name for name, n in zip(self.classes, positives.tolist()) if n == 0]
+        if split == "train" and unlearnable:
+            print(f"warning: {root / 'labels.csv'}: no training image has the label "
+                  f"{', '.join(map(repr, unlearnable))}; the model cannot learn it. Add training "
+                  "images with it, or leave it out of classes.txt.", file=sys.stderr)
+
+
+def read_folder_labels(root: Path, check_images: bool = True):
+    """Read and check ROOT/labels.csv (and ROOT/classes.txt if present). Returns (classes,
+    rows, has_clients), each row a dict with image (relative path), labels (list of names),
+    split and client ('' if none). Every problem (a header column missing, a missing or
+    unreadable image, an unknown split or label, a duplicate image, a training row without a
+    site) is collected with its line number and raised in one FedMPTError. `check_images`
+    False (--skip-unreadable) leaves missing and unreadable images to `check_images`."""
+    csv_path, classes_path = root / "labels.csv", root / "classes.txt"
+    if not csv_path.is_file():
+        raise missing_files_error("folder dataset", root, [csv_path],
+                                  f"pass --root with your folder, or write the file: {FOLDER_FORMAT}")
+    problems, listed = [], None
+    if classes_path.is_file():
+        listed = []
+        for number, line in enumerate(classes_path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            name = line.strip()
+            if name in listed:
+                problems.append(f"classes.txt line {number}: '{name}' is listed twice")
+            elif name:
+                listed.append(name)
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            table, line = [], reader.line_num
+            for values in reader:  # a quoted field may span lines: a row starts after the last one
+                table.append((line + 1, values))
+                line = reader.line_num
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise FedMPTError(f"{csv_path} is not a readable UTF-8 CSV file ({error}); {FOLDER_FORMAT}.") from None
+    missing = [name for name in FOLDER_COLUMNS if name not in header]
+    if missing:
+        raise FedMPTError(f"{csv_path} line 1: the header lacks the column(s) {', '.join(missing)} "
+                          f"(it reads '{','.join(header)}'); {FOLDER_FORMAT}.")
+    has_clients = "client" in header and any(
+        len(values) > header.index("client") and values[header.index("client")].strip() for _, values in table)
+    rows, first_line_of = [], {}
+    for line, values in table:
+        if not any(value.strip() for value in values):
+            continue  # a blank line
+        row = {name: value.strip() for name, value in zip(header, values)}
+        image, split = row.get("image", ""), row.get("split", "")
+        labels = [name.strip() for name in row.get("labels", "").split("|") if name.strip()]
+        here = lambda problem: problems.append(f"line {line}: {problem}")
+        if len(values) > len(header) and any(value.strip() for value in values[len(header):]):
+            here(f"{len(values)} fields, but the header has {len(header)} (separate labels with '|')")
+        if split not in ("train", "test"):
+            here(f"split '{split}' is neither train nor test")
+        unknown = [name for name in labels if listed is not None and name not in listed]
+        if unknown:
+            here(f"label(s) {', '.join(map(repr, unknown))} not in classes.txt")
+        if has_clients and split == "train" and not row.get("client"):
+            here("no client, but other rows name theirs (every training image needs its site)")
+        path = Path(image)
+        key = os.path.normpath(image)
+        if not image:
+            here("no image path")
+        elif path.is_absolute() or ".." in path.parts:
+            here(f"image '{image}' is not a path inside {root}")
+        elif key in first_line_of:
+            here(f"image {image} is listed twice (also on line {first_line_of[key]})")
+        elif check_images:
+            problem = image_problem(root / path)
+            if problem:
+                here(f"image {image} {problem}")
+        first_line_of.setdefault(key, line)
+        rows.append({"image": key, "labels": labels, "split": split, "client": row.get("client", "")})
+    for split in ("train", "test"):
+        if not any(row["split"] == split for row in rows):
+            problems.append(f"no row has the split {split}")
+    classes = listed if listed is not None else sorted({name for row in rows for name in row["labels"]})
+    if not classes:
+        problems.append("no row has a label and there is no classes.txt: no class to learn")
+    if problems:
+        shown = problems[:MAX_LISTED_PROBLEMS] + ([f"... and {len(problems) - MAX_LISTED_PROBLEMS} more"]
+                                                 if len(problems) > MAX_LISTED_PROBLEMS else [])
+        raise FedMPTError(f"{csv_path} has {len(problems)} problem(s):\n  " + "\n  ".join(shown)
+                          + f"\nFix them and run again ({FOLDER_FORMAT}).")
+    return classes, rows, has_clients
+
+
+def image_problem(path: Path) -> str:
+    """'' if PIL can open and verify the image file, else what is wrong with it."""
+    if not path.is_file():
+        return "not found"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except UNREADABLE as error:
+        return f"cannot be read ({error})"
+    return ""
+
+
 # ---- The offline shapes world -------------------------------------------------------------
 SHAPES_CLASSES = ["circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -372,6 +514,8 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
         return COCODataset(root, split, **options)
     if name == "nuswide":
         return NUSWIDEDataset(root, split, **options)
+    if name == "folder":
+        return FolderDataset(root, split, **options)
     raise FedMPTError(f"--dataset {name}: unknown; choose one of {', '.join(DATASETS)}.")
 
 
@@ -447,24 +591,27 @@ def label_skew(targets: torch.Tensor, splits) -> float:
     return float(np.mean([0.5 * (distribution(s) - overall).abs().sum().item() for s in splits]))
 
 
-def split_report(targets: torch.Tensor, splits, classes, top: int = 3) -> str:
+def split_report(targets: torch.Tensor, splits, classes, top: int = 3, names=None) -> str:
     """Per client: image count and its most frequent labels with the share of its images that
-    carry each; the whole training set first for comparison, and the label skew."""
+    carry each; the whole training set first for comparison, and the label skew. `names`: the
+    clients' names (default client 0, client 1, ...)."""
+    names = names or [f"client {i}" for i in range(len(splits))]
     def row(name, indices):
         shares = label_shares(targets, indices)  # (C,)
         labels = ", ".join(f"{classes[c]} {shares[c]:.0%}" for c in shares.argsort(descending=True)[:top].tolist())
         return f"{name:>10} {len(indices):>7} images   {labels}"
-    rows = [row("all", range(len(targets)))] + [row(f"client {i}", s) for i, s in enumerate(splits)]
+    rows = [row("all", range(len(targets)))] + [row(name, s) for name, s in zip(names, splits)]
     return "\n".join(rows + [f"label skew (mean total variation to all): {label_skew(targets, splits):.3f}"])
 
 
-def plot_client_distributions(targets: torch.Tensor, splits, classes, path) -> Path:
-    """A heat map saved as PNG: rows = the whole set then each client, columns = classes,
-    colour = share of the row's images that carry the label."""
+def plot_client_distributions(targets: torch.Tensor, splits, classes, path, names=None) -> Path:
+    """A heat map saved as PNG: rows = the whole set then each client (named by `names`),
+    columns = classes, colour = share of the row's images that carry the label."""
+    names = names or [f"client {i}" for i in range(len(splits))]
     from matplotlib.figure import Figure  # drawn with Agg, no display and no global backend change
     shares = torch.stack([label_shares(targets, range(len(targets)))]
                          + [label_shares(targets, s) for s in splits]).numpy()  # (1 + clients, C)
-    names = ["all"] + [f"client {i} ({len(s)})" for i, s in enumerate(splits)]
+    names = ["all"] + [f"{name} ({len(s)})" for name, s in zip(names, splits)]
     figure = Figure(figsize=(2.5 + 0.22 * len(classes), 1.8 + 0.35 * len(names)))
     axes = figure.add_subplot()
     picture = axes.imshow(shares, cmap="viridis", vmin=0, vmax=max(shares.max(), 1e-6), aspect="auto")

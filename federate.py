@@ -34,7 +34,7 @@ METHODS = ["fedmpt"]
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide
+    dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide | folder (labels.csv)
     root: str = ""  # dataset directory; default data/<dataset>
     method: str = "fedmpt"
     clip: str = "tiny"  # tiny (random, offline) or a clip.available_models() name
@@ -56,6 +56,10 @@ class Config:
     resume: str = ""  # a run directory to continue from its last checkpoint
     download: bool = False  # download and extract VOC2007 into --root first
     skip_unreadable: bool = False  # decode every image first; leave out and list unreadable ones
+    engine: str = "plain"  # plain | flower (Flower's Deployment Engine, flower_app.py)
+    superlink: str = ""  # flower: HOST:PORT (or a Flower connection name) of a running SuperLink; '' = start one here
+    round_timeout: float = 3600.0  # flower: seconds an exchange waits for replies (Strategy.start timeout)
+    min_nodes: int = 1  # flower: SuperNodes connected before a round starts (FedAvg min_available_nodes)
 
 
 HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
@@ -100,7 +104,10 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
               (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
               (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
-              (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive")]
+              (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive"),
+              (cfg.engine in ("plain", "flower"), f"--engine {cfg.engine}: choose plain or flower"),
+              (cfg.round_timeout > 0, f"--round-timeout {cfg.round_timeout}: must be positive"),
+              (cfg.min_nodes >= 1, f"--min-nodes {cfg.min_nodes}: must be at least 1")]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
@@ -238,8 +245,22 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     test_set = data.load_dataset(cfg.dataset, root, "test", skip_unreadable=cfg.skip_unreadable)
     backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, cfg.random_init, cfg.seed)).to(device)
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
-    splits = data.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed)
-    print(data.split_report(train_set.targets, splits, train_set.classes))
+    if train_set.natural_clients:  # the data names its sites (labels.csv's client column): one client each
+        client_names = [site for site, _ in train_set.natural_clients]
+        splits = [indices for _, indices in train_set.natural_clients]
+        defaults, unused = Config(), []
+        if cfg.clients not in (defaults.clients, len(splits)):  # len(splits): what a resumed run saved
+            unused.append(f"--clients {cfg.clients}")
+        if cfg.heterogeneity != defaults.heterogeneity:
+            unused.append(f"--heterogeneity {cfg.heterogeneity}")
+        if unused:
+            print(f"note: {' and '.join(unused)} not used: the dataset names its clients "
+                  f"({len(splits)} sites: {', '.join(client_names)}).", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, clients=len(splits))
+    else:
+        client_names = None
+        splits = data.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed)
+    print(data.split_report(train_set.targets, splits, train_set.classes, names=client_names))
 
     torch.manual_seed(cfg.seed)
     class_names = [data.prompt_name(c) for c in train_set.classes]
@@ -249,7 +270,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
                 "device": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "tunable_params": n_tunable,
                 "backbone_sha256": backbone.fingerprint(),
-                "client_sizes": [len(s) for s in splits],
+                "client_sizes": [len(s) for s in splits], "client_names": client_names,
                 "label_skew": data.label_skew(train_set.targets, splits),
                 "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped]}
     print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
@@ -258,7 +279,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             write_json_atomic(out / "config.json", resolved)
-        data.plot_client_distributions(train_set.targets, splits, train_set.classes, out / "clients.png")
+        data.plot_client_distributions(train_set.targets, splits, train_set.classes, out / "clients.png",
+                                       names=client_names)
 
     bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
     train = data.encode_dataset(backbone, train_set, device=device, progress=bar("train"))
@@ -276,10 +298,13 @@ def evaluate_global(exp: Experiment) -> dict:
 
 
 def run(cfg: Config, model_cfg: ModelConfig):
+    if cfg.engine == "flower":  # the same federation on Flower's Deployment Engine; imports flwr
+        import flower_app
+        return flower_app.launch(cfg, model_cfg)
     if cfg.resume:
         cfg, model_cfg = resume_config(cfg.resume)
     exp = setup(cfg, model_cfg)
-    model, out = exp.model, exp.out
+    cfg, model, out = exp.cfg, exp.model, exp.out  # exp.cfg.clients: the sites of a dataset that names them
     global_state, history, first_round = model.tunable_state(), [], 1
     rng = np.random.default_rng(cfg.seed)
     if cfg.resume and (out / "checkpoint.pt").exists():
