@@ -1,0 +1,175 @@
+"""`--engine flower`: the federation on Flower's Deployment Engine (SuperLink + SuperNodes on
+127.0.0.1) equals the plain loop, survives a SuperNode that dies, and leaves no process behind.
+
+Each exchange costs 3-6 s of Flower's polling, so the runs are tiny (batch 128, 2-3 rounds).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def without_flower(code):
+    """Run `code` in a fresh interpreter in which `import flwr` fails."""
+    blocker = "import sys; sys.modules['flwr'] = None; sys.path.insert(0, %r)\n" % str(REPO)
+    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_plain_loop_never_imports_flower_and_a_missing_flower_says_what_to_install(tmp_path):
+    result = without_flower("import federate, sys\n"
+                            "federate.parse_config(['--rounds', '1'])\n"
+                            "assert not [m for m, module in sys.modules.items() if m.startswith('flwr') and module]\n"
+                            "sys.exit(federate.main(['--engine', 'flower', '--out', %r]))" % str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pip install -r requirements-flower.txt" in result.stderr and "Traceback" not in result.stderr
+
+
+flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install -r requirements-flower.txt")
+import federate  # noqa: E402
+import flower_app  # noqa: E402
+
+TINY = ["--batch-size", "128"]
+# On a busy machine torch's second thread turns every small op into a wait for a time slice
+# (a 0.2 s evaluation took 30 s): the processes of a test use one thread each.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie has exited: it only waits for a parent that never reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class FlowerRun:
+    """`python federate.py --engine flower ...` in a subprocess, watching every process it starts."""
+
+    def __init__(self, out: Path, *options):
+        self.out, self.log_path, self.seen = out, out.with_suffix(".log"), set()
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(REPO / "federate.py"), "--engine", "flower", "--out", str(out), *options],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD})
+
+    def watch(self, until=lambda: False, seconds=240) -> bool:
+        """Poll until `until()` holds, the run ends or `seconds` pass, noting the pids of all
+        its descendants; returns whether `until()` held."""
+        deadline = time.time() + seconds
+        while time.time() < deadline and self.process.poll() is None:
+            self.seen.update(flower_app.process_tree([self.process.pid]))
+            if until():
+                return True
+            time.sleep(0.2)
+        return until()
+
+    def finish(self, seconds=240) -> int:
+        self.watch(seconds=seconds)
+        return self.process.wait(timeout=30)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def history(self) -> list:
+        path = self.out / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def assert_no_process_left(self):
+        started = json.loads((self.out / "flower" / "processes.json").read_text())
+        pids = {started["superlink"], *started["supernodes"]}
+        assert pids < self.seen  # the watch saw them, and their children (superexecs, apps)
+        assert not [pid for pid in self.seen if alive(pid)], "processes left running"
+
+    def stop(self):
+        if self.process.poll() is None:  # a failed test: let launch clean up as on Ctrl-C
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture
+def flower_run():
+    runs = []
+
+    def start(out, *options):
+        runs.append(FlowerRun(out, *options))
+        return runs[-1]
+    yield start
+    for run in runs:
+        run.stop()
+
+
+def test_flower_run_equals_the_plain_loop(shapes_root, tmp_path, flower_run):
+    options = ["--root", str(shapes_root), "--clients", "3", "--rounds", "2", "--seed", "3", *TINY]
+    flower = flower_run(tmp_path / "flower", *options, "--round-timeout", "300")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the plain loop runs meanwhile, here
+        plain = federate.run(*federate.parse_config([*options, "--out", str(tmp_path / "plain")]))
+    finally:
+        torch.set_num_threads(threads)
+    assert flower.finish() == 0, flower.output()[-3000:]
+
+    a = torch.load(tmp_path / "flower" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "plain" / "state.pt", weights_only=True)
+    assert list(a) == list(b) and all(a[k].dtype == b[k].dtype == torch.float32 for k in b)
+    largest = max(float((a[k] - b[k].cpu()).abs().max()) for k in b)
+    history = flower.history()
+    metric_gap = max(abs(x[k] - y[k]) for x, y in zip(history, plain) for k in ("mAP", "CF1", "OF1", "OP", "OR"))
+    loss_gap = max(abs(x["loss"] - y["loss"]) for x, y in zip(history[1:], plain[1:]))
+    print(f"largest difference flower - plain: state {largest:.2e}, metrics {metric_gap:.2e}, loss {loss_gap:.2e}")
+    assert largest <= 1e-5 and metric_gap <= 1e-3 and loss_gap <= 1e-5
+    assert [list(row) for row in history] == [list(row) for row in plain]  # the same keys, in order
+    assert [row.get("clients_aggregated") for row in history] == [None, 3, 3]
+    saved = torch.load(tmp_path / "flower" / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 2 and json.loads((tmp_path / "flower" / "config.json").read_text())["engine"] == "flower"
+    flower.assert_no_process_left()
+
+
+def test_a_supernode_killed_mid_run_is_left_out_and_the_run_goes_on(shapes_root, tmp_path, flower_run):
+    run = flower_run(tmp_path / "fault", "--root", str(shapes_root), "--clients", "2", "--rounds", "3",
+                     "--round-timeout", "25", *TINY)
+    assert run.watch(until=lambda: len(run.history()) >= 2), run.output()[-3000:]  # round 2 has begun
+    victim = json.loads((tmp_path / "fault" / "flower" / "processes.json").read_text())["supernodes"][1]
+    os.killpg(victim, signal.SIGKILL)  # the SuperNode of client 1 and its children
+    assert run.finish() == 0, run.output()[-3000:]
+
+    history = run.history()
+    print("seconds per round:", [round(row["seconds"], 1) for row in history[1:]])
+    assert [row["round"] for row in history] == [0, 1, 2, 3]
+    assert history[1]["clients_aggregated"] == 2 and history[1]["clients_rejected"] == []
+    assert history[2]["clients_aggregated"] == 1 and history[2]["clients_rejected"] == [1]
+    assert history[3]["clients_aggregated"] == 1  # the next round goes on without it
+    assert [line for line in run.output().splitlines() if line.startswith("round 2: client 1 ")]
+    assert (tmp_path / "fault" / "state.pt").exists()
+    run.assert_no_process_left()
+
+
+def test_a_failed_server_app_exits_2_with_flowers_status(shapes_root, tmp_path, flower_run):
+    # launch cannot see that the condition file is missing; the ServerApp's setup fails on it
+    run = flower_run(tmp_path / "failed", "--root", str(shapes_root), "--clients", "1", "--rounds", "1",
+                     "--conditions", str(tmp_path / "missing.json"))
+    assert run.finish() == 2
+    error = run.output().splitlines()[-1]
+    assert error.startswith("error: the Flower run") and "finished:failed" in error and "missing.json" in error
+    run.assert_no_process_left()
+
+
+def test_ctrl_c_stops_every_process(shapes_root, tmp_path, flower_run):
+    run = flower_run(tmp_path / "interrupted", "--root", str(shapes_root), "--clients", "2", "--rounds", "5")
+    assert run.watch(until=lambda: "Successfully started run" in run.output()), run.output()[-3000:]
+    run.watch(seconds=3)
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish(seconds=60) == 2
+    assert "interrupted" in run.output().splitlines()[-1]
+    run.assert_no_process_left()
