@@ -553,8 +553,10 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iters: int = 100) -> np.
 def client_splits(targets: torch.Tensor, n_clients: int, heterogeneity: float, seed: int = 0):
     """Clustering-based split (method.md). K-means on the multi-hot label vectors gives one
     cluster per client; client i keeps a fraction t of its cluster and fills the rest of its
-    share with samples drawn at random from the pool the other clients released.
-    t = 1: each client holds exactly its cluster; small t approaches IID. Returns index lists."""
+    share with samples drawn at random from the pool that all clients released (its own
+    released samples included, so its own-cluster share is a little above t: every client
+    then draws from the same mixture, and small t approaches IID exactly).
+    t = 1: each client holds exactly its cluster. Client sizes equal cluster sizes. Returns index lists."""
     if not 0 < heterogeneity <= 1:
         raise FedMPTError(f"--heterogeneity {heterogeneity}: must lie in (0, 1].")
     if n_clients < 1 or n_clients > len(targets):

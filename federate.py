@@ -25,7 +25,7 @@ import data
 import download
 import metrics
 from errors import FedMPTError
-from aggregation import AGGREGATORS, aggregate_weighted, validate_update  # noqa: F401 (tests, Flower)
+from aggregation import AGGREGATORS, aggregate_weighted, validate_update  # noqa: F401 (aggregate_weighted: for readers and tests)
 from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, bce_loss, load_clip
 from prompts import load_conditions
 
@@ -105,6 +105,10 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
               (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
               (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive"),
+              (model_cfg.ot_iters > 0, f"--ot-iters {model_cfg.ot_iters}: must be positive"),
+              (model_cfg.n_ctx > 0, f"--n-ctx {model_cfg.n_ctx}: must be positive"),
+              (model_cfg.adapter_reduction >= 1, f"--adapter-reduction {model_cfg.adapter_reduction}: must be at least 1"),
+              (0 <= model_cfg.adapter_alpha <= 1, f"--adapter-alpha {model_cfg.adapter_alpha}: must lie in [0, 1]"),
               (cfg.engine in ("plain", "flower"), f"--engine {cfg.engine}: choose plain or flower"),
               (cfg.round_timeout > 0, f"--round-timeout {cfg.round_timeout}: must be positive"),
               (cfg.min_nodes >= 1, f"--min-nodes {cfg.min_nodes}: must be at least 1")]
@@ -129,8 +133,8 @@ def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, ge
     for _ in range(cfg.local_epochs):
         order = indices[torch.randperm(len(indices), generator=generator)]
         for batch in order.split(cfg.batch_size):
-            batch = batch.to(v.device)
-            loss = loss_fn(model(v[batch], P[batch]), targets[batch])
+            device = model.prompts.context.device  # features live in host memory; batches move
+            loss = loss_fn(model(v[batch].to(device), P[batch].to(device)), targets[batch].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -141,9 +145,9 @@ def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, ge
 @torch.no_grad()
 def predict(model, v, P, batch_size=256):
     """Probabilities (n, C) for frozen features; the text side is encoded once."""
-    T = model.text_features()
-    return torch.cat([torch.sigmoid(model(v[i:i + batch_size], P[i:i + batch_size], T))
-                      for i in range(0, len(v), batch_size)]).cpu()
+    T, device = model.text_features(), model.prompts.context.device
+    return torch.cat([torch.sigmoid(model(v[i:i + batch_size].to(device), P[i:i + batch_size].to(device), T)).cpu()
+                      for i in range(0, len(v), batch_size)])
 
 
 def cosine_lr(base_lr, round_index, n_rounds):
@@ -285,16 +289,16 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
     train = data.encode_dataset(backbone, train_set, device=device, progress=bar("train"))
     test = data.encode_dataset(backbone, test_set, device=device, progress=bar("test"))
-    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)), test_set.targets)
+    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
+                                       test_set.targets, top_k=min(3, len(train_set.classes)))
     return Experiment(cfg, model_cfg, out, model, splits,
-                      (*(x.to(device) for x in train), train_set.targets.to(device)),
-                      (*(x.to(device) for x in test), test_set.targets), prior["mAP"], resolved)
+                      (*train, train_set.targets), (*test, test_set.targets), prior["mAP"], resolved)
 
 
 def evaluate_global(exp: Experiment) -> dict:
     """Metrics of the model's current state on the test images."""
     v, P, y = exp.test
-    return metrics.multilabel_metrics(predict(exp.model, v, P), y)
+    return metrics.multilabel_metrics(predict(exp.model, v, P), y, top_k=min(3, y.shape[1]))
 
 
 def run(cfg: Config, model_cfg: ModelConfig):

@@ -127,7 +127,7 @@ class FrozenCLIP(nn.Module):
         x = embeddings + m.positional_embedding
         x = m.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = m.ln_final(x)
-        return x[torch.arange(x.shape[0]), eot] @ m.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection
 
     @property
     def logit_scale(self) -> torch.Tensor:

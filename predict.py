@@ -34,12 +34,14 @@ def load_run(run_dir: str, device: str = "cpu"):
     torch.manual_seed(cfg.seed)
     model = FedMPT(backbone, names, saved["condition_set"]["conditions"], model_cfg).to(device).eval()
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-    elif checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=True)["global_state"]
-    else:
+    if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
+    path = state_path if state_path.exists() else checkpoint_path
+    try:  # a run trained on a GPU loads on a CPU-only machine too
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise FedMPTError(f"cannot load {path} ({error}).") from None
+    state = state if path == state_path else state["global_state"]
     model.load_tunable_state(state)
     return cfg, saved, model
 
@@ -70,7 +72,7 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image
         try:
             return self.transform(Image.open(self.files[i]).convert("RGB")), 0
-        except OSError as error:
+        except data.UNREADABLE as error:
             raise FedMPTError(f"cannot read image {self.files[i]} ({error}).") from None
 
 
@@ -106,6 +108,7 @@ def predict_command(argv):
                      "probabilities": dict(zip(classes, p))})
         print(f"{file}: " + (", ".join(f"{classes[c]} ({p[c]:.2f})" for c in chosen) or "(no label)"))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_predictions(Path(args.out), rows, classes)
         print(f"wrote {args.out}")
     return 0
@@ -131,16 +134,17 @@ def evaluate_command(argv):
     args = parser.parse_args(argv)
     cfg, saved, model = load_run(args.run)
     dataset, root = args.dataset or cfg.dataset, args.root or saved["root"]
-    test_set = data.load_dataset(dataset, root, "test")
+    test_set = data.load_dataset(dataset, root, "test", skip_unreadable=saved.get("skip_unreadable", False))
     if list(test_set.classes) != list(saved["classes"]):
         raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
                           f"{root} has {list(test_set.classes)}.")
     test_set.transform = data.clip_transform(model.backbone.resolution)
     v, P = data.encode_dataset(model.backbone, test_set, progress=lambda it: tqdm(it, desc="encode test", leave=False))
     import federate
-    result = metrics.multilabel_metrics(federate.predict(model, v, P), test_set.targets)
-    summary = {k: result[k] for k in ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3")}
-    print(" ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    result = metrics.multilabel_metrics(federate.predict(model, v, P), test_set.targets,
+                                        top_k=min(3, len(test_set.classes)))
+    summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}
+    print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in summary.items()))
     out = Path(args.run) / f"evaluation-{dataset}.json"
     out.write_text(json.dumps({"dataset": dataset, "root": str(root), **result}, indent=1))
     print(f"wrote {out}")

@@ -75,6 +75,7 @@ class ConditionPrompts(nn.Module):
                               f"with {M} context tokens; shorten the conditions or use a "
                               "smaller --n-ctx.") from None
         with torch.no_grad():
+            tokens = tokens.to(token_embedding.weight.device)
             embedded = token_embedding(tokens).reshape(K, C, context_length, width)
         self.register_buffer("prefix", embedded[:, :, :1].clone(), persistent=False)  # (K, C, 1, Dt)
         self.register_buffer("suffix", embedded[:, :, 1 + M:].clone(), persistent=False)  # (K, C, L-1-M, Dt)

@@ -258,7 +258,7 @@ def test_download_resumes_a_partial_archive(server, tmp_path, capsys, ranges):
     (root / "VOCtrainval.tar").write_bytes(body[:len(body) // 3])
     download.download_voc2007(root, progress=False, urls=server.urls, md5s=server.md5s)
     assert download.file_md5(root / "VOCtrainval.tar") == server.md5s["trainval"]
-    assert (f"/voc/VOCtrainval.tar", f"bytes={len(body) // 3}-") in server.requests
+    assert ("/voc/VOCtrainval.tar", f"bytes={len(body) // 3}-") in server.requests
     assert ("from the start" in capsys.readouterr().out) is not ranges  # no Range: restart, said
     assert len(data.load_dataset("voc2007", root, "train")) == 2
 

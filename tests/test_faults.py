@@ -140,6 +140,9 @@ def tiny_voc(root, labels):
     ("fraction", ["--client-fraction", "0"], "--client-fraction 0"),
     ("too many clients", ["--clients", "5000"], "--clients 5000"),
     ("resume", ["--resume", "{tmp}/no-run"], "config.json"),
+    ("n-ctx", ["--n-ctx", "0"], "--n-ctx 0"),
+    ("adapter", ["--adapter-reduction", "0"], "--adapter-reduction 0"),
+    ("ot-iters", ["--ot-iters", "0"], "--ot-iters 0"),
 ])
 def test_bad_options_exit_2_naming_the_option(tmp_path, case, args, message):
     result = cli(*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out"))

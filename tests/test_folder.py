@@ -239,3 +239,15 @@ def test_a_new_user_trains_on_three_sites_and_labels_new_images(tmp_path, capsys
     assert federate.main(["predict", "--run", str(out), *map(str, new_images)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[0] for line in lines if line.startswith(str(root))] == list(map(str, new_images))
+
+
+def test_a_folder_with_two_classes_runs_end_to_end(tmp_path):
+    rows = [(f"{site}/{i}.png", labels, "train", site) for i, (site, labels) in enumerate(
+        [("a", "red"), ("a", "green"), ("a", "red|green"), ("b", "green"), ("b", "red"), ("b", "")])]
+    rows += [(f"test/{i}.png", labels, "test", "") for i, labels in enumerate(["red", "green", "red|green"])]
+    write_folder(tmp_path / "two", rows=rows)
+    import federate
+    out = tmp_path / "run"
+    assert federate.main(["--dataset", "folder", "--root", str(tmp_path / "two"), "--rounds", "1",
+                          "--batch-size", "2", "--out", str(out)]) == 0  # top-3 metrics with C = 2
+    assert federate.main(["evaluate", "--run", str(out)]) == 0

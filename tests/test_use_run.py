@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import federate
-from errors import FedMPTError
 
 
 @pytest.fixture(scope="module")
