@@ -241,6 +241,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     root = cfg.root or os.path.join("data", cfg.dataset)
     out = Path(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if write and not cfg.resume and (out / "metrics.json").exists():  # never overwrite a run
+        raise FedMPTError(f"--out {out} already holds a run; continue it with --resume {out} "
+                          "or choose another --out.")
     conditions = load_conditions(cfg.conditions, cfg.dataset)
 
     if cfg.download:
@@ -271,7 +274,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     model = FedMPT(backbone, class_names, conditions["conditions"], model_cfg).to(device)
     n_tunable = sum(t.numel() for t in model.tunable_state().values())
     resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
-                "device": device, "out": str(out), "classes": train_set.classes,
+                "device_used": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "tunable_params": n_tunable,
                 "backbone_sha256": backbone.fingerprint(),
                 "client_sizes": [len(s) for s in splits], "client_names": client_names,

@@ -149,6 +149,14 @@ def test_bad_options_exit_2_naming_the_option(tmp_path, case, args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text("[]")
+    result = cli("--out", str(tmp_path / "old"))
+    assert result.returncode == 2 and "--resume" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "old" / "metrics.json").read_text() == "[]"
+
+
 def test_bad_files_exit_2_naming_the_file(tmp_path):
     tiny_voc(tmp_path / "same", [["dog"], ["dog"], ["dog"]])  # one label vector: K-means finds 1 cluster
     result = cli("--dataset", "voc2007", "--root", str(tmp_path / "same"), "--clients", "2", "--out", str(tmp_path / "o1"))
