@@ -187,8 +187,12 @@ def read_config(run_dir: str):
 
 
 def resume_config(run_dir: str):
+    """The run's own options; its conditions from the copy it saved (an edited source file
+    must not change a resumed model)."""
     cfg, model_cfg, _ = read_config(run_dir)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
+    if cfg.conditions != "none" and (Path(run_dir) / "conditions.json").exists():
+        cfg.conditions = str(Path(run_dir) / "conditions.json")
     return cfg, model_cfg
 
 
@@ -251,6 +255,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     train_set = data.load_dataset(cfg.dataset, root, "train", skip_unreadable=cfg.skip_unreadable)
     test_set = data.load_dataset(cfg.dataset, root, "test", skip_unreadable=cfg.skip_unreadable)
     backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, cfg.random_init, cfg.seed)).to(device)
+    if cfg.resume and read_config(cfg.resume)[2].get("backbone_sha256") not in (None, backbone.fingerprint()):
+        raise FedMPTError(f"--resume {cfg.resume}: the run was trained on other {cfg.clip} weights "
+                          "than the ones found now; resume it with the same backbone file.")
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     if train_set.natural_clients:  # the data names its sites (labels.csv's client column): one client each
         client_names = [site for site, _ in train_set.natural_clients]
@@ -286,6 +293,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             write_json_atomic(out / "config.json", resolved)
+            write_json_atomic(out / "conditions.json", conditions)  # what --resume reads back
         data.plot_client_distributions(train_set.targets, splits, train_set.classes, out / "clients.png",
                                        names=client_names)
 

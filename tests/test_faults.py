@@ -172,3 +172,16 @@ def test_bad_files_exit_2_naming_the_file(tmp_path):
     (tmp_path / "image" / "VOCdevkit/VOC2007/JPEGImages/000003.jpg").write_bytes(b"\x00garbage")
     result = cli("--dataset", "voc2007", "--root", str(tmp_path / "image"), "--clients", "2", "--out", str(tmp_path / "o3"))
     assert result.returncode == 2 and "000003.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_keeps_the_saved_conditions_and_refuses_another_backbone(shapes_root, tmp_path):
+    conditions = tmp_path / "mine.json"
+    conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["color", "background"], "source": "default"}))
+    run(shapes_root, tmp_path / "a", "--rounds", "1", "--clients", "2", "--conditions", str(conditions))
+    conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["pose"], "source": "default"}))
+    cfg, model_cfg = federate.resume_config(tmp_path / "a")
+    assert federate.load_conditions(cfg.conditions, "shapes")["conditions"] == ["color", "background"]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "backbone_sha256": "0" * 64}))
+    result = cli("--resume", str(tmp_path / "a"))
+    assert result.returncode == 2 and "other tiny weights" in result.stderr and "Traceback" not in result.stderr
