@@ -167,11 +167,12 @@ def save_atomic(obj, path: Path):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, map_location=None):
+    """torch.load of a checkpoint or state file (tensors only), with an error that names it."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, EOFError) as error:
-        raise FedMPTError(f"cannot load checkpoint {path} ({error}).") from None
+        raise FedMPTError(f"cannot load {path} ({error}).") from None
 
 
 # ---- The run ------------------------------------------------------------------------------

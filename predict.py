@@ -37,10 +37,7 @@ def load_run(run_dir: str, device: str = "cpu"):
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
     path = state_path if state_path.exists() else checkpoint_path
-    try:  # a run trained on a GPU loads on a CPU-only machine too
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise FedMPTError(f"cannot load {path} ({error}).") from None
+    state = federate.load_checkpoint(path, map_location=device)  # a GPU-trained run loads on a CPU too
     state = state if path == state_path else state["global_state"]
     model.load_tunable_state(state)
     return cfg, saved, model

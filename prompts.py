@@ -30,6 +30,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # rais
 import clip  # noqa: E402
 
 import data  # noqa: E402
+import shapes  # noqa: E402
 from errors import FedMPTError  # noqa: E402
 
 CONDITIONS_DIR = Path(__file__).resolve().parent / "conditions"
@@ -97,7 +98,7 @@ class ConditionPrompts(nn.Module):
 # ---- Validating conditions ----------------------------------------------------------------
 def known_class_names(dataset: str) -> list:
     """The dataset's class names from the constants in data.py ([] for another dataset)."""
-    return list({"shapes": data.SHAPES_CLASSES, "voc2007": data.VOC_CLASSES,
+    return list({"shapes": shapes.SHAPES_CLASSES, "voc2007": data.VOC_CLASSES,
                  "coco2014": data.COCO_CLASSES, "nuswide": data.NUSWIDE_CLASSES}.get(dataset, []))
 
 

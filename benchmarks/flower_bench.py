@@ -46,9 +46,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if not root:
-            import data
+            import shapes
             root = str(Path(tmp) / "shapes")
-            data.generate_shapes_dataset(root)
+            shapes.generate_shapes_dataset(root)
         options = ["--root", root, "--clients", str(args.clients), "--rounds", str(args.rounds),
                    "--batch-size", str(args.batch_size), "--seed", "0"]
         plain, plain_mAP, plain_wall = run_engine("plain", options, Path(tmp) / "plain", env)

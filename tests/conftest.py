@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """The offline shapes world, generated once per test session in the VOC layout."""
-    import data
+    import shapes
     root = tmp_path_factory.mktemp("shapes")
-    data.generate_shapes_dataset(root)
+    shapes.generate_shapes_dataset(root)
     return root

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import data
+import shapes
 from errors import FedMPTError
 
 XML = """<annotation><filename>{i}.jpg</filename>{objects}</annotation>"""
@@ -69,10 +70,10 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_shapes_world_is_read_by_the_voc_loader_and_deterministic(shapes_root, tmp_path):
     train = data.load_dataset("shapes", shapes_root, "train")
     test = data.load_dataset("shapes", shapes_root, "test")
-    assert (len(train), len(test)) == (1500, 800) and train.classes == data.SHAPES_CLASSES
+    assert (len(train), len(test)) == (1500, 800) and train.classes == shapes.SHAPES_CLASSES
     positives = (train.targets == 1).sum(1)
     assert positives.max() >= 3 and (train.targets == -1).any()  # several objects, some difficult
-    again = data.generate_shapes_dataset(tmp_path, n_trainval=20, n_test=5, seed=0)
+    again = shapes.generate_shapes_dataset(tmp_path, n_trainval=20, n_test=5, seed=0)
     first = (shapes_root / "VOCdevkit/VOC2007/Annotations/000007.xml").read_text()
     assert (again / "Annotations/000007.xml").read_text() == first
 
@@ -81,7 +82,7 @@ def test_shapes_scenes_make_label_cooccurrence_skewed(shapes_root):
     y = (data.load_dataset("shapes", shapes_root, "train").targets == 1).float()
     together = (y.T @ y) / len(y)  # P(a and b)
     independent = torch.outer(y.mean(0), y.mean(0))
-    pairs = [tuple(data.SHAPES_CLASSES.index(n) for n in names) for _, names in data.SCENES]
+    pairs = [tuple(shapes.SHAPES_CLASSES.index(n) for n in names) for _, names in shapes.SCENES]
     lift_pairs = np.mean([float(together[a, b] / independent[a, b]) for a, b in pairs])
     assert lift_pairs > 1.5  # scene partners occur together far more than chance
 

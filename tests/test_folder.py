@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 import federate
 import prompts
 
@@ -213,7 +214,7 @@ def write_shapes_folder(root, n_train=1500, n_test=300, n_new=3, seed=12345):
     images a site: with 200, four rounds on the tiny backbone gain fewer than 10 mAP points."""
     rng, sites, lines = random.Random(seed), ["site-a", "site-b", "site-c"], [HEADER]
     for i in range(n_train + n_test + n_new):
-        image, objects = data.generate_shapes_image(rng, 64)
+        image, objects = shapes.generate_shapes_image(rng, 64)
         site, split = sites[i % 3], "train" if i < n_train else "test"
         path = f"{site}/{split}/batch-{i // 100}/{i:04d}.png" if i < n_train + n_test else f"new/{i:04d}.png"
         (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ def test_a_new_user_trains_on_three_sites_and_labels_new_images(tmp_path, capsys
     assert federate.main(["--dataset", "folder", "--root", str(root), "--rounds", "4", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["client_names"] == ["site-a", "site-b", "site-c"] and config["client_sizes"] == [500, 500, 500]
-    assert config["classes"] == sorted(data.SHAPES_CLASSES)
+    assert config["classes"] == sorted(shapes.SHAPES_CLASSES)
     history = json.loads((out / "metrics.json").read_text())
     maps = [row["mAP"] for row in history]
     assert maps[-1] > history[0]["label_prior_mAP"] + 10, (maps, history[0]["label_prior_mAP"])

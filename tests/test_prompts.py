@@ -13,6 +13,7 @@ import pytest
 import torch.nn as nn
 
 import data
+import shapes
 import prompts
 from errors import FedMPTError
 
@@ -101,7 +102,7 @@ def test_discovery_writes_llm_provenance_and_sends_classes_and_key(server, out, 
     assert request["headers"]["Authorization"] == "Bearer secret"
     assert request["body"]["model"] == "test-model" and request["body"]["temperature"] == 0
     prompt = request["body"]["messages"][0]["content"]
-    assert prompt == written["prompt"] and all(c in prompt for c in data.SHAPES_CLASSES)
+    assert prompt == written["prompt"] and all(c in prompt for c in shapes.SHAPES_CLASSES)
 
 
 def test_fenced_answer_without_key_or_root_is_accepted(server, out):
