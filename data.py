@@ -438,15 +438,15 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
 
 # ---- Frozen features and client splits ----------------------------------------------------
 @torch.no_grad()
-def encode_dataset(backbone, dataset, batch_size=64, device="cpu", progress=None):
-    """Frozen CLIP features of every image: v (n, D) and P (n, N, D), computed once."""
+def encode_dataset(encode, dataset, batch_size=64, device="cpu", progress=None):
+    """`encode(images)` (a method's frozen inputs, e.g. FedMPT's v (B, D) and P (B, N, D)) of
+    every image, computed once and kept in host memory: a tuple of tensors (n_images, ...)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    globals_, patches = [], []
+    parts = []
     for images, _ in (progress(loader) if progress else loader):
-        v, P = backbone.encode_image_tokens(images.to(device))
-        globals_.append(v.float().cpu())
-        patches.append(P.float().cpu())
-    return torch.cat(globals_), torch.cat(patches)
+        outputs = encode(images.to(device))
+        parts.append([x.float().cpu() if x.dtype != torch.float16 else x.cpu() for x in outputs])
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iters: int = 100) -> np.ndarray:

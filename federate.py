@@ -21,26 +21,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import baselines
 import data
 import download
 import metrics
 from errors import FedMPTError
 from aggregation import AGGREGATORS, aggregate_weighted, validate_update  # noqa: F401 (aggregate_weighted: for readers and tests)
-from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, bce_loss, load_clip
-from prompts import load_conditions
+from fedmpt import ARCHITECTURES, FrozenCLIP, ModelConfig, PromptModel, asymmetric_loss, bce_loss, load_clip
+from prompts import known_class_names, load_attributes, load_conditions
 
-METHODS = ["fedmpt"]
+METHODS = list(baselines.METHODS)  # fedmpt and the paper's comparison methods (baselines.py)
 
 
 @dataclass
 class Config:
     dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide | folder (labels.csv)
     root: str = ""  # dataset directory; default data/<dataset>
-    method: str = "fedmpt"
+    method: str = "fedmpt"  # fedmpt | fedmvp | fed-dualcoop | fed-poscoop | fedtpg | fed-maple | fed-ram
     clip: str = "tiny"  # tiny (random, offline) or a clip.available_models() name
     clip_weights: str = ""  # a local CLIP .pt file instead of the download
     random_init: bool = False  # random weights for a named architecture (no download)
     conditions: str = ""  # condition file; default the dataset's shipped one; 'none' = ablation
+    attributes: str = ""  # fedmvp: class attribute descriptions; default attributes/<dataset>.json, else templates
     clients: int = 4
     rounds: int = 10
     local_epochs: int = 1
@@ -79,6 +81,10 @@ def build_parser():
             else:
                 parser.add_argument(flag, type=type(field.default), default=field.default,
                                     help=HELP.get(field.name, f"default {field.default}"))
+    parser.add_argument("--count-params", action="store_true",
+                        help="print {method, tunable, total} as one JSON line and exit; builds the "
+                             "model on seeded random weights (no download), for the classes of "
+                             "--dataset (voc2007, Table 5's setting, when --dataset is not given)")
     return parser
 
 
@@ -120,8 +126,9 @@ def validate(cfg: Config, model_cfg: ModelConfig):
 
 
 # ---- The federated pieces: local training, evaluation, the learning rate ------------------
-def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, generator):
-    """One client's update: copy the global state, E epochs of SGD on the client's images.
+def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, generator):
+    """One client's update: copy the global state, E epochs of SGD on the client's images
+    (`inputs`: the tuple of cached tensors `model.encode_images` made, e.g. (v, P)).
     Returns (state, n_samples, mean loss per image). The optimizer starts fresh every round,
     so nothing of it outlives the round (nor needs a checkpoint)."""
     model.load_tunable_state(global_state)
@@ -133,8 +140,8 @@ def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, ge
     for _ in range(cfg.local_epochs):
         order = indices[torch.randperm(len(indices), generator=generator)]
         for batch in order.split(cfg.batch_size):
-            device = model.prompts.context.device  # features live in host memory; batches move
-            loss = loss_fn(model(v[batch].to(device), P[batch].to(device)), targets[batch].to(device))
+            batch_inputs = [x[batch].to(model.device) for x in inputs]  # features live in host memory
+            loss = model.loss(batch_inputs, targets[batch].to(model.device), loss_fn)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -143,11 +150,11 @@ def local_train(model, global_state, v, P, targets, indices, cfg: Config, lr, ge
 
 
 @torch.no_grad()
-def predict(model, v, P, batch_size=256):
-    """Probabilities (n, C) for frozen features; the text side is encoded once."""
-    T, device = model.text_features(), model.prompts.context.device
-    return torch.cat([torch.sigmoid(model(v[i:i + batch_size].to(device), P[i:i + batch_size].to(device), T)).cpu()
-                      for i in range(0, len(v), batch_size)])
+def predict(model, inputs, batch_size=256):
+    """Probabilities (n, C) for cached inputs; the text side is encoded once."""
+    T = model.text_features()
+    return torch.cat([torch.sigmoid(model(*[x[i:i + batch_size].to(model.device) for x in inputs], T=T)).cpu()
+                      for i in range(0, len(inputs[0]), batch_size)])
 
 
 def cosine_lr(base_lr, round_index, n_rounds):
@@ -175,6 +182,31 @@ def load_checkpoint(path: Path, map_location=None):
         raise FedMPTError(f"cannot load {path} ({error}).") from None
 
 
+# ---- The model ----------------------------------------------------------------------------
+def build_model(method, backbone, classes, conditions, model_cfg, attributes=None) -> PromptModel:
+    """The method's model on the frozen backbone; prompts say `data.prompt_name` of each class."""
+    names = [data.prompt_name(c) for c in classes]
+    sentences = [t for c in classes for t in attributes["attributes"][c]] if attributes else ()
+    return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences)
+
+
+def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
+    """Tunable and total parameters of a method, from the class list alone (no data, no
+    download: counts do not depend on weight values, so named architectures get random ones)."""
+    validate(cfg, model_cfg)
+    classes = known_class_names(cfg.dataset)
+    if not classes:  # a folder dataset: read its class list
+        classes = data.load_dataset(cfg.dataset, cfg.root or os.path.join("data", cfg.dataset), "train").classes
+    random_init = not cfg.clip_weights and cfg.clip in ARCHITECTURES
+    backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, random_init, cfg.seed))
+    attributes = load_attributes(cfg.dataset, classes, cfg.attributes) if cfg.method == "fedmvp" else None
+    model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
+                        model_cfg, attributes)
+    tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
+            "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}
+
+
 # ---- The run ------------------------------------------------------------------------------
 def read_config(run_dir: str):
     """The configuration a run was started with (from its config.json) and the whole file."""
@@ -194,19 +226,21 @@ def resume_config(run_dir: str):
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
     if cfg.conditions != "none" and (Path(run_dir) / "conditions.json").exists():
         cfg.conditions = str(Path(run_dir) / "conditions.json")
+    if (Path(run_dir) / "attributes.json").exists():
+        cfg.attributes = str(Path(run_dir) / "attributes.json")
     return cfg, model_cfg
 
 
 def run_round(round_index, model, global_state, features, splits, sampled, cfg, log):
     """Train the sampled clients, drop the ones that fail or send a bad update, aggregate the
     rest. Returns (new global state, mean loss, number aggregated, rejected client ids)."""
-    v, P, targets = features
+    inputs, targets = features
     lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
     states, sizes, losses, rejected = [], [], [], []
     for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1_009 + client)
         try:
-            state, n, loss = local_train(model, global_state, v, P, targets, splits[client], cfg, lr, generator)
+            state, n, loss = local_train(model, global_state, inputs, targets, splits[client], cfg, lr, generator)
         except Exception as error:  # a crashing client must not end the federation
             log(f"round {round_index}: client {client} failed ({type(error).__name__}: {error}); left out")
             rejected.append(client)
@@ -231,9 +265,9 @@ class Experiment:
     cfg: Config
     model_cfg: ModelConfig
     out: Path
-    model: FedMPT
+    model: PromptModel
     splits: list
-    train: tuple  # frozen features and targets of the training images: v, P, y
+    train: tuple  # (inputs, targets) of the training images: inputs = model.encode_images' tuple
     test: tuple  # the same for the test images
     prior_mAP: float
     resolved: dict
@@ -279,11 +313,13 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
 
     torch.manual_seed(cfg.seed)
     class_names = [data.prompt_name(c) for c in train_set.classes]
-    model = FedMPT(backbone, class_names, conditions["conditions"], model_cfg).to(device)
+    attributes = load_attributes(cfg.dataset, train_set.classes, cfg.attributes) if cfg.method == "fedmvp" else None
+    model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
     n_tunable = sum(t.numel() for t in model.tunable_state().values())
     resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
                 "device_used": device, "out": str(out), "classes": train_set.classes,
-                "condition_set": conditions, "tunable_params": n_tunable,
+                "condition_set": conditions, "attribute_source": (attributes or {}).get("source"),
+                "tunable_params": n_tunable,
                 "backbone_sha256": backbone.fingerprint(),
                 "client_sizes": [len(s) for s in splits], "client_names": client_names,
                 "label_skew": data.label_skew(train_set.targets, splits),
@@ -295,22 +331,24 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
         if not cfg.resume:
             write_json_atomic(out / "config.json", resolved)
             write_json_atomic(out / "conditions.json", conditions)  # what --resume reads back
+            if attributes:
+                write_json_atomic(out / "attributes.json", attributes)
         data.plot_client_distributions(train_set.targets, splits, train_set.classes, out / "clients.png",
                                        names=client_names)
 
     bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
-    train = data.encode_dataset(backbone, train_set, device=device, progress=bar("train"))
-    test = data.encode_dataset(backbone, test_set, device=device, progress=bar("test"))
+    train = data.encode_dataset(model.encode_images, train_set, device=device, progress=bar("train"))
+    test = data.encode_dataset(model.encode_images, test_set, device=device, progress=bar("test"))
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
                                        test_set.targets, top_k=min(3, len(train_set.classes)))
     return Experiment(cfg, model_cfg, out, model, splits,
-                      (*train, train_set.targets), (*test, test_set.targets), prior["mAP"], resolved)
+                      (train, train_set.targets), (test, test_set.targets), prior["mAP"], resolved)
 
 
 def evaluate_global(exp: Experiment) -> dict:
     """Metrics of the model's current state on the test images."""
-    v, P, y = exp.test
-    return metrics.multilabel_metrics(predict(exp.model, v, P), y, top_k=min(3, y.shape[1]))
+    inputs, y = exp.test
+    return metrics.multilabel_metrics(predict(exp.model, inputs), y, top_k=min(3, y.shape[1]))
 
 
 def run(cfg: Config, model_cfg: ModelConfig):
@@ -367,7 +405,13 @@ def main(argv=None):
             import predict as use_run
             command = use_run.predict_command if argv[0] == "predict" else use_run.evaluate_command
             return command(argv[1:])
-        run(*parse_config(argv))
+        cfg, model_cfg = parse_config(argv)
+        if "--count-params" in argv:
+            if "--dataset" not in argv and not any(a.startswith("--dataset=") for a in argv):
+                cfg = dataclasses.replace(cfg, dataset="voc2007")  # Table 5's setting
+            print(json.dumps(count_params(cfg, model_cfg)))
+            return 0
+        run(cfg, model_cfg)
     except FedMPTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -101,33 +101,86 @@ class FrozenCLIP(nn.Module):
     @torch.no_grad()
     def encode_image_tokens(self, images: torch.Tensor):
         """Global feature v (B, D) and patch features P (B, N, D) of images (B, 3, H, W)."""
-        visual = self.model.visual
         if self.is_vit:
-            x = visual.conv1(images)  # (B, width, grid, grid)
-            x = x.flatten(2).transpose(1, 2)  # (B, N, width)
-            cls = visual.class_embedding.expand(x.shape[0], 1, -1)
-            x = torch.cat([cls, x], dim=1) + visual.positional_embedding  # (B, 1+N, width)
-            x = visual.transformer(visual.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)
-            x = visual.ln_post(x) @ visual.proj  # every token through ln_post and proj: (B, 1+N, D)
-            return x[:, 0], x[:, 1:]
-        # ResNet: the attention pool gives v; each grid cell through the pool's value and output
-        # projections (its attention restricted to itself) gives a patch feature (as in MaskCLIP).
-        x = visual.conv1(images)
-        for layer in ["bn1", "relu1", "conv2", "bn2", "relu2", "conv3", "bn3", "relu3", "avgpool",
+            return self.vit_head(self.run_blocks(self.model.visual.transformer.resblocks, self.vit_tokens(images)))
+        return self.resnet_head(self.resnet_grid(images))
+
+    # The pieces of the image encoder, for the methods that prompt or adapt inside it
+    # (baselines.py); encode_image_tokens is them run straight through.
+    def vit_tokens(self, images, prompts=None):
+        """ViT input tokens [CLS, patches, prompts] (B, 1+N+M, W), prompts (B or 1, M, W)
+        appended after the position embedding (as in VPT and MaPLe)."""
+        visual = self.model.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
+        cls = visual.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding
+        if prompts is not None:
+            x = torch.cat([x, prompts.expand(x.shape[0], -1, -1)], dim=1)
+        return visual.ln_pre(x)
+
+    @staticmethod
+    def run_blocks(blocks, x, after=None):
+        """x (B, L, W) through CLIP residual attention blocks; `after(i, x)` may change the
+        tokens after block i (deep prompts, adapters)."""
+        x = x.permute(1, 0, 2)  # CLIP's blocks are sequence-first
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if after is not None:
+                x = after(i, x.permute(1, 0, 2)).permute(1, 0, 2)
+        return x.permute(1, 0, 2)
+
+    def vit_head(self, x):
+        """Output tokens (B, L, W) -> v (B, D) from CLS and P (B, N, D) from the patches: every
+        token through ln_post and proj (tokens after the patches, i.e. prompts, are dropped)."""
+        visual = self.model.visual
+        n_patches = visual.positional_embedding.shape[0] - 1
+        x = visual.ln_post(x[:, :1 + n_patches]) @ visual.proj
+        return x[:, 0], x[:, 1:]
+
+    def resnet_grid(self, images):
+        """The ResNet tower up to its last stage: (B, W, h, w)."""
+        visual = self.model.visual
+        x = images.to(visual.conv1.weight.dtype)
+        for layer in ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "conv3", "bn3", "relu3", "avgpool",
                       "layer1", "layer2", "layer3", "layer4"]:
             x = getattr(visual, layer)(x)
-        v = visual.attnpool(x)  # (B, D)
-        pool = visual.attnpool
-        tokens = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:]  # (B, N, width)
-        return v, pool.c_proj(pool.v_proj(tokens))  # (B, N, D)
+        return x
 
-    def encode_prompts(self, embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D)."""
+    def resnet_head(self, grid, prompts=None):
+        """The attention pool gives v (B, D): its query is the mean token; prompt tokens
+        (B or 1, M, W), if given, join its keys and values (how baselines.py prompts a ResNet).
+        Each grid cell through the pool's value and output projections (its attention
+        restricted to itself) gives a patch feature (as in MaskCLIP): P (B, N, D)."""
+        pool = self.model.visual.attnpool
+        x = grid.flatten(2).permute(2, 0, 1)  # (N, B, W)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x]) + pool.positional_embedding[:, None]
+        if prompts is not None:
+            x = torch.cat([x, prompts.expand(x.shape[1], -1, -1).permute(1, 0, 2)])
+        v = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
+            v_proj_weight=pool.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+            use_separate_proj_weight=True, training=False, need_weights=False)[0][0]
+        n_cells = pool.positional_embedding.shape[0] - 1
+        return v, pool.c_proj(pool.v_proj(x[1:1 + n_cells].permute(1, 0, 2)))
+
+    def encode_prompts(self, embeddings: torch.Tensor, eot: torch.Tensor, after=None) -> torch.Tensor:
+        """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D); `after` as
+        in run_blocks."""
         m = self.model
-        x = embeddings + m.positional_embedding
-        x = m.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.run_blocks(m.transformer.resblocks, embeddings + m.positional_embedding, after)
         x = m.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection
+
+    @torch.no_grad()
+    def encode_texts(self, texts) -> torch.Tensor:
+        """Normalised frozen features (len(texts), D) of plain sentences."""
+        tokens = clip.tokenize(texts, context_length=self.context_length, truncate=True)
+        tokens = tokens.to(self.model.token_embedding.weight.device)
+        return F.normalize(self.encode_prompts(self.model.token_embedding(tokens), tokens.argmax(dim=-1)), dim=-1)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -159,17 +212,28 @@ class ModelConfig:
     adapter_alpha: float = 0.5  # 0.2 (CLIP-Adapter) learned too slowly offline; 0.8 diverged
 
 
-class FedMPT(nn.Module):
-    def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig):
-        super().__init__()
-        self.backbone, self.cfg = backbone, cfg
-        D = backbone.width
-        self.prompts = ConditionPrompts(class_names, conditions, cfg.n_ctx,
-                                        backbone.model.token_embedding, backbone.context_length,
-                                        clip.tokenize)
-        self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
-        self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
-        self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform")
+class PromptModel(nn.Module):
+    """What the federated loop asks of a method (FedMPT below, the baselines in baselines.py):
+
+    encode_images(images) -> tuple   the frozen inputs of a batch, computed once per run
+    text_features()                  the text side, reused over a whole evaluation
+    forward(*inputs, T=None)         logits (B, C); sigmoid gives the probabilities
+    loss(inputs, targets, loss_fn)   the training loss of a batch
+    tunable_state()                  exactly the tensors that train and travel
+    """
+
+    def encode_images(self, images):
+        return self.backbone.encode_image_tokens(images)
+
+    def text_features(self):
+        return None
+
+    def loss(self, inputs, targets, loss_fn):
+        return loss_fn(self(*inputs), targets)
+
+    @property
+    def device(self):
+        return self.backbone.model.logit_scale.device
 
     def tunable_state(self) -> dict:
         """Exactly the tensors FedAvg exchanges: every parameter that trains."""
@@ -181,6 +245,19 @@ class FedMPT(nn.Module):
             raise FedMPTError(f"tunable state does not match this model: missing "
                               f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}.")
         self.load_state_dict(state, strict=False)
+
+
+class FedMPT(PromptModel):
+    def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig):
+        super().__init__()
+        self.backbone, self.cfg = backbone, cfg
+        D = backbone.width
+        self.prompts = ConditionPrompts(class_names, conditions, cfg.n_ctx,
+                                        backbone.model.token_embedding, backbone.context_length,
+                                        clip.tokenize)
+        self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
+        self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
+        self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform")
 
     def text_features(self) -> torch.Tensor:
         """All 2*K*C condition prompts through the text encoder in one call -> (2, K, C, D)."""

@@ -91,8 +91,8 @@ def client_kit(context):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(exp.splits)} clients.")
     split = torch.as_tensor(exp.splits[client])
-    v, P, y = (x[split.to(x.device)] for x in exp.train)  # (n, D), (n, N, D), (n, C)
-    kit = {"model": exp.model, "v": v, "P": P, "y": y}
+    inputs, targets = exp.train
+    kit = {"model": exp.model, "inputs": [x[split] for x in inputs], "y": targets[split]}
     cache.parent.mkdir(parents=True, exist_ok=True)
     federate.save_atomic(kit, cache)
     return client, kit, cache
@@ -114,7 +114,7 @@ def train(message, context):
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1_009 + client)  # as run_round
     lr = federate.cosine_lr(cfg.lr, round_index, cfg.rounds)
     indices = torch.arange(len(kit["y"]))  # the kit holds this client's images only, in split order
-    state, n, loss = federate.local_train(kit["model"], global_state, kit["v"], kit["P"], kit["y"],
+    state, n, loss = federate.local_train(kit["model"], global_state, kit["inputs"], kit["y"],
                                           indices, cfg, lr, generator)
     if round_index == cfg.rounds:
         cache.unlink(missing_ok=True)  # the last round: give the node its disk back

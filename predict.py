@@ -17,7 +17,8 @@ from tqdm import tqdm
 import data
 import metrics
 from errors import FedMPTError
-from fedmpt import FedMPT, FrozenCLIP, load_clip
+from fedmpt import FrozenCLIP, load_clip
+from prompts import load_attributes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -30,9 +31,12 @@ def load_run(run_dir: str, device: str = "cpu"):
     if saved.get("backbone_sha256") and backbone.fingerprint() != saved["backbone_sha256"]:
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
-    names = [data.prompt_name(c) for c in saved["classes"]]
     torch.manual_seed(cfg.seed)
-    model = FedMPT(backbone, names, saved["condition_set"]["conditions"], model_cfg).to(device).eval()
+    attributes = None
+    if cfg.method == "fedmvp":
+        attributes = load_attributes(cfg.dataset, saved["classes"], str(Path(run_dir) / "attributes.json"))
+    model = federate.build_model(cfg.method, backbone, saved["classes"], saved["condition_set"], model_cfg,
+                                 attributes).to(device).eval()
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
@@ -79,8 +83,8 @@ def score_images(model, files, batch_size=64):
     import federate
     dataset = ImageFiles(files, data.clip_transform(model.backbone.resolution))
     progress = (lambda it: tqdm(it, desc="predict", leave=False)) if len(files) > batch_size else None
-    v, P = data.encode_dataset(model.backbone, dataset, batch_size, "cpu", progress)
-    return federate.predict(model, v, P)
+    inputs = data.encode_dataset(model.encode_images, dataset, batch_size, model.device, progress)
+    return federate.predict(model, inputs)
 
 
 def predict_command(argv):
@@ -136,9 +140,10 @@ def evaluate_command(argv):
         raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
                           f"{root} has {list(test_set.classes)}.")
     test_set.transform = data.clip_transform(model.backbone.resolution)
-    v, P = data.encode_dataset(model.backbone, test_set, progress=lambda it: tqdm(it, desc="encode test", leave=False))
+    inputs = data.encode_dataset(model.encode_images, test_set, device=model.device,
+                                 progress=lambda it: tqdm(it, desc="encode test", leave=False))
     import federate
-    result = metrics.multilabel_metrics(federate.predict(model, v, P), test_set.targets,
+    result = metrics.multilabel_metrics(federate.predict(model, inputs), test_set.targets,
                                         top_k=min(3, len(test_set.classes)))
     summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}
     print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in summary.items()))

@@ -59,10 +59,36 @@ def load_conditions(spec: str, dataset: str) -> dict:
             "source": content.get("source", "unknown"), "file": str(path)}
 
 
-class ConditionPrompts(nn.Module):
-    """Learnable contexts for K conditions x {+, -}; fixed condition and class-name tokens."""
+ATTRIBUTES_DIR = Path(__file__).resolve().parent / "attributes"
 
-    def __init__(self, class_names, conditions, n_ctx, token_embedding, context_length, tokenize):
+
+def load_attributes(dataset: str, class_names, spec: str = "") -> dict:
+    """FedMVP's class attribute descriptions: {class: [sentence, ...]} from
+    attributes/<dataset>.json (or `spec`), else three template sentences per class."""
+    path = Path(spec) if spec else ATTRIBUTES_DIR / f"{dataset}.json"
+    if not spec and not path.exists():
+        templates = ["a photo of a {}.", "a {} in its usual surroundings.", "a close-up of a {}."]
+        return {"source": "template", "attributes": {c: [t.format(c) for t in templates] for c in class_names}}
+    try:
+        content = json.loads(path.read_text())
+        attributes = content["attributes"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise FedMPTError(f"cannot read attribute file {path} ({error!r}); it must hold "
+                          '{"attributes": {"<class>": ["<sentence>", ...]}}.') from None
+    missing = [c for c in class_names if not (isinstance(attributes.get(c), list) and attributes[c]
+                                              and all(isinstance(t, str) and t.strip() for t in attributes[c]))]
+    if missing:
+        raise FedMPTError(f"attribute file {path}: no descriptions (a non-empty list of sentences) "
+                          f"for {', '.join(missing)}.")
+    return {"source": content.get("source", "unknown"), "file": str(path),
+            "attributes": {c: attributes[c] for c in class_names}}
+
+
+class ConditionPrompts(nn.Module):
+    """Learnable contexts for K conditions x {+, -}; fixed condition and class-name tokens.
+    With conditions [""] these are DualCoOp's prompts (CoOp's with signs=1; baselines.py)."""
+
+    def __init__(self, class_names, conditions, n_ctx, token_embedding, context_length, tokenize, signs=2):
         super().__init__()
         K, C, M = len(conditions), len(class_names), n_ctx
         width = token_embedding.weight.shape[1]
@@ -80,18 +106,20 @@ class ConditionPrompts(nn.Module):
             embedded = token_embedding(tokens).reshape(K, C, context_length, width)
         self.register_buffer("prefix", embedded[:, :, :1].clone(), persistent=False)  # (K, C, 1, Dt)
         self.register_buffer("suffix", embedded[:, :, 1 + M:].clone(), persistent=False)  # (K, C, L-1-M, Dt)
-        self.register_buffer("eot", tokens.argmax(dim=-1).repeat(2), persistent=False)  # (2*K*C,)
+        self.register_buffer("eot", tokens.argmax(dim=-1).repeat(signs), persistent=False)  # (S*K*C,)
         generator = torch.Generator().manual_seed(0)
-        self.context = nn.Parameter(0.02 * torch.randn(2, K, M, width, generator=generator))  # (2, K, M, Dt)
-        self.shape = (K, C)
+        self.context = nn.Parameter(0.02 * torch.randn(signs, K, M, width, generator=generator))  # (S, K, M, Dt)
+        self.shape, self.signs = (K, C), signs
 
-    def forward(self):
-        """Prompt embeddings (2*K*C, L, Dt), sign-major, and their end-token positions."""
+    def forward(self, context=None):
+        """Prompt embeddings (S*K*C, L, Dt), sign-major, and their end-token positions. A
+        `context` (S, K, M, Dt) given here replaces the learned one (FedTPG generates it)."""
         K, C = self.shape
-        context = self.context[:, :, None].expand(-1, -1, C, -1, -1)  # (2, K, C, M, Dt)
-        prefix = self.prefix.expand(2, -1, -1, -1, -1)
-        suffix = self.suffix.expand(2, -1, -1, -1, -1)
-        prompts = torch.cat([prefix, context, suffix], dim=3)  # (2, K, C, L, Dt)
+        context = self.context if context is None else context
+        context = context[:, :, None].expand(-1, -1, C, -1, -1)  # (S, K, C, M, Dt)
+        prefix = self.prefix.expand(self.signs, -1, -1, -1, -1)
+        suffix = self.suffix.expand(self.signs, -1, -1, -1, -1)
+        prompts = torch.cat([prefix, context, suffix], dim=3)  # (S, K, C, L, Dt)
         return prompts.flatten(0, 2), self.eot
 
 

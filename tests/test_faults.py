@@ -58,8 +58,8 @@ def faulty(behaviour):
     """Wrap federate.local_train so that client 1 misbehaves as `behaviour` says."""
     honest = federate.local_train
 
-    def local_train(model, global_state, v, P, targets, indices, cfg, lr, generator):
-        state, n, loss = honest(model, global_state, v, P, targets, indices, cfg, lr, generator)
+    def local_train(model, global_state, inputs, targets, indices, cfg, lr, generator):
+        state, n, loss = honest(model, global_state, inputs, targets, indices, cfg, lr, generator)
         if indices is not faulty.splits[1]:
             return state, n, loss
         return behaviour(state), n, loss

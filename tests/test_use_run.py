@@ -20,8 +20,8 @@ def test_predict_gives_the_evaluation_probabilities(finished_run, shapes_root, t
     out, cfg, model_cfg, _ = finished_run
     exp = federate.setup(cfg, model_cfg, write=False)
     exp.model.load_tunable_state(torch.load(out / "state.pt", weights_only=True))
-    v, P, _ = exp.test
-    expected = federate.predict(exp.model, v[:12], P[:12])
+    inputs, _ = exp.test
+    expected = federate.predict(exp.model, [x[:12] for x in inputs])
     images = shapes_root / "VOCdevkit/VOC2007/JPEGImages"
     test_ids = (shapes_root / "VOCdevkit/VOC2007/ImageSets/Main/test.txt").read_text().split()[:12]
     files = [str(images / f"{i}.jpg") for i in test_ids]

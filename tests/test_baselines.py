@@ -1,0 +1,91 @@
+"""The comparison methods (baselines.py): parameter counts against Table 5, what trains and
+travels, and that each one learns end to end on the offline dataset."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import baselines
+import federate
+from fedmpt import FrozenCLIP, ModelConfig, asymmetric_loss, load_clip
+from prompts import load_attributes, load_conditions
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINES = ["fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram"]
+# Table 5 of the FedMPT paper (VOC2007, CLIP ViT-B/16): tunable parameters in millions.
+TABLE5 = {"fed-poscoop": 0.02, "fed-maple": 3.56, "fedtpg": 4.21, "fed-ram": 13.02, "fedmvp": 1.14}
+
+
+def build(method, backbone, classes, dataset="voc2007"):
+    attributes = load_attributes(dataset, classes) if method == "fedmvp" else None
+    return federate.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(), attributes)
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    return FrozenCLIP(load_clip("ViT-B/16", random_init=True))
+
+
+def test_tunable_counts_are_within_ten_percent_of_table5(vit_b16):
+    import data
+    counts = {}
+    for method in [*TABLE5, "fedmpt", "fed-dualcoop"]:
+        model = build(method, vit_b16, data.VOC_CLASSES)
+        counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for method, millions in TABLE5.items():
+        assert abs(counts[method] / 1e6 - millions) <= 0.1 * millions, (method, counts[method])
+    assert counts["fedmpt"] <= 0.80e6
+    assert counts["fed-dualcoop"] == 2 * 16 * 512  # two contexts of 16 tokens
+
+
+def test_count_params_prints_one_json_line_without_downloading():
+    command = [sys.executable, "federate.py", "--method", "fed-maple", "--clip", "ViT-B/16",
+               "--random-init", "--count-params"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["method"] == "fed-maple" and line["dataset"] == "voc2007"
+    assert line["tunable"] == 3_564_288 and line["total"] > 149e6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return FrozenCLIP(load_clip("tiny"))
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_tunable_tensor_gets_a_gradient_and_the_backbone_stays_frozen(tiny, method):
+    torch.manual_seed(0)
+    model = build(method, tiny, ["circle", "square", "triangle"], dataset="shapes")
+    frozen = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    inputs = model.encode_images(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    targets = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, -1]])
+    logits = model(*inputs)
+    assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+    state = model.tunable_state()
+    assert state and not any(name.startswith("backbone.") for name in state)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # zero-initialised adapter outputs pass gradient on from the second step
+        optimizer.zero_grad()
+        model.loss(inputs, targets, asymmetric_loss).backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # a tunable tensor the loss never reaches would travel for nothing
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(torch.equal(frozen[k], v) for k, v in tiny.model.state_dict().items())
+    assert all(not torch.equal(state[k], v) for k, v in model.tunable_state().items())
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_each_method_learns_on_the_offline_dataset(shapes_root, tmp_path, method):
+    cfg, model_cfg = federate.parse_config(["--root", str(shapes_root), "--out", str(tmp_path / method),
+                                            "--method", method, "--rounds", "3", "--clients", "3"])
+    history = federate.run(cfg, model_cfg)
+    assert all(row["loss"] is not None and torch.isfinite(torch.tensor(row["loss"])) for row in history[1:])
+    assert history[-1]["mAP"] > history[0]["label_prior_mAP"], [row["mAP"] for row in history]
+    saved = json.loads((tmp_path / method / "config.json").read_text())
+    assert saved["method"] == method and saved["tunable_params"] == sum(
+        t.numel() for t in torch.load(tmp_path / method / "state.pt").values())
