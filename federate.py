@@ -62,13 +62,16 @@ class Config:
     superlink: str = ""  # flower: HOST:PORT (or a Flower connection name) of a running SuperLink; '' = start one here
     round_timeout: float = 3600.0  # flower: seconds an exchange waits for replies (Strategy.start timeout)
     min_nodes: int = 1  # flower: SuperNodes connected before a round starts (FedAvg min_available_nodes)
+    plot: bool = False  # fedmpt: save plans.png, the transport plans and gate of a few test images
 
 
 HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
         "conditions": "condition JSON file (default: conditions/<dataset>.json) or 'none'",
         "clip": "tiny, or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",
-        "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones"}
+        "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
+        "plot": "fedmpt: after training save plans.png (each condition's transport plan over the "
+                "regions of a few test images, and the gate's weights)"}
 
 
 def build_parser():
@@ -117,7 +120,8 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (0 <= model_cfg.adapter_alpha <= 1, f"--adapter-alpha {model_cfg.adapter_alpha}: must lie in [0, 1]"),
               (cfg.engine in ("plain", "flower"), f"--engine {cfg.engine}: choose plain or flower"),
               (cfg.round_timeout > 0, f"--round-timeout {cfg.round_timeout}: must be positive"),
-              (cfg.min_nodes >= 1, f"--min-nodes {cfg.min_nodes}: must be at least 1")]
+              (cfg.min_nodes >= 1, f"--min-nodes {cfg.min_nodes}: must be at least 1"),
+              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
@@ -392,6 +396,12 @@ def run(cfg: Config, model_cfg: ModelConfig):
         save_atomic({"global_state": global_state, "round": round_index, "history": history,
                      "rng_state": rng.bit_generator.state}, out / "checkpoint.pt")
     save_atomic(global_state, out / "state.pt")
+    if cfg.plot:
+        import explain
+        test_set = data.load_dataset(cfg.dataset, exp.resolved["root"], "test")
+        explain.plot_transport(model, test_set, exp.test[0], exp.resolved["condition_set"]["conditions"],
+                               test_set.classes, out / "plans.png")
+        print(f"wrote {out / 'plans.png'}")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, label prior "
           f"{exp.prior_mAP:.2f}); run saved in {out}")
     return history

@@ -269,6 +269,10 @@ class FedMPT(PromptModel):
     def forward(self, v: torch.Tensor, P: torch.Tensor, T: torch.Tensor = None):
         """Logits (B, C) from frozen image features v (B, D) and P (B, N, D). Pass T to reuse
         the text features (evaluation: they do not depend on the image)."""
+        return self.explain(v, P, T)[0]
+
+    def explain(self, v, P, T=None):
+        """Logits (B, C), the transport plans Q (B, 2, C, N, K) and the gate g (B, K)."""
         T = self.text_features() if T is None else T  # (2, K, C, D)
         K = T.shape[1]
         P = F.normalize(self.patch_adapter(P), dim=-1)  # (B, N, D)
@@ -281,7 +285,7 @@ class FedMPT(PromptModel):
             Q = ot.sinkhorn(1 - S.detach(), self.cfg.ot_eps, n_iters=self.cfg.ot_iters)
         z = K * (Q * S).sum(dim=-2)  # (B, 2, C, K)
         g = self.gate(v)  # (B, K)
-        return self.backbone.logit_scale * torch.einsum("bk,bck->bc", g, z[:, 0] - z[:, 1])
+        return self.backbone.logit_scale * torch.einsum("bk,bck->bc", g, z[:, 0] - z[:, 1]), Q, g
 
 
 def asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, clip_margin=0.05):

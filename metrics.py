@@ -138,3 +138,37 @@ def label_prior_scores(train_targets, n_images):
     _, t = _validate(train_targets, train_targets)
     freq = _safe_div((t == 1).sum(0), (t != -1).sum(0))
     return np.tile(freq, (int(n_images), 1))
+
+
+def bias_metrics(scores, targets, pairs, threshold=0.5):
+    """Context-bias metrics for biased class pairs (Singh et al., "Don't judge an object by its
+    context", CVPR 2020), in percent. For each ordered pair (a, b), i.e. both directions of
+    every pair given as class indices:
+      * exclusive AP of a: AP of score_a on the images holding a without b (positives) and
+        all images without a (negatives);
+      * co-occur AP of a: the same with the images holding both a and b as positives;
+      * irrelevant activation rate: among images holding b but not a, the share where
+        score_a >= threshold (a fires because its training companion is there).
+    -1 targets of a or b leave the image out of that pair's sets. Returns the means over the
+    ordered pairs that have images in each set, and the per-pair values."""
+    s, t = _validate(scores, targets)
+    rows = []
+    for a0, b0 in pairs:
+        for a, b in ((a0, b0), (b0, a0)):
+            known = (t[:, a] != -1) & (t[:, b] != -1)
+            has_a, has_b = known & (t[:, a] == 1), known & (t[:, b] == 1)
+            negatives = known & (t[:, a] == 0)
+            row = {"class": a, "companion": b}
+            for name, positives in (("exclusive_AP", has_a & ~has_b), ("cooccur_AP", has_a & has_b)):
+                keep = positives | negatives
+                row[name] = (100.0 * average_precision(s[keep, a], positives[keep].astype(np.int64))
+                             if positives.any() and negatives.any() else None)
+            companions_only = has_b & negatives
+            row["irrelevant_rate"] = (100.0 * float(np.mean(s[companions_only, a] >= threshold))
+                                      if companions_only.any() else None)
+            row["n_exclusive"], row["n_cooccur"] = int((has_a & ~has_b).sum()), int((has_a & has_b).sum())
+            rows.append(row)
+    mean = lambda key: (float(np.mean([r[key] for r in rows if r[key] is not None]))
+                        if any(r[key] is not None for r in rows) else None)
+    return {"exclusive_mAP": mean("exclusive_AP"), "cooccur_mAP": mean("cooccur_AP"),
+            "irrelevant_rate": mean("irrelevant_rate"), "pairs": rows}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
+import metrics
 from metrics import label_prior_scores, multilabel_metrics
 
 SEEDS = [0, 1, 2, 3, 4]
@@ -170,3 +171,30 @@ def test_bad_inputs_raise_value_error_naming_the_problem(scores, targets, match)
 def test_top_k_larger_than_number_of_classes_raises():
     with pytest.raises(ValueError, match="top_k"):
         multilabel_metrics(np.zeros((2, 2)), np.zeros((2, 2)), top_k=3)
+
+
+def test_bias_metrics_on_a_hand_computed_case():
+    # classes: 0 = a, 1 = b, 2 = unrelated. Images:
+    #   0: a b     1: a       2: b       3: b      4: -       5: a b (b ignored)
+    targets = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 1], [0, 0, 0], [1, -1, 0]])
+    scores = np.array([[0.9, 0.8, 0], [0.4, 0.1, 0], [0.6, 0.7, 0], [0.3, 0.2, 0], [0.1, 0.05, 0], [0.5, 0.5, 0]])
+    result = metrics.bias_metrics(scores, targets, [(0, 1)])
+    a_given_b, b_given_a = result["pairs"]
+    # a exclusive: positive image 1 (0.4) among negatives 2 (0.6), 3 (0.3), 4 (0.1): rank 2 -> AP 1/2
+    assert a_given_b["exclusive_AP"] == pytest.approx(50.0)
+    # a co-occur: positive image 0 (0.9) above every negative -> AP 1
+    assert a_given_b["cooccur_AP"] == pytest.approx(100.0)
+    # a fires (>= 0.5) on images holding b without a: 2 (0.6) yes, 3 (0.3) no -> 50 %
+    assert a_given_b["irrelevant_rate"] == pytest.approx(50.0)
+    # b exclusive: positives 2 (0.7), 3 (0.2) among negatives 1 (0.1), 4 (0.05): AP 1
+    # b co-occur: positive 0 (0.8) above negatives -> 1; b on image 1 (a only) 0.1 -> rate 0
+    assert (b_given_a["exclusive_AP"], b_given_a["cooccur_AP"], b_given_a["irrelevant_rate"]) == \
+        pytest.approx((100.0, 100.0, 0.0))
+    assert result["exclusive_mAP"] == pytest.approx(75.0) and result["irrelevant_rate"] == pytest.approx(25.0)
+    assert (a_given_b["n_exclusive"], a_given_b["n_cooccur"]) == (1, 1)  # image 5 left out (b ignored)
+    # and it agrees with scikit-learn on random data
+    rng = np.random.default_rng(0)
+    t, s = rng.integers(0, 2, (200, 4)), rng.random((200, 4))
+    row = metrics.bias_metrics(s, t, [(0, 1)])["pairs"][0]
+    keep = (t[:, 0] == 0) | (t[:, 1] == 0)
+    assert row["exclusive_AP"] == pytest.approx(100 * average_precision_score(t[keep, 0], s[keep, 0]))
