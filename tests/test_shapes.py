@@ -174,3 +174,13 @@ def test_saved_weights_rebuild_untouched_token_rows_from_the_seed(tmp_path):
     expected["token_embedding.weight"][[7, 300]] = model.token_embedding.weight[[7, 300]].detach().half().float()
     for name, tensor in expected.items():  # fp16 everywhere but the untouched rows: the exact seeded values
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_pretraining_is_deterministic_for_a_seed(tmp_path):
+    cfg = pretrain.PretrainConfig(steps=3, batch_size=16, warmup=2, eval_every=3, eval_images=24)
+    (first, curve), (second, _) = pretrain.pretrain(cfg), pretrain.pretrain(cfg)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert len(curve["loss"]) == 3 and curve["eval"][0][0] == 3
+    pretrain.plot_curve(curve, tmp_path / "curve.png", "test")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
