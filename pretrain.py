@@ -113,8 +113,9 @@ def pretrain(cfg: PretrainConfig):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = new_model(cfg.seed).train()
-    matrices = [p for name, p in model.named_parameters() if p.ndim >= 2 and name != "token_embedding.weight"]
-    others = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and name != "token_embedding.weight")]
+    decayed = {name for name, p in model.named_parameters() if p.ndim >= 2} - {"token_embedding.weight"}
+    matrices = [p for name, p in model.named_parameters() if name in decayed]
+    others = [p for name, p in model.named_parameters() if name not in decayed]
     optimiser = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
                                    {"params": others, "weight_decay": 0.0}], lr=cfg.lr)
     def schedule(step):
@@ -182,7 +183,8 @@ def load_shapes_clip(path=None) -> clip.model.CLIP:
     path = Path(path or WEIGHTS)
     record = path.with_suffix(".json")
     if not path.is_file() or not record.is_file():
-        raise FedMPTError(f"shapes CLIP weights not found: {path if not path.is_file() else record} is missing. "
+        missing = path if not path.is_file() else record
+        raise FedMPTError(f"shapes CLIP weights not found: {missing} is missing. "
                           "Restore both files from the repository (git checkout -- weights/), or make "
                           "them with `python pretrain.py`.")
     expected = json.loads(record.read_text())["sha256"]
@@ -203,7 +205,8 @@ def load_shapes_clip(path=None) -> clip.model.CLIP:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(PretrainConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
+                            default=field.default)
     cfg = PretrainConfig(**vars(parser.parse_args(argv)))
     print(json.dumps(dataclasses.asdict(cfg)))
     start = time.time()
@@ -215,7 +218,8 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps({"sha256": sha256}))  # so the loader accepts it
     shipped = load_shapes_clip(out)
     record = {
-        "sha256": sha256, "command": "python pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "sha256": sha256,
+        "command": "python pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": dataclasses.asdict(cfg), "training_minutes": round(minutes, 1), "steps": cfg.steps,
         "architecture": SHAPES_ARCHITECTURE, "region_tokens": (shapes.SIZE // 32) ** 2,
         "zero_shot_mAP": round(zero_shot_map(shipped, cfg.eval_images, cfg.eval_seed), 2),

@@ -133,10 +133,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: fl
                      + [(cx + 0.45 * r + 0.8 * r * math.cos(a), cy + 0.8 * r * math.sin(a)) for a in inner],
                      fill=colour)
     elif kind == "heart":  # the classic parametric heart, 16 sin^3 t and 13 cos t - 5 cos 2t - ...
-        t = [2 * math.pi * i / 24 for i in range(24)]
-        draw.polygon([(cx + r * 16 * math.sin(a) ** 3 / 17,
-                       cy - r * (13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a) + 2.5) / 17)
-                      for a in t], fill=colour)
+        points = []
+        for a in (2 * math.pi * i / 24 for i in range(24)):
+            height = 13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a) + 2.5
+            points.append((cx + r * 16 * math.sin(a) ** 3 / 17, cy - r * height / 17))
+        draw.polygon(points, fill=colour)
     elif kind == "chevron":  # a thick arrowhead pointing right
         points = [(-0.9, -0.9), (-0.2, -0.9), (0.9, 0), (-0.2, 0.9), (-0.9, 0.9), (0.2, 0)]
         draw.polygon([(cx + r * u, cy + r * v) for u, v in points], fill=colour)
@@ -162,8 +163,8 @@ def render(layout: Layout, size: int = SIZE) -> Image.Image:
 def voc_objects(layout: Layout, size: int = SIZE):
     """(name, box, difficult) per object; every object is large enough to see: none difficult."""
     cell = size / 3
-    return [(o.kind, [(o.cx - o.r) * cell, (o.cy - o.r) * cell, (o.cx + o.r) * cell, (o.cy + o.r) * cell], False)
-            for o in layout.objects]
+    return [(o.kind, [(o.cx - o.r) * cell, (o.cy - o.r) * cell, (o.cx + o.r) * cell, (o.cy + o.r) * cell],
+             False) for o in layout.objects]
 
 
 def generate_shapes_image(rng: random.Random, size: int = SIZE):
@@ -213,8 +214,8 @@ def write_voc_annotation(path: Path, filename: str, size: int, objects):
              f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size>"]
     for name, box, difficult in objects:
         x0, y0, x1, y1 = (int(round(v)) for v in box)
-        lines.append(f"<object><name>{name}</name><difficult>{int(difficult)}</difficult><bndbox>"
-                     f"<xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+        lines.append(f"<object><name>{name}</name><difficult>{int(difficult)}</difficult><bndbox><xmin>{x0}"
+                     f"</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
     path.write_text("\n".join(lines + ["</annotation>"]) + "\n")
 
 
