@@ -202,6 +202,11 @@ def load_shapes_clip(path=None) -> clip.model.CLIP:
     return model.float().eval()
 
 
+def record_text(record: dict) -> str:
+    """JSON with one key a line."""
+    return "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in record.items()) + "\n}\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(PretrainConfig):
@@ -224,8 +229,8 @@ def main(argv=None):
         "architecture": SHAPES_ARCHITECTURE, "region_tokens": (shapes.SIZE // 32) ** 2,
         "zero_shot_mAP": round(zero_shot_map(shipped, cfg.eval_images, cfg.eval_seed), 2),
         "zero_shot_mAP_test_split_seed0": round(zero_shot_map(shipped, 800, 0), 2),
-        "curve_eval": curve["eval"], "torch": torch.__version__}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        "curve_eval": [[step, round(value, 2)] for step, value in curve["eval"]], "torch": torch.__version__}
+    out.with_suffix(".json").write_text(record_text(record))
     Path(cfg.plot).parent.mkdir(parents=True, exist_ok=True)
     plot_curve(curve, cfg.plot, f"shapes CLIP, {cfg.steps} steps, {minutes:.1f} min; shipped zero-shot mAP "
                                 f"{record['zero_shot_mAP']:.1f} (seed {cfg.eval_seed} test stream)")
