@@ -147,7 +147,7 @@ class FedMaPLe(PromptModel):
     prompts couple to the positive one); logits from the prompted global feature. ViT-B/16:
     3,564,288 tunable (Table 5: 3.56M). On a ResNet tower only the first layer's visual prompt
     exists; it joins the attention pool."""
-    n_ctx, depth = 2, 9
+    n_ctx, depth, inputs_start_with_v = 2, 9, False
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
         super().__init__()
@@ -293,7 +293,7 @@ class FedRAM(PromptModel):
     its knowledge constraint (frozen CLIP's prior on the marginals) is left out; the shared
     ASL replaces RAM's multi-matching loss. On a ResNet tower one local adapter acts on the
     last stage's grid."""
-    depth, n_ctx, ot_eps = 3, 16, 0.1
+    depth, n_ctx, ot_eps, inputs_start_with_v = 3, 16, 0.1, False
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
         super().__init__()

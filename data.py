@@ -87,6 +87,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.name, self.split, self.images, self.targets = name, split, list(images), targets
         self.classes, self.transform, self.skipped = list(classes), transform, []
         self.natural_clients = None  # [(site, indices)] where the data names its clients (FolderDataset)
+        self.biased_pairs = []  # [(a, b)] class indices trained with a spurious co-occurrence (shapes world)
         if skip_unreadable:
             print(check_images(self, skip_unreadable=True))
 
@@ -158,6 +159,11 @@ class VOCDataset(ImageDataset):
                                for i in ids])  # (n_images, C)
         images = [self.dir / "JPEGImages" / f"{image_id}.jpg" for image_id in ids]
         super().__init__(name, split, images, targets, classes, transform, skip_unreadable)
+        stamp = self.dir / "generated.json"  # the shapes world names its biased pairs
+        if stamp.exists():
+            pairs = json.loads(stamp.read_text()).get("biased_pairs", [])
+            self.biased_pairs = [(classes.index(a), classes.index(b)) for a, b in pairs
+                                 if a in classes and b in classes]
 
 
 def find_voc_dir(root: Path, split: str, name: str) -> Path:
@@ -449,22 +455,28 @@ def encode_dataset(encode, dataset, batch_size=64, device="cpu", progress=None):
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iters: int = 100) -> np.ndarray:
-    """Lloyd's K-means with k-means++ seeding; returns a cluster index per point."""
+def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iters: int = 100, n_init: int = 10) -> np.ndarray:
+    """Lloyd's K-means with k-means++ seeding, best of `n_init` starts by inertia (one start
+    can merge two clear clusters); returns a cluster index per point."""
     rng = np.random.default_rng(seed)
-    centres = [points[rng.integers(len(points))]]
-    for _ in range(1, k):
-        distance = np.min([((points - c) ** 2).sum(1) for c in centres], axis=0)
-        centres.append(points[rng.choice(len(points), p=distance / distance.sum())]
-                       if distance.sum() > 0 else points[rng.integers(len(points))])
-    centres = np.stack(centres)
-    for _ in range(n_iters):
-        labels = ((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        new = np.stack([points[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(k)])
-        if np.allclose(new, centres):
-            break
-        centres = new
-    return labels
+    best, best_inertia = None, np.inf
+    for _ in range(n_init):
+        centres = [points[rng.integers(len(points))]]
+        for _ in range(1, k):
+            distance = np.min([((points - c) ** 2).sum(1) for c in centres], axis=0)
+            centres.append(points[rng.choice(len(points), p=distance / distance.sum())]
+                           if distance.sum() > 0 else points[rng.integers(len(points))])
+        centres = np.stack(centres)
+        for _ in range(n_iters):
+            labels = ((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+            new = np.stack([points[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(k)])
+            if np.allclose(new, centres):
+                break
+            centres = new
+        inertia = ((points - centres[labels]) ** 2).sum()
+        if inertia < best_inertia - 1e-9:
+            best, best_inertia = labels, inertia
+    return best
 
 
 def client_splits(targets: torch.Tensor, n_clients: int, heterogeneity: float, seed: int = 0):

@@ -38,7 +38,7 @@ class Config:
     dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide | folder (labels.csv)
     root: str = ""  # dataset directory; default data/<dataset>
     method: str = "fedmpt"  # fedmpt | fedmvp | fed-dualcoop | fed-poscoop | fedtpg | fed-maple | fed-ram
-    clip: str = "tiny"  # tiny (random, offline) or a clip.available_models() name
+    clip: str = "shapes"  # shapes (pretrained offline, weights/) | tiny (random) | a clip.available_models() name
     clip_weights: str = ""  # a local CLIP .pt file instead of the download
     random_init: bool = False  # random weights for a named architecture (no download)
     conditions: str = ""  # condition file; default the dataset's shipped one; 'none' = ablation
@@ -48,6 +48,7 @@ class Config:
     local_epochs: int = 1
     client_fraction: float = 1.0
     lr: float = 1e-3
+    grad_clip: float = 10.0  # clip each local step's gradient norm to this (0 = off)
     batch_size: int = 32
     heterogeneity: float = 1.0  # t in (0, 1]: fraction of a client's data from its own cluster
     loss: str = "asl"  # asl | bce
@@ -67,7 +68,8 @@ class Config:
 
 HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
         "conditions": "condition JSON file (default: conditions/<dataset>.json) or 'none'",
-        "clip": "tiny, or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
+        "clip": "shapes (small CLIP pretrained on the shapes world, shipped), tiny (random weights), "
+                "or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",
         "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
         "plot": "fedmpt: after training save plans.png (each condition's transport plan over the "
@@ -108,6 +110,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (0 < cfg.client_fraction <= 1, f"--client-fraction {cfg.client_fraction}: must lie in (0, 1]"),
               (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
               (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
+              (cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive"),
               (cfg.loss in ("asl", "bce"), f"--loss {cfg.loss}: choose asl or bce"),
               (cfg.aggregate in AGGREGATORS, f"--aggregate {cfg.aggregate}: choose {', '.join(AGGREGATORS)}"),
               (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
@@ -148,6 +151,8 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
             loss = model.loss(batch_inputs, targets[batch].to(model.device), loss_fn)
             optimizer.zero_grad()
             loss.backward()
+            if cfg.grad_clip > 0:  # the summed loss can kick a small text encoder out of its range
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             total, seen = total + loss.item(), seen + len(batch)
     return model.tunable_state(), len(indices), total / max(seen, 1)
@@ -275,6 +280,8 @@ class Experiment:
     test: tuple  # the same for the test images
     prior_mAP: float
     resolved: dict
+    zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
+    biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment:
@@ -345,14 +352,34 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
     test = data.encode_dataset(model.encode_images, test_set, device=device, progress=bar("test"))
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
                                        test_set.targets, top_k=min(3, len(train_set.classes)))
-    return Experiment(cfg, model_cfg, out, model, splits,
-                      (train, train_set.targets), (test, test_set.targets), prior["mAP"], resolved)
+    v = test[0] if model.inputs_start_with_v else data.encode_dataset(
+        lambda x: backbone.encode_image_tokens(x)[:1], test_set, device=device, progress=bar("zero-shot"))[0]
+    zero_shot_scores = torch.nn.functional.normalize(v, dim=-1) @ backbone.encode_texts(
+        [f"a photo of a {name}." for name in class_names]).cpu().T  # cosines: a ranking, not probabilities
+    zero_shot = {"mAP": metrics.multilabel_metrics(zero_shot_scores, test_set.targets,
+                                                   top_k=min(3, len(class_names)))["mAP"]}
+    if test_set.biased_pairs:
+        bias = metrics.bias_metrics(zero_shot_scores, test_set.targets, test_set.biased_pairs)
+        zero_shot.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
+    return Experiment(cfg, model_cfg, out, model, splits, (train, train_set.targets), (test, test_set.targets),
+                      prior["mAP"], resolved, zero_shot, test_set.biased_pairs)
 
 
 def evaluate_global(exp: Experiment) -> dict:
     """Metrics of the model's current state on the test images."""
     inputs, y = exp.test
-    return metrics.multilabel_metrics(predict(exp.model, inputs), y, top_k=min(3, y.shape[1]))
+    scores = predict(exp.model, inputs)
+    result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
+    if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
+        bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
+        result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
+    return result
+
+
+def reference_scores(exp: Experiment) -> dict:
+    """What round 0 of metrics.json also carries: the label prior and the zero-shot backbone."""
+    return {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
+            **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}
 
 
 def run(cfg: Config, model_cfg: ModelConfig):
@@ -380,10 +407,11 @@ def run(cfg: Config, model_cfg: ModelConfig):
         tqdm.write(f"{round_index:>5} {loss if loss is not None else float('nan'):>10.4f} "
                    f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}")
 
-    print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
+    print(f"label prior mAP {exp.prior_mAP:.2f}; zero-shot mAP {exp.zero_shot['mAP']:.2f}; "
+          f"client sizes {[len(s) for s in exp.splits]}")
     tqdm.write(f"{'round':>5} {'train loss':>10} {'mAP':>7} {'CF1':>7} {'OF1':>7} {'seconds':>8}")
     if not history:
-        record(0, None, 0.0, {"label_prior_mAP": exp.prior_mAP})
+        record(0, None, 0.0, reference_scores(exp))
     for round_index in range(first_round, cfg.rounds + 1):
         start = time.time()
         n_sampled = max(1, round(cfg.client_fraction * cfg.clients))
@@ -402,8 +430,8 @@ def run(cfg: Config, model_cfg: ModelConfig):
         explain.plot_transport(model, test_set, exp.test[0], exp.resolved["condition_set"]["conditions"],
                                test_set.classes, out / "plans.png")
         print(f"wrote {out / 'plans.png'}")
-    print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, label prior "
-          f"{exp.prior_mAP:.2f}); run saved in {out}")
+    print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
+          f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
     return history
 
 

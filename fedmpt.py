@@ -41,13 +41,20 @@ ARCHITECTURES = {
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
     # The offline default: 64 px, 8 px patches -> N = 64 regions, seeded random weights.
     "tiny": (128, 64, 2, 128, 8, 32, 49408, 128, 2, 2),
+    # The offline default, pretrained on the shapes world (pretrain.py): ResNet tower at 96 px
+    # -> a 3 x 3 grid, N = 9 regions.
+    "shapes": (128, 96, (1, 1, 1, 1), 16, None, 48, 49408, 128, 4, 2),
 }
 
 
 def load_clip(name: str, weights: str = None, random_init: bool = False, seed: int = 0,
               cache_dir: str = None) -> nn.Module:
-    """A float32 CLIP on the CPU: real weights (`clip.load`, cached download, or a local .pt)
+    """A float32 CLIP on the CPU: real weights (`clip.load`, cached download, or a local .pt),
+    the small CLIP pretrained on the shapes world that ships in weights/ ('shapes', pretrain.py)
     or, for 'tiny' and with `random_init`, seeded random weights of the named architecture."""
+    if name == "shapes" and not random_init:
+        import pretrain  # late: pretrain imports this package's shapes world
+        return pretrain.load_shapes_clip(weights or None)
     if weights:
         if not os.path.isfile(weights):
             raise FedMPTError(f"--clip-weights {weights}: no such file.")
@@ -221,6 +228,8 @@ class PromptModel(nn.Module):
     loss(inputs, targets, loss_fn)   the training loss of a batch
     tunable_state()                  exactly the tensors that train and travel
     """
+
+    inputs_start_with_v = True  # encode_images' first tensor is the frozen global feature v
 
     def encode_images(self, images):
         return self.backbone.encode_image_tokens(images)

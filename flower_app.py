@@ -212,7 +212,7 @@ class FedMPTStrategy(FedAvg):
         self.global_state = ordered_state(arrays, self.reference)
         exp.model.load_tunable_state(self.global_state)
         if server_round == 0:
-            loss, seconds, extra = None, 0.0, {"label_prior_mAP": exp.prior_mAP}
+            loss, seconds, extra = None, 0.0, federate.reference_scores(exp)
         else:
             loss, seconds, n = self.round["loss"], time.time() - self.round["start"], self.round["aggregated"]
             extra = {"clients_aggregated": n, "clients_rejected": self.round["rejected"], "failed": n == 0}
@@ -254,7 +254,8 @@ def launch(cfg: federate.Config, model_cfg: ModelConfig):
     cfg = dataclasses.replace(  # the apps run in other processes, other directories
         cfg, root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
         out=absolute(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"),
-        clip_weights=absolute(cfg.clip_weights))
+        clip_weights=absolute(cfg.clip_weights or (str(Path(__file__).resolve().parent / "weights" / "shapes_clip.pt")
+                                                    if cfg.clip == "shapes" else "")))  # app bundles carry no .pt
     flower_dir = Path(cfg.out) / "flower"  # logs, Flower's home, the SuperNodes' caches
     flower_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1"}
