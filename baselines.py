@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import clip
 import ot
+from errors import FedMPTError
 from fedmpt import FedMPT, FrozenCLIP, ModelConfig, PromptModel
 from prompts import ConditionPrompts
 
@@ -208,6 +209,8 @@ class FedMVP(PromptModel):
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, attributes=(), **_):
         super().__init__()
+        if not attributes:
+            raise FedMPTError("FedMVP needs class attribute descriptions (attributes/<dataset>.json or --attributes).")
         self.backbone = backbone
         D = backbone.width
         self.register_buffer("attributes", backbone.encode_texts(list(attributes)), persistent=False)  # (A, D)

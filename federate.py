@@ -124,7 +124,8 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (cfg.engine in ("plain", "flower"), f"--engine {cfg.engine}: choose plain or flower"),
               (cfg.round_timeout > 0, f"--round-timeout {cfg.round_timeout}: must be positive"),
               (cfg.min_nodes >= 1, f"--min-nodes {cfg.min_nodes}: must be at least 1"),
-              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]
+              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt"),
+              (not cfg.plot or cfg.engine == "plain", "--plot: only with --engine plain (or `federate.py evaluate` later)")]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
@@ -426,7 +427,7 @@ def run(cfg: Config, model_cfg: ModelConfig):
     save_atomic(global_state, out / "state.pt")
     if cfg.plot:
         import explain
-        test_set = data.load_dataset(cfg.dataset, exp.resolved["root"], "test")
+        test_set = data.load_dataset(cfg.dataset, exp.resolved["root"], "test", skip_unreadable=cfg.skip_unreadable)
         explain.plot_transport(model, test_set, exp.test[0], exp.resolved["condition_set"]["conditions"],
                                test_set.classes, out / "plans.png")
         print(f"wrote {out / 'plans.png'}")

@@ -266,7 +266,8 @@ class FedMPT(PromptModel):
                                         clip.tokenize)
         self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
         self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
-        self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform")
+        # one condition: softmax over one logit is 1, so a gate would have nothing to learn
+        self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform" or len(conditions) == 1)
 
     def text_features(self) -> torch.Tensor:
         """All 2*K*C condition prompts through the text encoder in one call -> (2, K, C, D)."""

@@ -255,7 +255,8 @@ def launch(cfg: federate.Config, model_cfg: ModelConfig):
         cfg, root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
         out=absolute(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"),
         clip_weights=absolute(cfg.clip_weights or (str(Path(__file__).resolve().parent / "weights" / "shapes_clip.pt")
-                                                    if cfg.clip == "shapes" else "")))  # app bundles carry no .pt
+                                                    if cfg.clip == "shapes" and not cfg.random_init else "")),
+        attributes=absolute(cfg.attributes))  # app bundles carry no .pt
     flower_dir = Path(cfg.out) / "flower"  # logs, Flower's home, the SuperNodes' caches
     flower_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1"}

@@ -68,7 +68,8 @@ def load_attributes(dataset: str, class_names, spec: str = "") -> dict:
     path = Path(spec) if spec else ATTRIBUTES_DIR / f"{dataset}.json"
     if not spec and not path.exists():
         templates = ["a photo of a {}.", "a {} in its usual surroundings.", "a close-up of a {}."]
-        return {"source": "template", "attributes": {c: [t.format(c) for t in templates] for c in class_names}}
+        return {"source": "template",
+                "attributes": {c: [t.format(data.prompt_name(c)) for t in templates] for c in class_names}}
     try:
         content = json.loads(path.read_text())
         attributes = content["attributes"]
