@@ -72,6 +72,8 @@ HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means clu
                 "or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",
         "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
+        "ot_rho": "0: every image region is transported (exact marginal, the spec); > 0: its KL weight "
+                  "(semi-relaxed OT: a condition may leave background regions out)",
         "plot": "fedmpt: after training save plans.png (each condition's transport plan over the "
                 "regions of a few test images, and the gate's weights)"}
 
@@ -118,6 +120,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
               (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive"),
               (model_cfg.ot_iters > 0, f"--ot-iters {model_cfg.ot_iters}: must be positive"),
+              (model_cfg.ot_rho >= 0, f"--ot-rho {model_cfg.ot_rho}: must be 0 (exact) or positive"),
               (model_cfg.n_ctx > 0, f"--n-ctx {model_cfg.n_ctx}: must be positive"),
               (model_cfg.adapter_reduction >= 1, f"--adapter-reduction {model_cfg.adapter_reduction}: must be at least 1"),
               (0 <= model_cfg.adapter_alpha <= 1, f"--adapter-alpha {model_cfg.adapter_alpha}: must lie in [0, 1]"),

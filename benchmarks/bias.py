@@ -23,6 +23,7 @@ from compare import mean_std, run_once  # noqa: E402
 
 CONFIGS = {"Fed-PosCoOp": ["--method", "fed-poscoop"], "Fed-DualCoOp": ["--method", "fed-dualcoop"],
            "FedMVP": ["--method", "fedmvp"], "FedMPT": ["--method", "fedmpt"],
+           "FedMPT, --ot-rho 0 (exact OT)": ["--method", "fedmpt", "--ot-rho", "0"],
            "FedMPT, --ot uniform": ["--method", "fedmpt", "--ot", "uniform"],
            "FedMPT, --gate uniform": ["--method", "fedmpt", "--gate", "uniform"],
            "FedMPT, --conditions none": ["--method", "fedmpt", "--conditions", "none"]}
@@ -40,7 +41,7 @@ def plot(rows, path):
         values = [[v for v in rows[n][key] if v is not None] for n in names]
         means = [np.mean(v) if v else np.nan for v in values]
         errors = [np.std(v) if v else 0 for v in values]
-        axis.barh(range(len(names)), means, xerr=errors, color=["tab:gray"] + ["tab:blue"] * 3 + ["tab:red"] * 4)
+        axis.barh(range(len(names)), means, xerr=errors, color=["tab:gray"] + ["tab:blue"] * 3 + ["tab:red"] * 5)
         axis.set_yticks(range(len(names)), names if axis is axes[0] else [""] * len(names), fontsize=8)
         axis.invert_yaxis()
         axis.set_title(label + (" (lower is better)" if key == "irrelevant_rate" else ""), fontsize=9)
@@ -63,7 +64,7 @@ def main():
     rows = {"zero-shot CLIP": {key: [] for key, _ in KEYS}}
     for name, options in CONFIGS.items():
         rows[name] = {key: [] for key, _ in KEYS}
-        slug = name.lower().replace(",", "").replace(" --", "-").replace(" ", "-")
+        slug = name.split(" (")[0].lower().replace(",", "").replace(" --", "-").replace(" ", "-")
         for seed in args.seeds:
             history = run_once(slug, [*options, "--rounds", str(args.rounds), "--clients", str(args.clients)],
                                seed, out, env)

@@ -209,3 +209,38 @@ def test_cuda_plan_matches_cpu_plan(dtype):
     Q_gpu = sinkhorn(C.cuda(), 0.1, a.cuda())
     assert Q_gpu.is_cuda
     assert torch.allclose(Q_gpu.cpu(), Q_cpu, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+_POT_UNBALANCED_CHILD = r"""
+import pathlib, sys
+root = pathlib.Path(sys.argv[1]).resolve()
+sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != root]
+import numpy as np, ot
+d = np.load(sys.argv[2])
+plans = {f"P{i}": ot.unbalanced.sinkhorn_unbalanced(
+    d["a"], d["b"], d["C"], 0.1, reg_m=(float(rho), 1e12), reg_type="kl", method="sinkhorn",
+    numItermax=100000, stopThr=1e-14) for i, rho in enumerate(d["rhos"])}
+np.savez(sys.argv[3], **plans)
+"""
+
+
+def test_semi_relaxed_plan_matches_pot_unbalanced_with_exact_columns(tmp_path):
+    rng = np.random.default_rng(3)
+    C, a, b, rhos = rng.random((9, 5)), rng.random(9) + 0.1, np.full(5, 0.2), np.array([0.01, 0.1, 1.0, 10.0])
+    a /= a.sum()
+    np.savez(tmp_path / "in.npz", C=C, a=a, b=b, rhos=rhos)
+    subprocess.run([sys.executable, "-c", _POT_UNBALANCED_CHILD, str(ROOT), str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], cwd=tmp_path, check=True, capture_output=True, text=True)
+    with np.load(tmp_path / "out.npz") as d:
+        for i, rho in enumerate(rhos):
+            Q = sinkhorn(torch.tensor(C), 0.1, torch.tensor(a), torch.tensor(b), n_iters=5000, tol=1e-12,
+                         rho=float(rho)).numpy()
+            assert np.abs(Q - d[f"P{i}"]).max() < 1e-9, rho
+            assert np.allclose(Q.sum(0), b)  # the columns (conditions) stay exact
+    # small rho: the rows no longer hold a; a large rho approaches the balanced plan
+    loose = sinkhorn(torch.tensor(C), 0.1, torch.tensor(a), torch.tensor(b), tol=1e-12, n_iters=5000, rho=0.01)
+    tight = sinkhorn(torch.tensor(C), 0.1, torch.tensor(a), torch.tensor(b), tol=1e-12, n_iters=5000, rho=1e6)
+    exact = sinkhorn(torch.tensor(C), 0.1, torch.tensor(a), torch.tensor(b), tol=1e-12, n_iters=5000)
+    assert (loose.sum(1) - torch.tensor(a)).abs().sum() > 0.1 and torch.allclose(tight, exact, atol=1e-6)
+    with pytest.raises(ValueError, match="rho"):
+        sinkhorn(torch.tensor(C), 0.1, rho=0.0)
