@@ -81,9 +81,10 @@ def main():
         cells = [mean_std([r[key] for r in row["final"]]) for key in ("mAP", "CF1", "OF1")]
         lines.append(f"| {method} | {' | '.join(cells)} | {row['tunable']:,} | {row['tunable_vit_b16']:,} | "
                      f"{row['seconds_per_round']:.1f} |")
-    prior = mean_std([row["zero"][0].get("label_prior_mAP") for row in rows.values()][:1])
+    first = next(iter(rows.values()))["zero"]
+    prior, zero_shot = mean_std([r.get("label_prior_mAP") for r in first]), mean_std([r.get("zero_shot_mAP") for r in first])
     table = "\n".join(lines) + (f"\n\nSeeds {args.seeds}, {args.rounds} rounds, {args.clients} clients; "
-                                f"label-prior mAP {prior}.\n")
+                                f"label-prior mAP {prior}; the frozen backbone zero-shot: mAP {zero_shot}.\n")
     (out / "compare.md").write_text(table)
     print(table)
 
