@@ -25,7 +25,7 @@ def without_seconds(history):
 
 
 def test_killed_run_resumes_to_the_same_result(shapes_root, tmp_path):
-    options = ["--root", str(shapes_root), "--rounds", "4", "--clients", "3"]
+    options = ["--root", str(shapes_root), "--rounds", "4", "--clients", "3", "--batch-size", "128"]
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(REPO / "federate.py"), *options, "--out", str(killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,7 +47,7 @@ def test_killed_run_resumes_to_the_same_result(shapes_root, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming {killed} after round {last['round']}" in resumed.stdout
-    straight = run(shapes_root, tmp_path / "straight", "--rounds", "4", "--clients", "3")
+    straight = run(shapes_root, tmp_path / "straight", "--rounds", "4", "--clients", "3", "--batch-size", "128")
     assert without_seconds(json.loads((killed / "metrics.json").read_text())) == without_seconds(straight)
     a = torch.load(killed / "state.pt", weights_only=True)
     b = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
@@ -77,7 +77,7 @@ def test_bad_client_is_left_out_and_the_rest_aggregate(shapes_root, tmp_path, mo
     faulty.splits = data.client_splits(data.load_dataset("shapes", shapes_root, "train").targets, 3, 1.0, 0)
     monkeypatch.setattr(data, "client_splits", lambda *a, **k: faulty.splits)
     monkeypatch.setattr(federate, "local_train", faulty(behaviour))
-    history = run(shapes_root, tmp_path / name, "--rounds", "2", "--clients", "3")
+    history = run(shapes_root, tmp_path / name, "--rounds", "2", "--clients", "3", "--batch-size", "128")
     assert [row["clients_aggregated"] for row in history[1:]] == [2, 2]
     assert [row["clients_rejected"] for row in history[1:]] == [[1], [1]]
     assert history[-1]["mAP"] > history[0]["mAP"]  # the honest clients still taught the model
@@ -89,7 +89,7 @@ def test_round_where_every_client_fails_keeps_the_global_state(shapes_root, tmp_
     def broken(*args):
         raise RuntimeError("disk full")
     monkeypatch.setattr(federate, "local_train", broken)
-    history = run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2")
+    history = run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2", "--batch-size", "128")
     assert history[1]["failed"] and history[1]["clients_aggregated"] == 0
     assert history[1]["mAP"] == history[0]["mAP"]
     saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
@@ -177,7 +177,7 @@ def test_bad_files_exit_2_naming_the_file(tmp_path):
 def test_resume_keeps_the_saved_conditions_and_refuses_another_backbone(shapes_root, tmp_path):
     conditions = tmp_path / "mine.json"
     conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["color", "background"], "source": "default"}))
-    run(shapes_root, tmp_path / "a", "--rounds", "1", "--clients", "2", "--conditions", str(conditions))
+    run(shapes_root, tmp_path / "a", "--rounds", "1", "--clients", "2", "--batch-size", "128", "--conditions", str(conditions))
     conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["pose"], "source": "default"}))
     cfg, model_cfg = federate.resume_config(tmp_path / "a")
     assert federate.load_conditions(cfg.conditions, "shapes")["conditions"] == ["color", "background"]

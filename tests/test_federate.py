@@ -49,8 +49,8 @@ def test_fedmpt_learns_across_clients(shapes_root, tmp_path):
 
 
 def test_runs_are_deterministic_for_a_seed(shapes_root, tmp_path):
-    first = run(shapes_root, tmp_path / "a", "--rounds", "2", "--clients", "2", "--client-fraction", "0.5")
-    second = run(shapes_root, tmp_path / "b", "--rounds", "2", "--clients", "2", "--client-fraction", "0.5")
+    first = run(shapes_root, tmp_path / "a", "--rounds", "2", "--clients", "2", "--client-fraction", "0.5", "--batch-size", "128")
+    second = run(shapes_root, tmp_path / "b", "--rounds", "2", "--clients", "2", "--client-fraction", "0.5", "--batch-size", "128")
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]
     assert strip(first) == strip(second)
     a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)

@@ -11,7 +11,7 @@ import federate
 def finished_run(shapes_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg, model_cfg = federate.parse_config(["--root", str(shapes_root), "--out", str(out),
-                                            "--rounds", "2", "--clients", "2"])
+                                            "--rounds", "2", "--clients", "2", "--batch-size", "128"])
     history = federate.run(cfg, model_cfg)
     return out, cfg, model_cfg, history
 
