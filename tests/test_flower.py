@@ -58,7 +58,10 @@ class FlowerRun:
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(REPO / "federate.py"), "--engine", "flower", "--out", str(out), *options],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD})
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD},
+                # a shell that started the tests in the background ignores SIGINT, and children
+                # inherit that; Ctrl-C must reach this run as it does in a terminal
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def watch(self, until=lambda: False, seconds=240) -> bool:
         """Poll until `until()` holds, the run ends or `seconds` pass, noting the pids of all
