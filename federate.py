@@ -203,6 +203,11 @@ def build_model(method, backbone, classes, conditions, model_cfg, attributes=Non
     return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences)
 
 
+def method_attributes(cfg: Config, classes):
+    """FedMVP's class descriptions (prompts.load_attributes); None for every other method."""
+    return load_attributes(cfg.dataset, classes, cfg.attributes) if cfg.method == "fedmvp" else None
+
+
 def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
     """Tunable and total parameters of a method, from the class list alone (no data, no
     download: counts do not depend on weight values, so named architectures get random ones)."""
@@ -212,7 +217,7 @@ def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
         classes = data.load_dataset(cfg.dataset, cfg.root or os.path.join("data", cfg.dataset), "train").classes
     random_init = not cfg.clip_weights and cfg.clip in ARCHITECTURES
     backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, random_init, cfg.seed))
-    attributes = load_attributes(cfg.dataset, classes, cfg.attributes) if cfg.method == "fedmvp" else None
+    attributes = method_attributes(cfg, classes)
     model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
                         model_cfg, attributes)
     tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -328,7 +333,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True) -> Experiment
 
     torch.manual_seed(cfg.seed)
     class_names = [data.prompt_name(c) for c in train_set.classes]
-    attributes = load_attributes(cfg.dataset, train_set.classes, cfg.attributes) if cfg.method == "fedmvp" else None
+    attributes = method_attributes(cfg, train_set.classes)
     model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
     n_tunable = sum(t.numel() for t in model.tunable_state().values())
     resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,

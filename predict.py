@@ -18,7 +18,6 @@ import data
 import metrics
 from errors import FedMPTError
 from fedmpt import FrozenCLIP, load_clip
-from prompts import load_attributes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -32,9 +31,8 @@ def load_run(run_dir: str, device: str = "cpu"):
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
     torch.manual_seed(cfg.seed)
-    attributes = None
-    if cfg.method == "fedmvp":
-        attributes = load_attributes(cfg.dataset, saved["classes"], str(Path(run_dir) / "attributes.json"))
+    cfg.attributes = str(Path(run_dir) / "attributes.json")  # the descriptions the run trained with
+    attributes = federate.method_attributes(cfg, saved["classes"])
     model = federate.build_model(cfg.method, backbone, saved["classes"], saved["condition_set"], model_cfg,
                                  attributes).to(device).eval()
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
