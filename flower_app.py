@@ -1,16 +1,17 @@
 """FedMPT on Flower's Deployment Engine: the federation of federate.py, across machines.
 
-    python federate.py --engine flower                          # here: a SuperLink + a SuperNode per client
-    python federate.py --engine flower --superlink HOST:PORT    # a SuperLink whose SuperNodes already run
+    python flower_app.py [options of federate.py]                      # here: a SuperLink + a SuperNode per client
+    python flower_app.py [options] --superlink HOST:PORT               # a SuperLink whose SuperNodes already run
 
 - `client_app` (on each SuperNode, client id = `--node-config partition-id=i`): a query message
-  prepares it (federate.setup, then the model and its own images' frozen features go to a
+  prepares it (experiment.setup, then the model and its own images' frozen features go to a
   node-local cache: one encoding per run); a train message runs federate.local_train with the
-  plain loop's generator seed and cosine learning rate.
+  plain loop's generator seed (federate.client_generator) and cosine learning rate.
 - `server_app` (beside the SuperLink): FedMPTStrategy, Flower's FedAvg made to follow
-  federate.run: the same client sampling, validate_update + AGGREGATORS[--aggregate] weighted
-  by num-examples, central evaluation, the same run directory.
-- `launch` (in federate.py's process): processes up, `flwr run --stream`, the real status from
+  federate.run: the same client sampling (federate.sample_clients), validate_update +
+  AGGREGATORS[--aggregate] weighted by num-examples, and the same round record
+  (federate.record_round: central evaluation, metrics.json, checkpoint.pt).
+- `launch` (in this command's process): processes up, `flwr run --stream`, the real status from
   `flwr ls`, every process stopped again on success, failure and Ctrl-C.
 
 Faults map onto two Flower settings:
@@ -22,7 +23,6 @@ A SuperNode that dies mid-round sends nothing; the round ends at the timeout (or
 the SuperLink answers "node unavailable" for it ~45 s after its last heartbeat), aggregates the
 others, names the missing client in the log and in clients_rejected, and the run goes on.
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -34,15 +34,19 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import federate
-from aggregation import AGGREGATORS, validate_update
 from errors import FedMPTError
+from experiment import Config, Experiment, config_from, default_out, save_atomic, setup, validate, write_json_atomic
+from federate import AGGREGATORS, validate_update
 from fedmpt import ModelConfig
+from shapes import model as shapes_clip
+from tools.processes import accepts_connections, start, stop_processes
 
 try:
     import tomli_w
@@ -51,16 +55,27 @@ try:
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
 except ImportError as error:
-    raise FedMPTError(f"--engine flower needs Flower ({error}): pip install -r requirements-flower.txt") from None
+    missing = f"the Flower engine needs Flower ({error}): pip install -r requirements-flower.txt"
+    if __name__ == "__main__":  # python flower_app.py: a message, not a traceback
+        print(f"error: {missing}", file=sys.stderr)
+        sys.exit(2)
+    raise FedMPTError(missing) from None
 
 APP_DIR = Path(__file__).resolve().parent  # the Flower App: pyproject.toml + this repository's code
 
 
+@dataclass
+class FlowerConfig:
+    superlink: str = ""  # HOST:PORT (or a Flower connection name) of a running SuperLink; '' = start one here
+    round_timeout: float = 3600.0  # seconds an exchange waits for replies (Strategy.start timeout)
+    min_nodes: int = 1  # SuperNodes connected before a round starts (FedAvg min_available_nodes)
+
+
 def run_options(run_config) -> tuple:
-    """(Config, ModelConfig) from the run config's `options`, one JSON string (see pyproject.toml)."""
+    """(Config, ModelConfig, FlowerConfig) from the run config's `options`, one JSON string (see
+    pyproject.toml)."""
     options = json.loads(run_config["options"])
-    pick = lambda cls: cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options})
-    return pick(federate.Config), pick(ModelConfig)
+    return config_from(Config, options), config_from(ModelConfig, options), config_from(FlowerConfig, options)
 
 
 def ordered_state(record: ArrayRecord, reference: dict) -> dict:
@@ -78,7 +93,7 @@ def client_kit(context):
     """(client id, {model, v, P, y of this client's images in split order}, cache path). Built
     once per run with federate.setup, then read from the node's cache. Node-config keys for a
     machine laid out differently: data-root, clip-weights, cache-dir."""
-    cfg, model_cfg = run_options(context.run_config)
+    cfg, model_cfg, _ = run_options(context.run_config)
     node, client = context.node_config, int(context.node_config["partition-id"])
     cache = Path(str(node.get("cache-dir", Path(os.environ.get("FLWR_HOME", "~/.flwr")) / "fedmpt-cache")))
     cache = cache.expanduser() / f"run-{context.run_id}-client-{client}.pt"
@@ -86,7 +101,7 @@ def client_kit(context):
         return client, torch.load(cache, weights_only=False), cache  # this node wrote it, for this run
     cfg = dataclasses.replace(cfg, root=str(node.get("data-root", cfg.root)),
                               clip_weights=str(node.get("clip-weights", cfg.clip_weights)))
-    exp = federate.setup(cfg, model_cfg, write=False)
+    exp = setup(cfg, model_cfg, write=False)
     if int(node["num-partitions"]) != len(exp.splits) or not 0 <= client < len(exp.splits):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(exp.splits)} clients.")
@@ -94,7 +109,7 @@ def client_kit(context):
     inputs, targets = exp.train
     kit = {"model": exp.model, "inputs": [x[split] for x in inputs], "y": targets[split]}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    federate.save_atomic(kit, cache)
+    save_atomic(kit, cache)
     return client, kit, cache
 
 
@@ -107,11 +122,11 @@ def prepare(message, context):
 
 @client_app.train()
 def train(message, context):
-    cfg, _ = run_options(context.run_config)
+    cfg, _, _ = run_options(context.run_config)
     client, kit, cache = client_kit(context)
     round_index = int(message.content["config"]["server-round"])
     global_state = dict(message.content["arrays"].to_torch_state_dict())
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1_009 + client)  # as run_round
+    generator = federate.client_generator(cfg, round_index, client)
     lr = federate.cosine_lr(cfg.lr, round_index, cfg.rounds)
     indices = torch.arange(len(kit["y"]))  # the kit holds this client's images only, in split order
     state, n, loss = federate.local_train(kit["model"], global_state, kit["inputs"], kit["y"],
@@ -126,10 +141,10 @@ def train(message, context):
 class FedMPTStrategy(FedAvg):
     """Flower's FedAvg, made to follow federate.run round for round."""
 
-    def __init__(self, exp: federate.Experiment):
-        cfg = exp.cfg
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes)
-        self.exp, self.cfg, self.timeout = exp, cfg, cfg.round_timeout
+    def __init__(self, exp: Experiment, flower_cfg: FlowerConfig):
+        cfg, nodes = exp.cfg, flower_cfg.min_nodes
+        super().__init__(fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes)
+        self.exp, self.cfg, self.timeout = exp, cfg, flower_cfg.round_timeout
         self.rng = np.random.default_rng(cfg.seed)  # samples clients exactly as federate.run
         self.reference = exp.model.tunable_state()  # the keys, shapes and dtypes an update must have
         self.client_of = {}  # SuperNode id -> client id (None: it could not prepare)
@@ -163,8 +178,7 @@ class FedMPTStrategy(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         start = time.time()
         nodes = self.connected_clients(grid, server_round)
-        n_sampled = max(1, round(self.cfg.client_fraction * self.cfg.clients))  # as federate.run
-        sampled = sorted(self.rng.choice(self.cfg.clients, n_sampled, replace=False).tolist())
+        sampled = federate.sample_clients(self.rng, self.cfg)
         absent = [client for client in sampled if client not in nodes]
         for client in absent:
             print(f"round {server_round}: client {client} has no SuperNode connected; left out", flush=True)
@@ -206,9 +220,8 @@ class FedMPTStrategy(FedAvg):
         return ArrayRecord(aggregated), summary
 
     def evaluate_and_record(self, server_round, arrays):
-        """Strategy.start's evaluate_fn: central evaluation, the plain loop's metrics.json row
-        and checkpoint."""
-        exp, out = self.exp, self.exp.out
+        """Strategy.start's evaluate_fn: the plain loop's round record (federate.record_round)."""
+        exp = self.exp
         self.global_state = ordered_state(arrays, self.reference)
         exp.model.load_tunable_state(self.global_state)
         if server_round == 0:
@@ -216,14 +229,7 @@ class FedMPTStrategy(FedAvg):
         else:
             loss, seconds, n = self.round["loss"], time.time() - self.round["start"], self.round["aggregated"]
             extra = {"clients_aggregated": n, "clients_rejected": self.round["rejected"], "failed": n == 0}
-        row = {"round": server_round, "loss": loss, "seconds": seconds, **federate.evaluate_global(exp), **extra}
-        self.history.append(row)
-        federate.write_json_atomic(out / "metrics.json", self.history)
-        if server_round > 0:
-            federate.save_atomic({"global_state": self.global_state, "round": server_round, "history": self.history,
-                                  "rng_state": self.rng.bit_generator.state}, out / "checkpoint.pt")
-        print(f"{server_round:>5} {loss if loss is not None else float('nan'):>10.4f} {row['mAP']:>7.2f} "
-              f"{row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}", flush=True)
+        row = federate.record_round(exp, self.history, server_round, loss, seconds, extra, self.rng)
         return MetricRecord({"mAP": row["mAP"], "CF1": row["CF1"], "OF1": row["OF1"]})
 
 
@@ -232,46 +238,52 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid, context):
-    cfg, model_cfg = run_options(context.run_config)
-    exp = federate.setup(cfg, model_cfg)  # writes config.json; launch made every path absolute
-    strategy = FedMPTStrategy(exp)
+    cfg, model_cfg, flower_cfg = run_options(context.run_config)
+    exp = setup(cfg, model_cfg, record={"engine": "flower", **dataclasses.asdict(flower_cfg)})
+    strategy = FedMPTStrategy(exp, flower_cfg)  # launch made every path absolute
     print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
-    print(f"{'round':>5} {'train loss':>10} {'mAP':>7} {'CF1':>7} {'OF1':>7} {'seconds':>8}", flush=True)
-    strategy.start(grid, ArrayRecord(strategy.reference), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+    print(federate.TABLE_HEADER, flush=True)
+    strategy.start(grid, ArrayRecord(strategy.reference), num_rounds=cfg.rounds, timeout=flower_cfg.round_timeout,
                    evaluate_fn=strategy.evaluate_and_record)
-    federate.save_atomic(strategy.global_state, exp.out / "state.pt")
+    save_atomic(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
 
 
 # ---- launch: processes up, flwr run, status, processes down ------------------------------
-def launch(cfg: federate.Config, model_cfg: ModelConfig):
+def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = FlowerConfig()):
     """Run the federation on Flower; returns the rows of metrics.json like federate.run."""
-    if cfg.resume:
-        raise FedMPTError("--resume works with the plain engine only; a Flower run's checkpoint.pt is "
-                          "the plain loop's, so `python federate.py --resume RUN_DIR` continues it.")
-    federate.validate(cfg, model_cfg)
+    checks = [(not cfg.resume, "--resume works with the plain engine only; a Flower run's checkpoint.pt is "
+                               "the plain loop's, so `python federate.py --resume RUN_DIR` continues it"),
+              (not cfg.plot, "--plot: only with the plain loop (python federate.py --plot)"),
+              (flower_cfg.round_timeout > 0, f"--round-timeout {flower_cfg.round_timeout}: must be positive"),
+              (flower_cfg.min_nodes >= 1, f"--min-nodes {flower_cfg.min_nodes}: must be at least 1")]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise FedMPTError("; ".join(problems) + ".")
+    validate(cfg, model_cfg)
     absolute = lambda path: str(Path(path).expanduser().resolve()) if path and path != "none" else path
     cfg = dataclasses.replace(  # the apps run in other processes, other directories
         cfg, root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
-        out=absolute(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"),
-        clip_weights=absolute(cfg.clip_weights or (str(Path(__file__).resolve().parent / "weights" / "shapes_clip.pt")
-                                                    if cfg.clip == "shapes" and not cfg.random_init else "")),
+        out=absolute(default_out(cfg)),
+        clip_weights=absolute(cfg.clip_weights or (str(shapes_clip.WEIGHTS) if cfg.clip == "shapes"
+                                                    and not cfg.random_init else "")),
         attributes=absolute(cfg.attributes))  # app bundles carry no .pt
     flower_dir = Path(cfg.out) / "flower"  # logs, Flower's home, the SuperNodes' caches
     flower_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1"}
-    connection = cfg.superlink if cfg.superlink and ":" not in cfg.superlink else "fedmpt"
+    superlink = flower_cfg.superlink
+    connection = superlink if superlink and ":" not in superlink else "fedmpt"
     if connection == "fedmpt":  # a private Flower home; a connection name uses the user's (TLS settings)
         env["FLWR_HOME"] = str(flower_dir / "home")
     run_config = flower_dir / "run-config.toml"
-    options = json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
+    options = json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), **dataclasses.asdict(flower_cfg)})
     run_config.write_text(tomli_w.dumps({"options": options}))
 
     processes, in_main_thread = [], threading.current_thread() is threading.main_thread()
     # SIGTERM ends a run like Ctrl-C (KeyboardInterrupt), through the clean-up below
     previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
     try:
-        address = cfg.superlink or start_local_federation(cfg.clients, flower_dir, env, processes)
+        address = superlink or start_local_federation(cfg.clients, flower_dir, env, processes)
         if connection == "fedmpt":
             Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
             (Path(env["FLWR_HOME"]) / "config.toml").write_text(tomli_w.dumps(
@@ -299,13 +311,6 @@ def executable(name: str) -> str:
     return found
 
 
-def start(command, log_path: Path, env, processes: list):
-    """A process in a session of its own (so its whole group can be signalled), output to a log."""
-    with open(log_path, "w") as log:
-        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
-
-
 def start_local_federation(n_clients, flower_dir: Path, env, processes) -> str:
     """One SuperLink and one SuperNode per client on 127.0.0.1 on free ports; returns the address."""
     sockets = [socket.socket() for _ in range(1 + n_clients)]
@@ -328,14 +333,9 @@ def start_local_federation(n_clients, flower_dir: Path, env, processes) -> str:
         start([executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config],
               flower_dir / f"supernode-{client}.log", node_env, processes)
-    federate.write_json_atomic(flower_dir / "processes.json", {
+    write_json_atomic(flower_dir / "processes.json", {
         "superlink": processes[0].pid, "supernodes": [p.pid for p in processes[1:]]})
     return f"127.0.0.1:{link_port}"
-
-
-def accepts_connections(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def flwr_run(connection, run_config: Path, env, processes, flower_dir) -> int:
@@ -371,34 +371,17 @@ def run_status(connection, run_id, env) -> tuple:
         time.sleep(2)
 
 
-def process_tree(pids) -> list:
-    """The pids and all their descendants, from /proc (Flower's components start children, some
-    in sessions of their own)."""
-    children = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], list(pids)
-    while todo:
-        tree.append(pid := todo.pop())
-        todo.extend(children.get(pid, []))
-    return tree
+def main(argv=None) -> int:
+    """`python flower_app.py [options]`: federate.py's options plus FlowerConfig's."""
+    parser = federate.build_parser((Config, ModelConfig, FlowerConfig), prog="flower_app.py")
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    try:
+        launch(config_from(Config, args), config_from(ModelConfig, args), config_from(FlowerConfig, args))
+    except FedMPTError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
-def stop_processes(processes, grace=5.0):
-    """SIGTERM the process group of every started process and of each descendant, wait, SIGKILL
-    what is left, reap: no Flower process outlives the run."""
-    groups = set()
-    for pid in process_tree([p.pid for p in processes]):
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(pid))
-    groups.discard(os.getpgrp())  # never our own
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, sig)
-        deadline = time.time() + grace
-        for process in processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.time()))
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
-"""Use a finished run: label new images (`predict`) or evaluate its global model (`evaluate`).
+"""Use a finished run: label new images, or evaluate its global model on a test split.
 
-    python federate.py predict --run DIR PATH... [--threshold 0.5] [--top-k K] [--out FILE]
-    python federate.py evaluate --run DIR [--dataset NAME --root DIR]
+    python predict.py --run DIR PATH... [--threshold 0.5] [--top-k K] [--out FILE.csv|.json]
+    python predict.py --run DIR --evaluate [--dataset NAME --root DIR]
 
 Both rebuild the model from the run directory alone: config.json (backbone, classes,
 conditions, model options) and state.pt (or the last checkpoint of an unfinished run).
@@ -9,6 +9,7 @@ conditions, model options) and state.pt (or the last checkpoint of an unfinished
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -17,29 +18,29 @@ from tqdm import tqdm
 import data
 import metrics
 from errors import FedMPTError
-from fedmpt import FrozenCLIP, load_clip
+from experiment import build_model, load_backbone, load_checkpoint, method_attributes, predict_scores, read_config
+from loaders.base import UNREADABLE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def load_run(run_dir: str, device: str = "cpu"):
     """The run's configuration and its global model, on the backbone it was trained with."""
-    import federate  # late: federate imports this module for its subcommands
-    cfg, model_cfg, saved = federate.read_config(run_dir)
-    backbone = FrozenCLIP(load_clip(cfg.clip, cfg.clip_weights or None, cfg.random_init, cfg.seed))
+    cfg, model_cfg, saved = read_config(run_dir)
+    backbone = load_backbone(cfg)
     if saved.get("backbone_sha256") and backbone.fingerprint() != saved["backbone_sha256"]:
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
     torch.manual_seed(cfg.seed)
     cfg.attributes = str(Path(run_dir) / "attributes.json")  # the descriptions the run trained with
-    attributes = federate.method_attributes(cfg, saved["classes"])
-    model = federate.build_model(cfg.method, backbone, saved["classes"], saved["condition_set"], model_cfg,
+    attributes = method_attributes(cfg, saved["classes"])
+    model = build_model(cfg.method, backbone, saved["classes"], saved["condition_set"], model_cfg,
                                  attributes).to(device).eval()
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
     path = state_path if state_path.exists() else checkpoint_path
-    state = federate.load_checkpoint(path, map_location=device)  # a GPU-trained run loads on a CPU too
+    state = load_checkpoint(path, map_location=device)  # a GPU-trained run loads on a CPU too
     state = state if path == state_path else state["global_state"]
     model.load_tunable_state(state)
     return cfg, saved, model
@@ -71,31 +72,40 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image
         try:
             return self.transform(Image.open(self.files[i]).convert("RGB")), 0
-        except data.UNREADABLE as error:
+        except UNREADABLE as error:
             raise FedMPTError(f"cannot read image {self.files[i]} ({error}).") from None
 
 
 @torch.no_grad()
 def score_images(model, files, batch_size=64):
     """Probabilities (n_images, C), through the same frozen encoding as training."""
-    import federate
     dataset = ImageFiles(files, data.clip_transform(model.backbone.resolution))
     progress = (lambda it: tqdm(it, desc="predict", leave=False)) if len(files) > batch_size else None
     inputs = data.encode_dataset(model.encode_images, dataset, batch_size, model.device, progress)
-    return federate.predict(model, inputs)
+    return predict_scores(model, inputs)
 
 
-def predict_command(argv):
-    parser = argparse.ArgumentParser(prog="federate.py predict", description="Label images with a finished run.")
+def parse_options(argv):
+    parser = argparse.ArgumentParser(prog="predict.py", description="Label images with a finished run, or "
+                                     "evaluate its global model (--evaluate).")
     parser.add_argument("--run", required=True, help="run directory (config.json + state.pt)")
-    parser.add_argument("paths", nargs="+", help="image files or folders")
+    parser.add_argument("paths", nargs="*", help="image files or folders to label")
     parser.add_argument("--threshold", type=float, default=0.5, help="label if probability >= this")
     parser.add_argument("--top-k", type=int, default=0, help="instead: the K most probable labels")
     parser.add_argument("--out", default="", help="write results to FILE.csv or FILE.json")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--evaluate", action="store_true", help="evaluate on a test split instead")
+    parser.add_argument("--dataset", default="", help="--evaluate: default the run's own dataset")
+    parser.add_argument("--root", default="", help="--evaluate: default the run's own root")
     args = parser.parse_args(argv)
+    if args.evaluate == bool(args.paths):
+        raise FedMPTError("give image files or folders to label, or --evaluate (not both).")
     if args.out and Path(args.out).suffix not in (".csv", ".json"):
         raise FedMPTError(f"--out {args.out}: use a .csv or .json file name.")
+    return args
+
+
+def label_images(args):
     _, saved, model = load_run(args.run)
     classes, files = saved["classes"], list_images(args.paths)
     probabilities = score_images(model, files, args.batch_size)
@@ -125,12 +135,7 @@ def write_predictions(path: Path, rows, classes):
                              *(f"{row['probabilities'][c]:.6f}" for c in classes)])
 
 
-def evaluate_command(argv):
-    parser = argparse.ArgumentParser(prog="federate.py evaluate", description="Evaluate a finished run.")
-    parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--dataset", default="", help="default: the run's own dataset")
-    parser.add_argument("--root", default="", help="default: the run's own root")
-    args = parser.parse_args(argv)
+def evaluate(args):
     cfg, saved, model = load_run(args.run)
     dataset, root = args.dataset or cfg.dataset, args.root or saved["root"]
     test_set = data.load_dataset(dataset, root, "test", skip_unreadable=saved.get("skip_unreadable", False))
@@ -140,8 +145,7 @@ def evaluate_command(argv):
     test_set.transform = data.clip_transform(model.backbone.resolution)
     inputs = data.encode_dataset(model.encode_images, test_set, device=model.device,
                                  progress=lambda it: tqdm(it, desc="encode test", leave=False))
-    import federate
-    result = metrics.multilabel_metrics(federate.predict(model, inputs), test_set.targets,
+    result = metrics.multilabel_metrics(predict_scores(model, inputs), test_set.targets,
                                         top_k=min(3, len(test_set.classes)))
     summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}
     print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in summary.items()))
@@ -149,3 +153,16 @@ def evaluate_command(argv):
     out.write_text(json.dumps({"dataset": dataset, "root": str(root), **result}, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_options(sys.argv[1:] if argv is None else argv)
+        return evaluate(args) if args.evaluate else label_images(args)
+    except FedMPTError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

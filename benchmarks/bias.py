@@ -3,7 +3,7 @@
     python benchmarks/bias.py [--seeds 0 1 2] [--rounds 10] [--out runs/bias]
 
 Every client of the offline world trains on images where one pair of classes nearly always
-co-occurs (shapes.BIASED_PAIRS, a different pair per client); the test images are drawn without
+co-occurs (shapes/world.py BIASED_PAIRS, a different pair per client); the test images are drawn without
 those preferences. For zero-shot CLIP, Fed-PosCoOp, Fed-DualCoOp, FedMVP, FedMPT and FedMPT's
 ablations (--ot uniform, --gate uniform, --conditions none), each on the same world, split,
 rounds and seeds, the table gives the final mAP, the exclusive and co-occur mAP of the biased

@@ -1,4 +1,4 @@
-"""Every method under one protocol on the offline dataset: a markdown table for the README.
+"""Every method under one protocol on the offline dataset: a markdown table for docs/results.md.
 
     python benchmarks/compare.py [--seeds 0 1 2] [--rounds 10] [--clients 4] [--out runs/compare]
 

@@ -2,7 +2,7 @@
 
     python benchmarks/flower_bench.py [--clients 3] [--rounds 3] [--batch-size 32] [--threads 1]
 
-Both engines run `python federate.py` on the offline shapes world (generated into a temporary
+`python federate.py` and `python flower_app.py` run on the offline shapes world (generated into a temporary
 directory unless --root is given), one after the other, with the same options and seed; the
 per-round seconds come from each run's metrics.json, the wall time from the outside. Flower runs
 on 127.0.0.1 (a SuperLink and one SuperNode per client). Prints a markdown table.
@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 def run_engine(engine, options, out: Path, env):
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "federate.py"), "--engine", engine, "--out", str(out),
-                             *options], capture_output=True, text=True, env=env, cwd=ROOT)
+    script = "federate.py" if engine == "plain" else "flower_app.py"
+    result = subprocess.run([sys.executable, str(ROOT / script), "--out", str(out), *options],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{engine} run failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
@@ -46,7 +47,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if not root:
-            import shapes
+            from shapes import world as shapes
             root = str(Path(tmp) / "shapes")
             shapes.generate_shapes_dataset(root)
         options = ["--root", root, "--clients", str(args.clients), "--rounds", str(args.rounds),

@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """The offline shapes world, generated once per test session in the VOC layout."""
-    import shapes
+    from shapes import world as shapes
     root = tmp_path_factory.mktemp("shapes")
     shapes.generate_shapes_dataset(root)
     return root

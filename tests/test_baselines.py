@@ -1,4 +1,4 @@
-"""The comparison methods (baselines.py): parameter counts against Table 5, what trains and
+"""The comparison methods (baselines/): parameter counts against Table 5, what trains and
 travels, and that each one learns end to end on the offline dataset."""
 import json
 import subprocess
@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import baselines
 import federate
-from fedmpt import FrozenCLIP, ModelConfig, asymmetric_loss, load_clip
-from prompts import load_attributes, load_conditions
+import experiment
+from backbone import FrozenCLIP, load_clip
+from baselines.fedmvp import load_attributes
+from conditions import load_conditions
+from fedmpt import ModelConfig, asymmetric_loss
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ["fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram"]
@@ -21,7 +23,7 @@ TABLE5 = {"fed-poscoop": 0.02, "fed-maple": 3.56, "fedtpg": 4.21, "fed-ram": 13.
 
 def build(method, backbone, classes, dataset="voc2007"):
     attributes = load_attributes(dataset, classes) if method == "fedmvp" else None
-    return federate.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(), attributes)
+    return experiment.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(), attributes)
 
 
 @pytest.fixture(scope="module")

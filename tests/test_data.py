@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import data
-import shapes
+from shapes import world as shapes
+from splits import client_splits, kmeans
 from errors import FedMPTError
 
 XML = """<annotation><filename>{i}.jpg</filename>{objects}</annotation>"""
@@ -95,18 +96,18 @@ def test_shapes_scenes_make_label_cooccurrence_skewed(shapes_root):
 
 def test_client_split_conserves_samples_and_t1_keeps_clusters(shapes_root):
     targets = data.load_dataset("shapes", shapes_root, "train").targets
-    labels = data.kmeans((targets == 1).float().numpy(), 4, seed=0)
+    labels = kmeans((targets == 1).float().numpy(), 4, seed=0)
     for t in [1.0, 0.5, 0.1]:
-        splits = data.client_splits(targets, 4, t, seed=0)
+        splits = client_splits(targets, 4, t, seed=0)
         flat = sorted(i for s in splits for i in s)
         assert flat == list(range(len(targets)))  # each sample in exactly one client
-    for client, split in enumerate(data.client_splits(targets, 4, 1.0, seed=0)):
+    for client, split in enumerate(client_splits(targets, 4, 1.0, seed=0)):
         assert len(set(labels[split])) == 1  # t = 1: a client is one cluster
 
 
 def test_client_split_rejects_bad_options(shapes_root):
     targets = data.load_dataset("shapes", shapes_root, "train").targets
     with pytest.raises(FedMPTError, match="heterogeneity"):
-        data.client_splits(targets, 4, 0.0)
+        client_splits(targets, 4, 0.0)
     with pytest.raises(FedMPTError, match="clients"):
-        data.client_splits(targets, 10_000, 1.0)
+        client_splits(targets, 10_000, 1.0)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import data
-import download
+from splits import client_splits, kmeans, label_shares, label_skew, plot_client_distributions, split_report
+from tools import download
 from errors import FedMPTError
 
 # COCO's category ids run 1..90 with ten gaps.
@@ -335,27 +336,27 @@ def test_label_skew_falls_as_t_falls_and_t1_keeps_own_cluster(shapes_root):
     targets = data.load_dataset("shapes", shapes_root, "train").targets
     skews = []
     for t in [1.0, 0.7, 0.4, 0.1]:
-        splits = data.client_splits(targets, 4, t, seed=0)
+        splits = client_splits(targets, 4, t, seed=0)
         assert sorted(i for s in splits for i in s) == list(range(len(targets)))  # conserved
-        skews.append(data.label_skew(targets, splits))
+        skews.append(label_skew(targets, splits))
     assert all(a > b for a, b in zip(skews, skews[1:])), skews  # strictly less skewed as t falls
     assert skews[0] > 0.3 and skews[-1] < 0.1
-    clusters = data.kmeans((targets == 1).float().numpy(), 4, seed=0)
-    for client, split in enumerate(data.client_splits(targets, 4, 1.0, seed=0)):
+    clusters = kmeans((targets == 1).float().numpy(), 4, seed=0)
+    for client, split in enumerate(client_splits(targets, 4, 1.0, seed=0)):
         assert set(clusters[split].tolist()) == {client}  # t = 1: only its own cluster
 
 
 def test_split_report_and_plot(shapes_root, tmp_path):
     dataset = data.load_dataset("shapes", shapes_root, "train")
-    splits = data.client_splits(dataset.targets, 4, 1.0, seed=0)
-    report = data.split_report(dataset.targets, splits, dataset.classes)
+    splits = client_splits(dataset.targets, 4, 1.0, seed=0)
+    report = split_report(dataset.targets, splits, dataset.classes)
     lines = report.splitlines()
     assert len(lines) == 6 and lines[0].split()[:2] == ["all", "1500"]
     for client, split in enumerate(splits):
         assert f"client {client} {len(split):>7} images" in lines[client + 1]
-        shares = data.label_shares(dataset.targets, split)
+        shares = label_shares(dataset.targets, split)
         assert dataset.classes[int(shares.argmax())] in lines[client + 1]  # most frequent label
-    path = data.plot_client_distributions(dataset.targets, splits, dataset.classes, tmp_path / "clients.png")
+    path = plot_client_distributions(dataset.targets, splits, dataset.classes, tmp_path / "clients.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         image.verify()

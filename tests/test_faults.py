@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import aggregation
 import federate
+import splits as client_splitting
+from conditions import load_conditions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,8 @@ def faulty(behaviour):
 ])
 def test_bad_client_is_left_out_and_the_rest_aggregate(shapes_root, tmp_path, monkeypatch, capsys, name, behaviour, reason):
     import data
-    faulty.splits = data.client_splits(data.load_dataset("shapes", shapes_root, "train").targets, 3, 1.0, 0)
-    monkeypatch.setattr(data, "client_splits", lambda *a, **k: faulty.splits)
+    faulty.splits = client_splitting.client_splits(data.load_dataset("shapes", shapes_root, "train").targets, 3, 1.0, 0)
+    monkeypatch.setattr(client_splitting, "client_splits", lambda *a, **k: faulty.splits)
     monkeypatch.setattr(federate, "local_train", faulty(behaviour))
     history = run(shapes_root, tmp_path / name, "--rounds", "2", "--clients", "3", "--batch-size", "128")
     assert [row["clients_aggregated"] for row in history[1:]] == [2, 2]
@@ -106,9 +107,9 @@ def client_states(n=5, seed=0):
 def test_robust_rules_resist_a_poisoned_client(rule):
     clean = client_states()
     poisoned = [{k: v * 1000 for k, v in clean[0].items()}] + clean[1:]
-    combine = aggregation.AGGREGATORS[rule]
+    combine = federate.AGGREGATORS[rule]
     reference, attacked = combine(clean, [1] * 5), combine(poisoned, [1] * 5)
-    mean_attacked = aggregation.aggregate_weighted(poisoned, [1] * 5)
+    mean_attacked = federate.aggregate_weighted(poisoned, [1] * 5)
     for key in reference:
         scale = reference[key].norm()
         assert (attacked[key] - reference[key]).norm() < 0.05 * scale  # stays close to the clean one
@@ -118,8 +119,8 @@ def test_robust_rules_resist_a_poisoned_client(rule):
 def test_trimmed_mean_and_median_by_hand():
     states = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, 20.0])},
               {"w": torch.tensor([3.0, 30.0])}, {"w": torch.tensor([100.0, -100.0])}]
-    assert torch.equal(aggregation.aggregate_median(states)["w"], torch.tensor([2.5, 15.0]))
-    assert torch.equal(aggregation.aggregate_trimmed_mean(states, trim=0.25)["w"], torch.tensor([2.5, 15.0]))
+    assert torch.equal(federate.aggregate_median(states)["w"], torch.tensor([2.5, 15.0]))
+    assert torch.equal(federate.aggregate_trimmed_mean(states, trim=0.25)["w"], torch.tensor([2.5, 15.0]))
 
 
 def cli(*args):
@@ -180,7 +181,7 @@ def test_resume_keeps_the_saved_conditions_and_refuses_another_backbone(shapes_r
     run(shapes_root, tmp_path / "a", "--rounds", "1", "--clients", "2", "--batch-size", "128", "--conditions", str(conditions))
     conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["pose"], "source": "default"}))
     cfg, model_cfg = federate.resume_config(tmp_path / "a")
-    assert federate.load_conditions(cfg.conditions, "shapes")["conditions"] == ["color", "background"]
+    assert load_conditions(cfg.conditions, "shapes")["conditions"] == ["color", "background"]
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "backbone_sha256": "0" * 64}))
     result = cli("--resume", str(tmp_path / "a"))

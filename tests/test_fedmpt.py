@@ -3,9 +3,10 @@ import clip
 import pytest
 import torch
 
-import fedmpt
 import ot
-from fedmpt import FedMPT, FrozenCLIP, ModelConfig, asymmetric_loss, load_clip
+from backbone import FrozenCLIP, load_clip
+from errors import FedMPTError
+from fedmpt import FedMPT, ModelConfig, asymmetric_loss
 
 CLASSES = ["circle", "square", "triangle"]
 CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
@@ -115,9 +116,9 @@ def test_uniform_ablations_run(model):
 
 
 def test_unknown_clip_name_is_a_clear_error():
-    with pytest.raises(fedmpt.FedMPTError, match="ViT-B/16"):
+    with pytest.raises(FedMPTError, match="ViT-B/16"):
         load_clip("ViT-Z/99")
-    with pytest.raises(fedmpt.FedMPTError, match="no such file"):
+    with pytest.raises(FedMPTError, match="no such file"):
         load_clip("ViT-B/16", weights="/nonexistent/ViT-B-16.pt")
 
 

@@ -1,4 +1,4 @@
-"""`--engine flower`: the federation on Flower's Deployment Engine (SuperLink + SuperNodes on
+"""`python flower_app.py`: the federation on Flower's Deployment Engine (SuperLink + SuperNodes on
 127.0.0.1) equals the plain loop, survives a SuperNode that dies, and leaves no process behind.
 
 Each exchange costs 3-6 s of Flower's polling, so the runs are tiny (batch 128, 2-3 rounds).
@@ -28,13 +28,17 @@ def test_plain_loop_never_imports_flower_and_a_missing_flower_says_what_to_insta
                             "federate.parse_config(['--rounds', '1'])\n"
                             "assert not [m for m, module in sys.modules.items() if m.startswith('flwr') and module]\n"
                             "sys.exit(federate.main(['--engine', 'flower', '--out', %r]))" % str(tmp_path / "run"))
+    assert result.returncode == 2 and "python flower_app.py" in result.stderr, result.stderr[-2000:]
+    result = without_flower("import runpy, sys\nsys.argv = ['flower_app.py', '--out', %r]\n"
+                            "runpy.run_path('flower_app.py', run_name='__main__')" % str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "pip install -r requirements-flower.txt" in result.stderr and "Traceback" not in result.stderr
 
 
 flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install -r requirements-flower.txt")
 import federate  # noqa: E402
-import flower_app  # noqa: E402
+import flower_app  # noqa: E402,F401
+from tools.processes import process_tree  # noqa: E402
 
 TINY = ["--batch-size", "128"]
 # On a busy machine torch's second thread turns every small op into a wait for a time slice
@@ -51,13 +55,13 @@ def alive(pid: int) -> bool:
 
 
 class FlowerRun:
-    """`python federate.py --engine flower ...` in a subprocess, watching every process it starts."""
+    """`python flower_app.py ...` in a subprocess, watching every process it starts."""
 
     def __init__(self, out: Path, *options):
         self.out, self.log_path, self.seen = out, out.with_suffix(".log"), set()
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(REPO / "federate.py"), "--engine", "flower", "--out", str(out), *options],
+                [sys.executable, str(REPO / "flower_app.py"), "--out", str(out), *options],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD},
                 # a shell that started the tests in the background ignores SIGINT, and children
                 # inherit that; Ctrl-C must reach this run as it does in a terminal
@@ -68,7 +72,7 @@ class FlowerRun:
         its descendants; returns whether `until()` held."""
         deadline = time.time() + seconds
         while time.time() < deadline and self.process.poll() is None:
-            self.seen.update(flower_app.process_tree([self.process.pid]))
+            self.seen.update(process_tree([self.process.pid]))
             if until():
                 return True
             time.sleep(0.2)

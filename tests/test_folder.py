@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 import data
-import shapes
+import conditions
 import federate
-import prompts
+import predict
+from conditions import discover
+from shapes import world as shapes
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 HEADER = "image,labels,split,client"
@@ -128,18 +130,18 @@ def test_skip_unreadable_leaves_a_broken_image_out_and_keeps_the_sites(tmp_path,
 
 
 def test_prompts_discover_and_the_default_conditions_work_for_a_folder(tmp_path, monkeypatch):
-    default = prompts.load_conditions("", "folder")  # no shipped conditions/folder.json
-    assert default["source"] == "default" and default["conditions"] == prompts.DEFAULT_CONDITIONS
+    default = conditions.load_conditions("", "folder")  # no shipped conditions/folder.json
+    assert default["source"] == "default" and default["conditions"] == conditions.DEFAULT_CONDITIONS
     asked = []
 
     def answer(base_url, model, messages, api_key, timeout):  # instead of an LLM server
         asked.append(messages[0]["content"])
         return json.dumps({"conditions": ["colour", "background", "scene type", "layout", "size"]})
-    monkeypatch.setattr(prompts, "chat_completion", answer)
-    result = prompts.discover("folder", write_folder(tmp_path / "data"), "http://127.0.0.1:9/v1", "scripted", 5,
+    monkeypatch.setattr(discover, "chat_completion", answer)
+    result = discover.discover("folder", write_folder(tmp_path / "data"), "http://127.0.0.1:9/v1", "scripted", 5,
                               tmp_path / "folder.json")
     assert result["conditions"][0] == "colour" and all(name in asked[0] for name in ["red", "green", "blue"])
-    assert prompts.load_conditions(str(tmp_path / "folder.json"), "folder")["conditions"] == result["conditions"]
+    assert conditions.load_conditions(str(tmp_path / "folder.json"), "folder")["conditions"] == result["conditions"]
 
 
 # ---- Every problem of the file, in one message --------------------------------------------
@@ -237,7 +239,7 @@ def test_a_new_user_trains_on_three_sites_and_labels_new_images(tmp_path, capsys
     assert maps[-1] > history[0]["label_prior_mAP"] + 10, (maps, history[0]["label_prior_mAP"])
     assert maps[-1] > maps[0] + 5, maps
     capsys.readouterr()
-    assert federate.main(["predict", "--run", str(out), *map(str, new_images)]) == 0
+    assert predict.main(["--run", str(out), *map(str, new_images)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[0] for line in lines if line.startswith(str(root))] == list(map(str, new_images))
 
@@ -251,4 +253,4 @@ def test_a_folder_with_two_classes_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert federate.main(["--dataset", "folder", "--root", str(tmp_path / "two"), "--rounds", "1",
                           "--batch-size", "2", "--out", str(out)]) == 0  # top-3 metrics with C = 2
-    assert federate.main(["evaluate", "--run", str(out)]) == 0
+    assert predict.main(["--run", str(out), "--evaluate"]) == 0

@@ -12,9 +12,11 @@ import clip
 import pytest
 import torch.nn as nn
 
+import conditions
 import data
-import shapes
 import prompts
+from conditions import discover as discovery
+from shapes import world as shapes
 from errors import FedMPTError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def out(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_api_key(monkeypatch):
-    for variable in prompts.API_KEY_VARIABLES:
+    for variable in discovery.API_KEY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
 
 
@@ -85,7 +87,7 @@ def answer(conditions):
 
 
 def discover(server, out, *extra):
-    return prompts.main(["discover", "--dataset", "shapes", "--base-url", server.base_url,
+    return discovery.main(["--dataset", "shapes", "--base-url", server.base_url,
                          "--model", "test-model", "--out", str(out), *extra])
 
 
@@ -160,7 +162,7 @@ def test_silent_server_times_out_in_bounded_time(server, out, capsys):
 
 def test_command_line_exits_2_without_traceback(server, out):
     server.replies.append(answer(["colour"]))
-    result = subprocess.run([sys.executable, "prompts.py", "discover", "--dataset", "shapes",
+    result = subprocess.run([sys.executable, "-m", "conditions.discover", "--dataset", "shapes",
                              "--base-url", server.base_url, "--model", "m", "--out", str(out),
                              "--retries", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -169,7 +171,7 @@ def test_command_line_exits_2_without_traceback(server, out):
 
 @pytest.mark.parametrize("path", sorted((REPO / "conditions").glob("*.json")), ids=lambda p: p.stem)
 def test_shipped_condition_files_validate_and_say_default(path):
-    loaded = prompts.load_conditions(str(path), path.stem)
+    loaded = conditions.load_conditions(str(path), path.stem)
     assert loaded["dataset"] == path.stem and loaded["source"] == "default"
     shipped = json.loads(path.read_text())
     assert f"exactly {len(loaded['conditions'])} visual conditions" in shipped["prompt"]
@@ -180,7 +182,7 @@ def test_shipped_files_cover_every_dataset():
 
 
 def test_none_gives_one_generic_condition():
-    assert prompts.load_conditions("none", "shapes")["conditions"] == [""]
+    assert conditions.load_conditions("none", "shapes")["conditions"] == [""]
 
 
 @pytest.mark.parametrize("content", ['{"conditions": ["pose", "Pose"]}', '{"conditions": ["circle"]}',
@@ -189,17 +191,17 @@ def test_bad_condition_file_names_the_file(tmp_path, content):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(FedMPTError, match="bad.json"):
-        prompts.load_conditions(str(path), "shapes")
+        conditions.load_conditions(str(path), "shapes")
 
 
 def test_prompt_names_count_as_class_names():
-    assert "class name" in prompts.condition_problems(["Potted Plant"], data.VOC_CLASSES)[0]
+    assert "class name" in conditions.condition_problems(["Potted Plant"], data.VOC_CLASSES)[0]
 
 
 def test_token_budget_is_a_parameter():
     long_condition = "supercalifragilistic expialidocious antidisestablishment floccinaucinihilipilification"
-    assert prompts.condition_problems([long_condition], data.VOC_CLASSES) == []
-    assert "too long" in prompts.condition_problems([long_condition], data.VOC_CLASSES, context_length=32)[0]
+    assert conditions.condition_problems([long_condition], data.VOC_CLASSES) == []
+    assert "too long" in conditions.condition_problems([long_condition], data.VOC_CLASSES, context_length=32)[0]
 
 
 def test_token_count_agrees_with_condition_prompts():
@@ -207,7 +209,7 @@ def test_token_count_agrees_with_condition_prompts():
     embedding, outcomes = nn.Embedding(49408, 4), set()
     for n in range(1, 12):
         condition = "ab" * n
-        fits = prompts.prompt_length(condition, "tv monitor", n_ctx=8) <= 20
+        fits = conditions.prompt_length(condition, "tv monitor", n_ctx=8) <= 20
         try:
             prompts.ConditionPrompts(["tv monitor"], [condition], 8, embedding, 20, clip.tokenize)
             built = True

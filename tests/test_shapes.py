@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import data
-import fedmpt
-import pretrain
-import shapes
+from backbone import FrozenCLIP
+from shapes import model as shapes_clip, pretrain
+from shapes import world as shapes
+from splits import client_splits
 from errors import FedMPTError
 
 C = shapes.SHAPES_CLASSES
@@ -109,7 +110,7 @@ def test_kmeans_split_puts_each_pair_on_its_own_client(shapes_root):
     train = data.load_dataset("shapes", shapes_root, "train")
     groups = world_groups(shapes_root)
     group = np.array([groups[path.stem] for path in train.images])
-    splits = data.client_splits(train.targets, 4, 1.0, seed=0)
+    splits = client_splits(train.targets, 4, 1.0, seed=0)
     owner = []
     for g in range(len(shapes.BIASED_PAIRS)):
         per_client = [int((group[split] == g).sum()) for split in splits]
@@ -129,18 +130,18 @@ def test_pretraining_images_never_equal_federated_or_test_images():
 
 # ---- The shipped CLIP ---------------------------------------------------------------------
 def test_shipped_weights_match_their_record_and_recognise_shapes_zero_shot():
-    record = json.loads(pretrain.WEIGHTS.with_suffix(".json").read_text())
-    assert hashlib.sha256(pretrain.WEIGHTS.read_bytes()).hexdigest() == record["sha256"]
-    assert pretrain.WEIGHTS.stat().st_size < 20 * 2 ** 20
-    assert tuple(record["architecture"][:2]) == pretrain.SHAPES_ARCHITECTURE[:2]
-    model = pretrain.load_shapes_clip()
+    record = json.loads(shapes_clip.WEIGHTS.with_suffix(".json").read_text())
+    assert hashlib.sha256(shapes_clip.WEIGHTS.read_bytes()).hexdigest() == record["sha256"]
+    assert shapes_clip.WEIGHTS.stat().st_size < 20 * 2 ** 20
+    assert tuple(record["architecture"][:2]) == shapes_clip.SHAPES_ARCHITECTURE[:2]
+    model = shapes_clip.load_shapes_clip()
     assert not model.training and model.token_embedding.weight.dtype == torch.float32
     # A fresh test set: the test stream of seed 2 (pretraining uses only its own stream).
     assert pretrain.zero_shot_map(model, n_images=300, seed=2) > 55
 
 
 def test_shapes_clip_gives_one_region_token_per_grid_cell():
-    backbone = fedmpt.FrozenCLIP(pretrain.load_shapes_clip())
+    backbone = FrozenCLIP(shapes_clip.load_shapes_clip())
     images, _ = pretrain.held_out_images(2, seed=2)
     v, P = backbone.encode_image_tokens(images)
     assert v.shape == (2, 128) and P.shape == (2, 9, 128)
@@ -148,29 +149,29 @@ def test_shapes_clip_gives_one_region_token_per_grid_cell():
 
 def test_loader_refuses_missing_or_damaged_weights(tmp_path):
     with pytest.raises(FedMPTError, match="not found"):
-        pretrain.load_shapes_clip(tmp_path / "nothing.pt")
+        shapes_clip.load_shapes_clip(tmp_path / "nothing.pt")
     path = tmp_path / "copy.pt"
-    shutil.copy(pretrain.WEIGHTS, path)
-    shutil.copy(pretrain.WEIGHTS.with_suffix(".json"), path.with_suffix(".json"))
+    shutil.copy(shapes_clip.WEIGHTS, path)
+    shutil.copy(shapes_clip.WEIGHTS.with_suffix(".json"), path.with_suffix(".json"))
     damaged = bytearray(path.read_bytes())
     damaged[-100] ^= 1
     path.write_bytes(bytes(damaged))
     with pytest.raises(FedMPTError, match="sha256"):
-        pretrain.load_shapes_clip(path)
+        shapes_clip.load_shapes_clip(path)
 
 
 def test_saved_weights_rebuild_untouched_token_rows_from_the_seed(tmp_path):
-    model = pretrain.new_model(seed=5)
+    model = shapes_clip.new_model(seed=5)
     with torch.no_grad():
         model.token_embedding.weight[[7, 300]] += 1.0  # as if training touched two rows
         model.visual.conv1.weight.mul_(2)
     path = tmp_path / "w.pt"
-    sha256 = pretrain.save_weights(model, path, seed=5)
+    sha256 = shapes_clip.save_weights(model, path, seed=5)
     path.with_suffix(".json").write_text(json.dumps({"sha256": sha256}))
     assert torch.load(path)["token_rows"].tolist() == [7, 300]
-    loaded = pretrain.load_shapes_clip(path).state_dict()
+    loaded = shapes_clip.load_shapes_clip(path).state_dict()
     expected = {name: t.half().float() if t.is_floating_point() else t for name, t in model.state_dict().items()}
-    expected["token_embedding.weight"] = pretrain.new_model(seed=5).token_embedding.weight.detach().clone()
+    expected["token_embedding.weight"] = shapes_clip.new_model(seed=5).token_embedding.weight.detach().clone()
     expected["token_embedding.weight"][[7, 300]] = model.token_embedding.weight[[7, 300]].detach().half().float()
     for name, tensor in expected.items():  # fp16 everywhere but the untouched rows: the exact seeded values
         assert torch.equal(loaded[name], tensor), name

@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
+import experiment
 import federate
+import predict
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,11 @@ def test_predict_gives_the_evaluation_probabilities(finished_run, shapes_root, t
     exp = federate.setup(cfg, model_cfg, write=False)
     exp.model.load_tunable_state(torch.load(out / "state.pt", weights_only=True))
     inputs, _ = exp.test
-    expected = federate.predict(exp.model, [x[:12] for x in inputs])
+    expected = experiment.predict_scores(exp.model, [x[:12] for x in inputs])
     images = shapes_root / "VOCdevkit/VOC2007/JPEGImages"
     test_ids = (shapes_root / "VOCdevkit/VOC2007/ImageSets/Main/test.txt").read_text().split()[:12]
     files = [str(images / f"{i}.jpg") for i in test_ids]
-    assert federate.main(["predict", "--run", str(out), *files, "--out", str(tmp_path / "p.json")]) == 0
+    assert predict.main(["--run", str(out), *files, "--out", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())
     got = torch.tensor([[row["probabilities"][c] for c in exp.resolved["classes"]] for row in rows])
     assert [row["image"] for row in rows] == files
@@ -40,7 +42,7 @@ def test_predict_writes_csv_with_top_k_and_reads_folders(finished_run, shapes_ro
     folder.mkdir()
     for i in ["000001", "000002", "000003"]:
         (folder / f"{i}.jpg").write_bytes((shapes_root / f"VOCdevkit/VOC2007/JPEGImages/{i}.jpg").read_bytes())
-    assert federate.main(["predict", "--run", str(out), str(folder), "--top-k", "2", "--out", str(tmp_path / "p.csv")]) == 0
+    assert predict.main(["--run", str(out), str(folder), "--top-k", "2", "--out", str(tmp_path / "p.csv")]) == 0
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0].startswith("image,labels,circle,square") and len(lines) == 4
     assert all(len(line.split(",")[1].split("|")) == 2 for line in lines[1:])
@@ -48,7 +50,7 @@ def test_predict_writes_csv_with_top_k_and_reads_folders(finished_run, shapes_ro
 
 def test_evaluate_reproduces_the_last_metrics_row(finished_run, capsys):
     out, _, _, history = finished_run
-    assert federate.main(["evaluate", "--run", str(out)]) == 0
+    assert predict.main(["--run", str(out), "--evaluate"]) == 0
     result = json.loads((out / "evaluation-shapes.json").read_text())
     for key in ["mAP", "CF1", "OF1", "CF1_top3", "OP", "OR"]:
         assert result[key] == pytest.approx(history[-1][key], abs=1e-6)
@@ -56,9 +58,9 @@ def test_evaluate_reproduces_the_last_metrics_row(finished_run, capsys):
 
 def test_predict_refuses_missing_runs_and_images(finished_run, tmp_path, capsys):
     out, *_ = finished_run
-    assert federate.main(["predict", "--run", str(tmp_path / "none"), "x.jpg"]) == 2
+    assert predict.main(["--run", str(tmp_path / "none"), "x.jpg"]) == 2
     assert "config.json" in capsys.readouterr().err
-    assert federate.main(["predict", "--run", str(out), str(tmp_path / "missing.jpg")]) == 2
+    assert predict.main(["--run", str(out), str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg" in capsys.readouterr().err
 
 
@@ -69,5 +71,5 @@ def test_predict_refuses_a_run_on_another_backbone(finished_run, tmp_path, capsy
     config = json.loads((out / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "backbone_sha256": "0" * 64}))
     (other / "state.pt").write_bytes((out / "state.pt").read_bytes())
-    assert federate.main(["predict", "--run", str(other), str(out / "config.json")]) == 2
+    assert predict.main(["--run", str(other), str(out / "config.json")]) == 2
     assert "another backbone" in capsys.readouterr().err

@@ -1,20 +1,18 @@
-"""Pretrain a small CLIP on the shapes world (offline, CPU) and load the shipped weights.
+"""Pretrain the small CLIP of the shapes world (offline, CPU).
 
-    python pretrain.py [--steps 2400 --seed 0 --out weights/shapes_clip.pt]
+    python -m shapes.pretrain [--steps 2400 --seed 0 --out shapes/weights/shapes_clip.pt]
 
 Contrastive (image, caption) training, the symmetric cross-entropy of CLIP, on pairs that
-shapes.pretraining_batch draws fresh for every step from its own seed stream (no federated or
+world.pretraining_batch draws fresh for every step from its own seed stream (no federated or
 test image is ever seen). What makes the small ResNet tower learn shapes rather than colours
 and backgrounds: captions drawn anew each time and naming only some objects, their colour,
 size and position words often left out; every other batch drawn from a single scene.
 
-The weights ship in fp16 without the token embedding rows no caption touched: those keep their
-seeded initial values (no weight decay on the embedding), so `load_shapes_clip` rebuilds them
-from the seed. The sha256 of the file is recorded beside it, in weights/shapes_clip.json.
+How the weights ship and load: shapes/model.py (no weight decay on the token embedding, so the
+rows no caption touched keep their seeded values and need not ship).
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -32,15 +30,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-import shapes
-from errors import FedMPTError
-
-# In the order of fedmpt.ARCHITECTURES: (embed_dim, image_resolution, vision_layers,
-# vision_width, vision_patch_size, context_length, vocab_size, transformer_width,
-# transformer_heads, transformer_layers). 96 px through the ResNet (stride 32): a 3x3 grid,
-# N = 9 region tokens, one per cell of the world's grid.
-SHAPES_ARCHITECTURE = (128, shapes.SIZE, (1, 1, 1, 1), 16, None, 48, 49408, 128, 4, 2)
-WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes_clip.pt"
+from shapes import world
+from shapes.model import SHAPES_ARCHITECTURE, load_shapes_clip, new_model, save_weights
 
 
 @dataclass
@@ -56,15 +47,8 @@ class PretrainConfig:
     eval_seed: int = 1
     seed: int = 0
     threads: int = 0  # torch threads; 0: torch's default (one per core)
-    out: str = "weights/shapes_clip.pt"
+    out: str = "shapes/weights/shapes_clip.pt"
     plot: str = "docs/pretrain-curve.png"
-
-
-def new_model(seed: int) -> clip.model.CLIP:
-    """The architecture with CLIP's seeded initialisation, float32 (not build_model's fp16)."""
-    with torch.random.fork_rng():  # leave the caller's random state alone
-        torch.manual_seed(seed)
-        return clip.model.CLIP(*SHAPES_ARCHITECTURE)
 
 
 def image_tensor(images: np.ndarray) -> torch.Tensor:
@@ -80,7 +64,7 @@ def zero_shot_scores(model: clip.model.CLIP, images: torch.Tensor) -> torch.Tens
     eval mode (BatchNorm statistics) and restores the model's mode."""
     was_training = model.training
     model.eval()
-    prompts = clip.tokenize([f"a photo of a {name}." for name in shapes.SHAPES_CLASSES],
+    prompts = clip.tokenize([f"a photo of a {name}." for name in world.SHAPES_CLASSES],
                             context_length=model.context_length)
     text = F.normalize(model.encode_text(prompts), dim=-1)  # (C, D)
     image = F.normalize(torch.cat([model.encode_image(x) for x in images.split(256)]), dim=-1)  # (B, D)
@@ -91,12 +75,12 @@ def zero_shot_scores(model: clip.model.CLIP, images: torch.Tensor) -> torch.Tens
 def held_out_images(n_images: int, seed: int):
     """Images (B, 3, H, W) and targets (B, C) of the test stream of `seed`: the first images
     of the written world's test split for that seed, without JPEG compression."""
-    rng = shapes.seed_stream("test", seed)
-    layouts = [shapes.sample_layout(rng) for _ in range(n_images)]
-    images = np.stack([np.asarray(shapes.render(layout)) for layout in layouts])  # (B, H, W, 3)
-    targets = torch.zeros(n_images, len(shapes.SHAPES_CLASSES), dtype=torch.long)  # (B, C)
+    rng = world.seed_stream("test", seed)
+    layouts = [world.sample_layout(rng) for _ in range(n_images)]
+    images = np.stack([np.asarray(world.render(layout)) for layout in layouts])  # (B, H, W, 3)
+    targets = torch.zeros(n_images, len(world.SHAPES_CLASSES), dtype=torch.long)  # (B, C)
     for i, layout in enumerate(layouts):
-        targets[i, [shapes.SHAPES_CLASSES.index(o.kind) for o in layout.objects]] = 1
+        targets[i, [world.SHAPES_CLASSES.index(o.kind) for o in layout.objects]] = 1
     return image_tensor(images), targets
 
 
@@ -123,12 +107,12 @@ def pretrain(cfg: PretrainConfig):
             return (step + 1) / cfg.warmup
         return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
-    rng, curve = shapes.seed_stream("pretraining", cfg.seed), {"loss": [], "eval": []}
+    rng, curve = world.seed_stream("pretraining", cfg.seed), {"loss": [], "eval": []}
     labels = torch.arange(cfg.batch_size)
     progress = tqdm(range(cfg.steps), desc="pretrain", mininterval=5)
     for step in progress:
-        scene = rng.randrange(len(shapes.SCENES)) if step % cfg.one_scene_every == 0 else None
-        images, captions = shapes.pretraining_batch(rng, cfg.batch_size, scene)
+        scene = rng.randrange(len(world.SCENES)) if step % cfg.one_scene_every == 0 else None
+        images, captions = world.pretraining_batch(rng, cfg.batch_size, scene)
         texts = clip.tokenize(captions, context_length=model.context_length, truncate=True)  # (B, M)
         logits_per_image, logits_per_text = model(image_tensor(images), texts)  # (B, B) each
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
@@ -165,43 +149,6 @@ def plot_curve(curve: dict, path, title: str):
     figure.savefig(path, dpi=110)
 
 
-# ---- Shipping and loading -----------------------------------------------------------------
-def save_weights(model: clip.model.CLIP, path, seed: int) -> str:
-    """fp16 state without the token embedding rows that kept their initial value; returns sha256."""
-    state = {name: (t.half() if t.is_floating_point() else t) for name, t in model.state_dict().items()}
-    embedding = state.pop("token_embedding.weight")
-    initial = new_model(seed).token_embedding.weight.detach().half()
-    rows = torch.nonzero((embedding != initial).any(dim=1)).flatten()
-    torch.save({"seed": seed, "architecture": SHAPES_ARCHITECTURE, "state": state,
-                "token_rows": rows, "token_embedding_rows": embedding[rows].clone()}, path)
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def load_shapes_clip(path=None) -> clip.model.CLIP:
-    """The shipped shapes CLIP: float32, eval mode, CPU. Checks the file against the sha256
-    recorded beside it (PATH with .json) and raises FedMPTError when either is missing or they differ."""
-    path = Path(path or WEIGHTS)
-    record = path.with_suffix(".json")
-    if not path.is_file() or not record.is_file():
-        missing = path if not path.is_file() else record
-        raise FedMPTError(f"shapes CLIP weights not found: {missing} is missing. "
-                          "Restore both files from the repository (git checkout -- weights/), or make "
-                          "them with `python pretrain.py`.")
-    expected = json.loads(record.read_text())["sha256"]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected:
-        raise FedMPTError(f"{path} has sha256 {digest}, but {record} records {expected}: the file is "
-                          "damaged or from another run. Restore both from the repository, or run "
-                          "`python pretrain.py` again.")
-    saved = torch.load(path, map_location="cpu")
-    model = new_model(saved["seed"])
-    state = {name: t.float() if t.is_floating_point() else t for name, t in saved["state"].items()}
-    embedding = model.token_embedding.weight.detach().clone()
-    embedding[saved["token_rows"]] = saved["token_embedding_rows"].float()
-    model.load_state_dict({**state, "token_embedding.weight": embedding})
-    return model.float().eval()
-
-
 def record_text(record: dict) -> str:
     """JSON with one key a line."""
     return "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in record.items()) + "\n}\n"
@@ -224,9 +171,9 @@ def main(argv=None):
     shipped = load_shapes_clip(out)
     record = {
         "sha256": sha256,
-        "command": "python pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m shapes.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": dataclasses.asdict(cfg), "training_minutes": round(minutes, 1), "steps": cfg.steps,
-        "architecture": SHAPES_ARCHITECTURE, "region_tokens": (shapes.SIZE // 32) ** 2,
+        "architecture": SHAPES_ARCHITECTURE, "region_tokens": (world.SIZE // 32) ** 2,
         "zero_shot_mAP": round(zero_shot_map(shipped, cfg.eval_images, cfg.eval_seed), 2),
         "zero_shot_mAP_test_split_seed0": round(zero_shot_map(shipped, 800, 0), 2),
         "curve_eval": [[step, round(value, 2)] for step, value in curve["eval"]], "torch": torch.__version__}

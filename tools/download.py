@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import VOC_MD5S, VOC_URLS
+from loaders.voc import VOC_MD5S, VOC_URLS
 from errors import FedMPTError
 
 

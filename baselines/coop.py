@@ -1,0 +1,43 @@
+"""The CoOp family under FedAvg: Fed-PosCoOp and Fed-DualCoOp."""
+import torch
+import torch.nn.functional as F
+
+from baselines.common import class_prompts, encode_class_prompts, region_logits, seeded_normal
+from fedmpt import PromptModel
+
+
+class FedPosCoOp(PromptModel):
+    """Fed-PosCoOp: PositiveCoOp (Rawlekar et al., 2024, "Rethinking prompting strategies for
+    multi-label recognition with partial annotations") under FedAvg. CoOp's learned context
+    (M = 16, shared by the classes) makes the positive prompt only; the negative side of each
+    class is a learned feature in CLIP's joint space, not a prompt. Regions are pooled as in
+    DualCoOp. VOC2007 with ViT-B/16: 16*512 + 20*512 = 18,432 tunable (Table 5: 0.02M)."""
+    n_ctx = 16
+
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+        super().__init__()
+        self.backbone = backbone
+        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=1)
+        self.negative = seeded_normal(len(class_names), backbone.width, std=1.0, seed=1)  # (C, D)
+
+    def text_features(self):
+        positive = encode_class_prompts(self.backbone, self.prompts)[0]
+        return torch.stack([positive, F.normalize(self.negative, dim=-1)])  # (2, C, D)
+
+    def forward(self, v, P, T=None):
+        T = self.text_features() if T is None else T
+        return region_logits(F.normalize(P, dim=-1), T, self.backbone.logit_scale)
+
+
+class FedDualCoOp(FedPosCoOp):
+    """Fed-DualCoOp: DualCoOp (Sun et al., NeurIPS 2022) under FedAvg: a learned positive and
+    negative context (M = 16 each, shared by the classes) and class-specific region
+    aggregation. ViT-B/16: 2*16*512 = 16,384 tunable."""
+
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+        PromptModel.__init__(self)
+        self.backbone = backbone
+        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+
+    def text_features(self):
+        return encode_class_prompts(self.backbone, self.prompts)

@@ -1,0 +1,95 @@
+"""FedMVP, the seed baseline: a PromptFormer turns class attribute descriptions into visual
+prompts. Its attribute descriptions: baselines/attributes/<dataset>.json (`load_attributes`)."""
+import json
+from pathlib import Path
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from baselines.common import class_prompts, encode_class_prompts, global_logits, seeded_normal, vision_width
+from data import prompt_name
+from errors import FedMPTError
+from fedmpt import PromptModel
+
+ATTRIBUTES_DIR = Path(__file__).resolve().parent / "attributes"
+
+
+def load_attributes(dataset: str, class_names, spec: str = "") -> dict:
+    """FedMVP's class attribute descriptions: {class: [sentence, ...]} from
+    baselines/attributes/<dataset>.json (or `spec`), else three template sentences per class."""
+    path = Path(spec) if spec else ATTRIBUTES_DIR / f"{dataset}.json"
+    if not spec and not path.exists():
+        templates = ["a photo of a {}.", "a {} in its usual surroundings.", "a close-up of a {}."]
+        return {"source": "template",
+                "attributes": {c: [t.format(prompt_name(c)) for t in templates] for c in class_names}}
+    try:
+        content = json.loads(path.read_text())
+        attributes = content["attributes"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise FedMPTError(f"cannot read attribute file {path} ({error!r}); it must hold "
+                          '{"attributes": {"<class>": ["<sentence>", ...]}}.') from None
+    missing = [c for c in class_names if not (isinstance(attributes.get(c), list) and attributes[c]
+                                              and all(isinstance(t, str) and t.strip() for t in attributes[c]))]
+    if missing:
+        raise FedMPTError(f"attribute file {path}: no descriptions (a non-empty list of sentences) "
+                          f"for {', '.join(missing)}.")
+    return {"source": content.get("source", "unknown"), "file": str(path),
+            "attributes": {c: attributes[c] for c in class_names}}
+
+
+class FedMVP(PromptModel):
+    """FedMVP (arXiv 2504.20860), the seed baseline. PromptFormer: queries are the frozen global
+    image feature plus M = 4 learned offsets; keys and values are the frozen text features of
+    LLM-style class attribute descriptions (baselines/attributes/<dataset>.json); one cross-attention and
+    a LayerNorm, then a bottleneck (D -> 64 -> W) makes M visual prompt tokens that enter the
+    frozen image encoder at its input (ResNet: the attention pool). The text side is DualCoOp's
+    two contexts. Loss: the classification loss on the prompted features plus a consistency
+    loss keeping them near the frozen ones, 1 - cos(v', v). ViT-B/16: 1,152,832 tunable
+    (Table 5: 1.14M). Departures: the text side learns contexts (multi-label needs a negative
+    side); one PromptFormer layer."""
+    n_queries, bottleneck, n_ctx, consistency = 4, 64, 16, 1.0
+
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, attributes=(), **_):
+        super().__init__()
+        if not attributes:
+            raise FedMPTError("FedMVP needs class attribute descriptions (baselines/attributes/<dataset>.json or --attributes).")
+        self.backbone = backbone
+        D = backbone.width
+        self.register_buffer("attributes", backbone.encode_texts(list(attributes)), persistent=False)  # (A, D)
+        self.queries = seeded_normal(self.n_queries, D, seed=3)
+        self.attention = nn.MultiheadAttention(D, max(1, D // 64), batch_first=True)
+        self.norm = nn.LayerNorm(D)
+        self.down, self.up = nn.Linear(D, self.bottleneck), nn.Linear(self.bottleneck, vision_width(backbone))
+        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+
+    def encode_images(self, images):
+        """(frozen v, the images in float16) for a ViT; (frozen v, the last grid) for a ResNet."""
+        if self.backbone.is_vit:
+            return self.backbone.encode_image_tokens(images)[0], images.half()
+        grid = self.backbone.resnet_grid(images)
+        return self.backbone.resnet_head(grid)[0], grid
+
+    def text_features(self):
+        return encode_class_prompts(self.backbone, self.prompts)
+
+    def image_features(self, v, x):
+        """The prompted global feature v' (B, D)."""
+        queries = F.normalize(v, dim=-1)[:, None] + self.queries  # (B, M, D)
+        keys = self.attributes.expand(len(v), -1, -1)  # (B, A, D)
+        attended = self.norm(queries + self.attention(queries, keys, keys, need_weights=False)[0])
+        prompts = self.up(F.gelu(self.down(attended)))  # (B, M, W)
+        if not self.backbone.is_vit:
+            return self.backbone.resnet_head(x, prompts)[0]
+        tokens = self.backbone.vit_tokens(x.float(), prompts)
+        return self.backbone.vit_head(self.backbone.run_blocks(self.backbone.model.visual.transformer.resblocks, tokens))[0]
+
+    def forward(self, v, x, T=None):
+        T = self.text_features() if T is None else T
+        return global_logits(self.image_features(v, x), T, self.backbone.logit_scale)
+
+    def loss(self, inputs, targets, loss_fn):
+        v, x = inputs
+        prompted = self.image_features(v, x)
+        logits = global_logits(prompted, self.text_features(), self.backbone.logit_scale)
+        drift = 1 - F.cosine_similarity(prompted, v, dim=-1)
+        return loss_fn(logits, targets) + self.consistency * drift.sum()

@@ -1,0 +1,196 @@
+"""Discover a dataset's conditions with an LLM and write them as a condition file.
+
+    python -m conditions.discover --dataset voc2007 --root data/voc2007 \
+        --base-url http://127.0.0.1:8080/v1 --model NAME --out conditions/voc2007.json
+
+The prompt lists the classes and (with --root) the most frequent label pairs of the training
+split; the answer must hold K valid conditions (`conditions.condition_problems`), else the
+complaint goes back to the LLM and it is asked again.
+"""
+import argparse
+import datetime
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import data
+from conditions import condition_problems
+from errors import FedMPTError
+from experiment import write_json_atomic
+
+# We call the chat-completions endpoint with urllib rather than the `openai` package: discovery
+# is one POST, urllib adds no dependency, and it speaks to any OpenAI-compatible server
+# (a hosted API, llama.cpp's llama-server, vLLM) with nothing but a base URL.
+API_KEY_VARIABLES = ("FEDMPT_LLM_API_KEY", "OPENAI_API_KEY")
+
+
+def label_cooccurrences(targets: torch.Tensor, class_names, top: int = 10) -> list:
+    """The `top` class pairs most often present (target 1) together: [[name a, name b, images]]."""
+    present = (targets == 1).float()  # (n_images, C)
+    counts = torch.triu(present.T @ present, diagonal=1)  # (C, C), each pair once
+    values, indices = counts.flatten().topk(min(top, counts.numel()))
+    C = counts.shape[1]
+    return [[class_names[int(i) // C], class_names[int(i) % C], int(v)]
+            for v, i in zip(values, indices) if v > 0]
+
+
+def build_prompt(dataset: str, class_names, cooccurrences, k: int) -> str:
+    """The user message that asks the LLM for k conditions behind the label dependencies."""
+    lines = [f'We train a multi-label image classifier on the dataset "{dataset}" by prompting '
+             f"CLIP. Its {len(class_names)} classes are: {', '.join(class_names)}."]
+    if cooccurrences:
+        lines.append("The most frequent label pairs in its training images (pair: images) are:")
+        lines += [f"- {a} + {b}: {n}" for a, b, n in cooccurrences]
+    lines += [f"Name exactly {k} visual conditions (such as colour or background) that explain "
+              "why labels in this dataset appear together in an image. Each condition is "
+              'written before a class name in a CLIP prompt, "<condition> <class name>.", so '
+              "it must be 1 to 4 plain English words, must not be a class name, and must "
+              "differ from the other conditions.",
+              'Answer with strict JSON and nothing else: {"conditions": ["...", "..."]}']
+    return "\n".join(lines)
+
+
+def parse_answer(answer: str):
+    """The condition list in an answer (a ```json fence is tolerated), or a problem sentence."""
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", answer.strip(), flags=re.DOTALL)
+    try:
+        content = json.loads(fenced.group(1) if fenced else answer)
+    except json.JSONDecodeError as error:
+        return None, f"the answer is not valid JSON ({error})"
+    if not isinstance(content, dict) or "conditions" not in content:
+        return None, 'the answer must be a JSON object with the key "conditions"'
+    return content["conditions"], None
+
+
+def chat_completion(base_url: str, model: str, messages, api_key: str, timeout: float) -> str:
+    """One POST {base_url}/chat/completions at temperature 0; returns the answer's text."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{base_url.rstrip('/')}/chat/completions", data=body,
+                                     headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = json.loads(response.read())["choices"][0]["message"]["content"]
+    if not isinstance(answer, str):
+        raise TypeError(f"message content is {answer!r}, not text")
+    return answer
+
+
+def ask_for_conditions(prompt, class_names, k, base_url, model, api_key, timeout=60.0,
+                       retries=3, context_length=77, n_ctx=16) -> list:
+    """Ask until the answer holds k valid conditions, at most 1 + `retries` requests.
+
+    An invalid answer stays in the conversation, followed by a message saying what was wrong
+    with it. Server errors (5xx, 429), refused connections and timeouts are retried after a
+    short, growing pause (0.5 s, 1 s, 2 s, then 4 s); other HTTP errors (4xx: key, URL, model
+    name) stop at once."""
+    messages = [{"role": "user", "content": prompt}]
+    for attempt in range(1 + retries):
+        try:
+            answer = chat_completion(base_url, model, messages, api_key, timeout)
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:300]
+            if error.code < 500 and error.code != 429:
+                raise FedMPTError(f"{base_url} answered HTTP {error.code}: {detail}. Check "
+                                  "--base-url (usually ending in /v1), --model and the API key "
+                                  f"in ${API_KEY_VARIABLES[0]}.") from None
+            failure, fix = f"HTTP {error.code}: {detail}", "retry later or raise --retries"
+        except (OSError, http.client.HTTPException) as error:  # timeouts, refused connections
+            if isinstance(getattr(error, "reason", error), TimeoutError):
+                failure, fix = f"no answer within --timeout {timeout:g} s", "raise --timeout"
+            else:
+                failure = f"cannot connect ({getattr(error, 'reason', error)})"
+                fix = "check that an OpenAI-compatible server listens at --base-url"
+        except (ValueError, LookupError, TypeError) as error:
+            failure = f"the reply is not a chat completion ({error!r})"
+            fix = "check that --base-url is an OpenAI-compatible API"
+        else:
+            conditions, problem = parse_answer(answer)
+            problems = [problem] if problem else condition_problems(
+                conditions, class_names, k, context_length, n_ctx)
+            if not problems:
+                return [" ".join(c.split()) for c in conditions]
+            failure = f"invalid answer: {'; '.join(problems)}. The answer was:\n{answer}\n"
+            fix = "raise --retries or try another --model"
+            messages += [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": f"That answer is invalid: "
+                          f"{'; '.join(problems)}. Answer again with strict JSON "
+                          f'{{"conditions": [...]}} holding exactly {k} conditions.'}]
+            continue
+        if attempt < retries:
+            time.sleep(min(0.5 * 2 ** attempt, 4.0))
+    raise FedMPTError(f"no valid conditions from {base_url} (model {model}) after "
+                      f"{1 + retries} request(s); last: {failure}. To fix: {fix}.")
+
+
+def discover(dataset, root, base_url, model, k, out, timeout=60.0, retries=3,
+             context_length=77, n_ctx=16) -> dict:
+    """Build the prompt from the dataset's classes (and, with its training split, its label
+    co-occurrences), ask the LLM, validate, and write the condition file `out`."""
+    classes, targets = data.known_classes(dataset), None
+    if root:
+        try:
+            train_set = data.load_dataset(dataset, root, "train")
+            classes, targets = train_set.classes, train_set.targets
+        except FedMPTError as error:
+            print(f"note: no training split ({error}); the prompt lists class names only.",
+                  file=sys.stderr)
+    if not classes:
+        raise FedMPTError(f"--dataset {dataset}: unknown; choose shapes, voc2007, coco2014 or "
+                          "nuswide, or pass --root with its training data.")
+    names = [data.prompt_name(c) for c in classes]
+    cooccurrences = label_cooccurrences(targets, names) if targets is not None else []
+    prompt = build_prompt(dataset, names, cooccurrences, k)
+    api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), "")
+    conditions = ask_for_conditions(prompt, classes, k, base_url, model, api_key, timeout,
+                                    retries, context_length, n_ctx)
+    result = {"dataset": dataset, "conditions": conditions, "source": f"llm:{model}",
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "base_url": base_url, "prompt": prompt, "cooccurrences": cooccurrences}
+    write_json_atomic(Path(out), result)
+    return result
+
+
+def main(argv=None) -> int:
+    command = argparse.ArgumentParser(
+        prog="python -m conditions.discover",
+        description="Ask an OpenAI-compatible chat-completions endpoint for K conditions that "
+                    "explain the dataset's label dependencies; write them as a condition file.",
+        epilog=f"API key: ${API_KEY_VARIABLES[0]} (else ${API_KEY_VARIABLES[1]}), sent as "
+               "'Authorization: Bearer'; leave both unset for a local server.")
+    command.add_argument("--dataset", required=True, help="shapes, voc2007, coco2014 or nuswide")
+    command.add_argument("--root", default="", help="dataset root; its training labels add "
+                         "co-occurrence counts to the prompt")
+    command.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
+    command.add_argument("--model", required=True, help="model name the server knows")
+    command.add_argument("--k", type=int, default=5, help="number of conditions K")
+    command.add_argument("--out", required=True, help="condition JSON file to write")
+    command.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    command.add_argument("--retries", type=int, default=3, help="extra requests after a bad one")
+    command.add_argument("--context-length", type=int, default=77,
+                         help="CLIP's text context (77; 32 for --clip tiny)")
+    command.add_argument("--n-ctx", type=int, default=16, help="context tokens M per prompt")
+    args = command.parse_args(argv)
+    try:
+        if args.k < 1 or args.timeout <= 0 or args.retries < 0:
+            raise FedMPTError("--k must be >= 1, --timeout > 0 and --retries >= 0.")
+        result = discover(args.dataset, args.root, args.base_url, args.model, args.k, args.out,
+                          args.timeout, args.retries, args.context_length, args.n_ctx)
+    except FedMPTError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"conditions ({result['source']}): {', '.join(result['conditions'])}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

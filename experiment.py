@@ -1,0 +1,324 @@
+"""An experiment: its options (`Config`), and `setup`, which builds a run as a pipeline:
+
+    data -> clients -> backbone -> model -> frozen features -> reference scores -> run directory
+
+The plain FedAvg loop (federate.py), the Flower app (flower_app.py) and the finished-run tools
+(predict.py) all start from it. A run directory holds config.json (every resolved option),
+conditions.json, clients.png, metrics.json (a row per round), checkpoint.pt and state.pt.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import baselines
+import data
+import metrics
+import splits
+from backbone import ARCHITECTURES, FrozenCLIP, load_clip
+from baselines.fedmvp import load_attributes
+from conditions import load_conditions
+from errors import FedMPTError
+from fedmpt import ModelConfig, PromptModel
+from shapes import model as shapes_clip
+from tools import download
+
+METHODS = list(baselines.METHODS)  # fedmpt and the paper's comparison methods (baselines/)
+AGGREGATE_RULES = ["mean", "median", "trimmed-mean"]  # federate.AGGREGATORS
+
+
+@dataclass
+class Config:
+    dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide | folder (labels.csv)
+    root: str = ""  # dataset directory; default data/<dataset>
+    method: str = "fedmpt"  # fedmpt | fedmvp | fed-dualcoop | fed-poscoop | fedtpg | fed-maple | fed-ram
+    clip: str = "shapes"  # shapes (pretrained offline, shapes/weights/) | tiny (random) | a clip.available_models() name
+    clip_weights: str = ""  # a local CLIP .pt file instead of the download
+    random_init: bool = False  # random weights for a named architecture (no download)
+    conditions: str = ""  # condition file; default the dataset's shipped one; 'none' = ablation
+    attributes: str = ""  # fedmvp: class descriptions; default baselines/attributes/<dataset>.json, else templates
+    clients: int = 4
+    rounds: int = 10
+    local_epochs: int = 1
+    client_fraction: float = 1.0
+    lr: float = 1e-3
+    grad_clip: float = 10.0  # clip each local step's gradient norm to this (0 = off)
+    batch_size: int = 32
+    heterogeneity: float = 1.0  # t in (0, 1]: fraction of a client's data from its own cluster
+    loss: str = "asl"  # asl | bce
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = ""  # run directory; default runs/<dataset>-<method>-<timestamp>
+    aggregate: str = "mean"  # mean (FedAvg) | median | trimmed-mean
+    resume: str = ""  # a run directory to continue from its last checkpoint
+    download: bool = False  # download and extract VOC2007 into --root first
+    skip_unreadable: bool = False  # decode every image first; leave out and list unreadable ones
+    plot: bool = False  # fedmpt: save plans.png, the transport plans and gate of a few test images
+
+
+def config_from(config_class, values: dict):
+    """A config dataclass from a dict that may hold more (parsed options, a saved config.json)."""
+    return config_class(**{f.name: values[f.name] for f in dataclasses.fields(config_class) if f.name in values})
+
+
+def validate(cfg: Config, model_cfg: ModelConfig):
+    checks = [(cfg.dataset in data.DATASETS, f"--dataset {cfg.dataset}: choose one of {', '.join(data.DATASETS)}"),
+              (not cfg.download or cfg.dataset == "voc2007",
+               "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),
+              (cfg.method in METHODS, f"--method {cfg.method}: choose one of {', '.join(METHODS)}"),
+              (cfg.rounds > 0, f"--rounds {cfg.rounds}: must be positive"),
+              (cfg.clients > 0, f"--clients {cfg.clients}: must be positive"),
+              (cfg.local_epochs > 0, f"--local-epochs {cfg.local_epochs}: must be positive"),
+              (0 < cfg.client_fraction <= 1, f"--client-fraction {cfg.client_fraction}: must lie in (0, 1]"),
+              (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
+              (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
+              (cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive"),
+              (cfg.loss in ("asl", "bce"), f"--loss {cfg.loss}: choose asl or bce"),
+              (cfg.aggregate in AGGREGATE_RULES, f"--aggregate {cfg.aggregate}: choose {', '.join(AGGREGATE_RULES)}"),
+              (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
+              (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
+              (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
+              (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive"),
+              (model_cfg.ot_iters > 0, f"--ot-iters {model_cfg.ot_iters}: must be positive"),
+              (model_cfg.ot_rho >= 0, f"--ot-rho {model_cfg.ot_rho}: must be 0 (exact) or positive"),
+              (model_cfg.n_ctx > 0, f"--n-ctx {model_cfg.n_ctx}: must be positive"),
+              (model_cfg.adapter_reduction >= 1, f"--adapter-reduction {model_cfg.adapter_reduction}: must be at least 1"),
+              (0 <= model_cfg.adapter_alpha <= 1, f"--adapter-alpha {model_cfg.adapter_alpha}: must lie in [0, 1]"),
+              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise FedMPTError("; ".join(problems) + ".")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
+
+
+# ---- Run directories ----------------------------------------------------------------------
+def default_out(cfg: Config) -> str:
+    return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_json_atomic(path: Path, obj):
+    """Write a temporary file beside `path`, then rename it: `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer process
+    temporary.write_text(json.dumps(obj, indent=1))
+    os.replace(temporary, path)
+
+
+def save_atomic(obj, path: Path):
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path, map_location=None):
+    """torch.load of a checkpoint or state file (tensors only), with an error that names it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise FedMPTError(f"cannot load {path} ({error}).") from None
+
+
+def read_config(run_dir: str):
+    """The configuration a run was started with (from its config.json) and the whole file."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise FedMPTError(f"run {run_dir}: cannot read {path} ({error}).") from None
+    return config_from(Config, saved), config_from(ModelConfig, saved), saved
+
+
+def resume_config(run_dir: str):
+    """The run's own options; its conditions from the copy it saved (an edited source file
+    must not change a resumed model)."""
+    cfg, model_cfg, _ = read_config(run_dir)
+    cfg.out, cfg.resume = str(run_dir), str(run_dir)
+    if cfg.conditions != "none" and (Path(run_dir) / "conditions.json").exists():
+        cfg.conditions = str(Path(run_dir) / "conditions.json")
+    if (Path(run_dir) / "attributes.json").exists():
+        cfg.attributes = str(Path(run_dir) / "attributes.json")
+    return cfg, model_cfg
+
+
+# ---- The model ----------------------------------------------------------------------------
+def load_backbone(cfg: Config, device="cpu", random_init=None) -> FrozenCLIP:
+    """The frozen CLIP a run names: the shipped shapes CLIP, or `backbone.load_clip`."""
+    random_init = cfg.random_init if random_init is None else random_init
+    if cfg.clip == "shapes":
+        model = shapes_clip.new_model(cfg.seed) if random_init else shapes_clip.load_shapes_clip(cfg.clip_weights or None)
+    else:
+        model = load_clip(cfg.clip, cfg.clip_weights or None, random_init, cfg.seed)
+    return FrozenCLIP(model).to(device)
+
+
+def method_attributes(cfg: Config, classes):
+    """FedMVP's class descriptions (baselines.fedmvp.load_attributes); None for every other method."""
+    return load_attributes(cfg.dataset, classes, cfg.attributes) if cfg.method == "fedmvp" else None
+
+
+def build_model(method, backbone, classes, conditions, model_cfg, attributes=None) -> PromptModel:
+    """The method's model on the frozen backbone; prompts say `data.prompt_name` of each class."""
+    names = [data.prompt_name(c) for c in classes]
+    sentences = [t for c in classes for t in attributes["attributes"][c]] if attributes else ()
+    return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences)
+
+
+def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
+    """Tunable and total parameters of a method, from the class list alone (no data, no
+    download: counts do not depend on weight values, so named architectures get random ones)."""
+    validate(cfg, model_cfg)
+    classes = data.known_classes(cfg.dataset)
+    if not classes:  # a folder dataset: read its class list
+        classes = data.load_dataset(cfg.dataset, cfg.root or os.path.join("data", cfg.dataset), "train").classes
+    random_init = not cfg.clip_weights and (cfg.clip in ARCHITECTURES or cfg.clip == "shapes")
+    backbone = load_backbone(cfg, random_init=random_init)
+    model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
+                        model_cfg, method_attributes(cfg, classes))
+    tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
+            "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}
+
+
+# ---- Setup: data -> clients -> backbone -> model -> frozen features -> references -> run dir
+@dataclass
+class Experiment:
+    """Everything a run needs, built once by `setup`: the plain loop, the Flower app and
+    `predict.py --evaluate` share it."""
+    cfg: Config  # as resolved: `clients` is the number of sites where the dataset names them
+    model_cfg: ModelConfig
+    out: Path
+    model: PromptModel
+    splits: list
+    train: tuple  # (inputs, targets) of the training images: inputs = model.encode_images' tuple
+    test: tuple  # the same for the test images
+    prior_mAP: float
+    resolved: dict
+    zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
+    biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
+
+
+def load_data(cfg: Config, root: str):
+    if cfg.download:
+        download.download_voc2007(root)
+    return tuple(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable)
+                 for split in ("train", "test"))
+
+
+def make_clients(cfg: Config, train_set):
+    """(cfg, splits, client names): the dataset's own sites where it names them (labels.csv's
+    client column; the returned cfg then says how many), else the K-means split with t."""
+    if not train_set.natural_clients:
+        return cfg, splits.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed), None
+    names = [site for site, _ in train_set.natural_clients]
+    sites = [indices for _, indices in train_set.natural_clients]
+    defaults, unused = Config(), []
+    if cfg.clients not in (defaults.clients, len(sites)):  # len(sites): what a resumed run saved
+        unused.append(f"--clients {cfg.clients}")
+    if cfg.heterogeneity != defaults.heterogeneity:
+        unused.append(f"--heterogeneity {cfg.heterogeneity}")
+    if unused:
+        print(f"note: {' and '.join(unused)} not used: the dataset names its clients "
+              f"({len(sites)} sites: {', '.join(names)}).", file=sys.stderr)
+    return dataclasses.replace(cfg, clients=len(sites)), sites, names
+
+
+def zero_shot_scores(backbone: FrozenCLIP, v: torch.Tensor, classes) -> torch.Tensor:
+    """Cosines (n, C) of global features v with "a photo of a <class>.": a ranking, not probabilities."""
+    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
+    return torch.nn.functional.normalize(v, dim=-1) @ text.T
+
+
+def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict = None) -> Experiment:
+    """Validate the options, then build the run as a pipeline; with `write`, save the run
+    directory (config.json, with `record` added, conditions.json, clients.png)."""
+    validate(cfg, model_cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    root, out = cfg.root or os.path.join("data", cfg.dataset), Path(default_out(cfg))
+    if write and not cfg.resume and (out / "metrics.json").exists():  # never overwrite a run
+        raise FedMPTError(f"--out {out} already holds a run; continue it with --resume {out} "
+                          "or choose another --out.")
+    conditions = load_conditions(cfg.conditions, cfg.dataset)
+
+    train_set, test_set = load_data(cfg, root)
+    cfg, client_splits, client_names = make_clients(cfg, train_set)
+    print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
+
+    backbone = load_backbone(cfg, device)
+    if cfg.resume and read_config(cfg.resume)[2].get("backbone_sha256") not in (None, backbone.fingerprint()):
+        raise FedMPTError(f"--resume {cfg.resume}: the run was trained on other {cfg.clip} weights "
+                          "than the ones found now; resume it with the same backbone file.")
+    train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
+
+    torch.manual_seed(cfg.seed)
+    attributes = method_attributes(cfg, train_set.classes)
+    model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
+
+    bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
+    train = data.encode_dataset(model.encode_images, train_set, device=device, progress=bar("train"))
+    test = data.encode_dataset(model.encode_images, test_set, device=device, progress=bar("test"))
+
+    top_k = min(3, len(train_set.classes))
+    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
+                                       test_set.targets, top_k=top_k)
+    v = test[0] if model.inputs_start_with_v else data.encode_dataset(
+        lambda x: backbone.encode_image_tokens(x)[:1], test_set, device=device, progress=bar("zero-shot"))[0]
+    scores = zero_shot_scores(backbone, v, train_set.classes)
+    zero_shot = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)["mAP"]}
+    if test_set.biased_pairs:
+        bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
+        zero_shot.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
+
+    resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
+                "device_used": device, "out": str(out), "classes": train_set.classes,
+                "condition_set": conditions, "attribute_source": (attributes or {}).get("source"),
+                "tunable_params": sum(t.numel() for t in model.tunable_state().values()),
+                "backbone_sha256": backbone.fingerprint(),
+                "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
+                "label_skew": splits.label_skew(train_set.targets, client_splits),
+                "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
+    print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
+    print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
+    if write:
+        if not cfg.resume:
+            write_json_atomic(out / "config.json", resolved)
+            write_json_atomic(out / "conditions.json", conditions)  # what --resume reads back
+            if attributes:
+                write_json_atomic(out / "attributes.json", attributes)
+        splits.plot_client_distributions(train_set.targets, client_splits, train_set.classes,
+                                         out / "clients.png", names=client_names)
+    return Experiment(cfg, model_cfg, out, model, client_splits, (train, train_set.targets),
+                      (test, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs)
+
+
+# ---- Evaluation ---------------------------------------------------------------------------
+@torch.no_grad()
+def predict_scores(model, inputs, batch_size=256):
+    """Probabilities (n, C) for cached inputs; the text side is encoded once."""
+    T = model.text_features()
+    return torch.cat([torch.sigmoid(model(*[x[i:i + batch_size].to(model.device) for x in inputs], T=T)).cpu()
+                      for i in range(0, len(inputs[0]), batch_size)])
+
+
+def evaluate_global(exp: Experiment) -> dict:
+    """Metrics of the model's current state on the test images."""
+    inputs, y = exp.test
+    scores = predict_scores(exp.model, inputs)
+    result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
+    if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
+        bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
+        result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
+    return result
+
+
+def reference_scores(exp: Experiment) -> dict:
+    """What round 0 of metrics.json also carries: the label prior and the zero-shot backbone."""
+    return {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
+            **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}
