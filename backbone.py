@@ -107,12 +107,18 @@ class FrozenCLIP(nn.Module):
         return visual.ln_pre(x)
 
     @staticmethod
-    def run_blocks(blocks, x, after=None):
+    def run_blocks(blocks, x, after=None, attn_mask=None):
         """x (B, L, W) through CLIP residual attention blocks; `after(i, x)` may change the
-        tokens after block i (deep prompts, adapters)."""
+        tokens after block i (deep prompts, adapters). `attn_mask` (L, L) replaces the blocks'
+        own mask (the text blocks hold a causal mask of the full context length)."""
         x = x.permute(1, 0, 2)  # CLIP's blocks are sequence-first
         for i, block in enumerate(blocks):
-            x = block(x)
+            if attn_mask is None:
+                x = block(x)
+            else:  # CLIP's ResidualAttentionBlock.forward, with this mask
+                y = block.ln_1(x)
+                x = x + block.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
+                x = x + block.mlp(block.ln_2(x))
             if after is not None:
                 x = after(i, x.permute(1, 0, 2)).permute(1, 0, 2)
         return x.permute(1, 0, 2)
@@ -157,9 +163,13 @@ class FrozenCLIP(nn.Module):
 
     def encode_prompts(self, embeddings: torch.Tensor, eot: torch.Tensor, after=None) -> torch.Tensor:
         """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D); `after` as
-        in run_blocks."""
+        in run_blocks. Exact and short: the text transformer is causal, so no position after an
+        end token changes that end token's output; only the first max(eot) + 1 positions run,
+        under the causal mask cut to them (equal to CLIP's encode_text on the same tokens)."""
         m = self.model
-        x = self.run_blocks(m.transformer.resblocks, embeddings + m.positional_embedding, after)
+        n = int(eot.max()) + 1  # positions that matter, for every prompt of the batch
+        mask = torch.full((n, n), float("-inf"), dtype=embeddings.dtype, device=embeddings.device).triu(1)
+        x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
         x = m.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection
 

@@ -1,5 +1,5 @@
 """Datasets and their frozen features: `load_dataset` by name, CLIP's preprocessing, and
-`encode_dataset`. Each on-disk layout has its loader in loaders/ (voc, coco, nuswide, folder);
+`encode_dataset` with its on-disk feature store. Each on-disk layout has its loader in loaders/ (voc, coco, nuswide, folder);
 the offline shapes world (shapes/world.py) is written in the VOC layout. Client splits: splits.py.
 
 Every dataset yields `(image, target)` with `target` (C,) in {1, 0, -1}: present, absent,
@@ -7,8 +7,16 @@ ignored (VOC: the class appears only on objects marked "difficult"); `image` is 
 `transform(image)` when a transform is set. `classes` lists the names in target order and
 `targets` holds all targets, (n_images, C).
 """
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 from torchvision import transforms
+from tqdm import tqdm
 
 from errors import FedMPTError
 from loaders.base import UNREADABLE, check_images  # noqa: F401 (for callers of data)
@@ -64,14 +72,111 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
     raise FedMPTError(f"--dataset {name}: unknown; choose one of {', '.join(DATASETS)}.")
 
 
-# ---- Frozen features ----------------------------------------------------------------------
+# ---- Frozen features: encoded once per key, kept on disk ----------------------------------
+def cache_root(cache_dir: str = "") -> Path:
+    """--cache-dir, else $FEDMPT_CACHE, else ~/.cache/fedmpt."""
+    return Path(cache_dir or os.environ.get("FEDMPT_CACHE") or Path.home() / ".cache" / "fedmpt").expanduser()
+
+
+def images_digest(dataset) -> str:
+    """sha256 of a dataset's image list and targets: a key that changes when either does."""
+    digest = hashlib.sha256(json.dumps([str(path) for path in dataset.images]).encode())
+    digest.update(dataset.targets.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def store_key(backbone_sha256, dataset, kind: str) -> dict:
+    """What the frozen inputs of a split depend on, and nothing else (not the seed or method)."""
+    return {"backbone_sha256": backbone_sha256, "dataset": dataset.name, "split": dataset.split,
+            "images": images_digest(dataset), "preprocessing": repr(dataset.transform), "inputs": kind}
+
+
+def as_float16(outputs) -> list:
+    return [x.detach().to("cpu", torch.float16).numpy() for x in outputs]
+
+
 @torch.no_grad()
-def encode_dataset(encode, dataset, batch_size=64, device="cpu", progress=None):
+def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, device="cpu", workers=0, log=print):
     """`encode(images)` (a method's frozen inputs, e.g. FedMPT's v (B, D) and P (B, N, D)) of
-    every image, computed once and kept in host memory: a tuple of tensors (n_images, ...)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    parts = []
-    for images, _ in (progress(loader) if progress else loader):
-        outputs = encode(images.to(device))
-        parts.append([x.float().cpu() if x.dtype != torch.float16 else x.cpu() for x in outputs])
-    return tuple(torch.cat(column) for column in zip(*parts))
+    every image, in float16. With a `key` (store_key) they live in the feature store:
+    CACHE/features/<sha256 of the key>/ holds one .npy per input, written chunk by chunk, and
+    manifest.json (the key, shapes, rows completed, file sizes); an interrupted encoding resumes
+    from its last chunk, a second run with the same key encodes nothing, two at once take turns
+    (a lock), and files that do not match their manifest are encoded again. Returns (tensors
+    (n_images, ...) memory-mapped from the store, or in memory without a key; images encoded now)."""
+    n = len(dataset)
+    if key is None:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        parts = [as_float16(encode(images.to(device))) for images, _ in batches(loader)]
+        return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*parts)), n
+    directory = cache_root(cache_dir) / "features" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run with this key waits, then reads
+        manifest = read_manifest(directory, key, n, log)
+        start = manifest["rows_completed"] if manifest else 0
+        arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="r+")
+                  for i in range(len(manifest["shapes"]))] if manifest else None
+        if start < n:
+            subset = torch.utils.data.Subset(dataset, range(start, n))
+            loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                                 pin_memory=str(device).startswith("cuda"))
+            bar = tqdm(total=n, initial=start, unit="img", desc=f"encode {dataset.name} {dataset.split}", leave=False)
+            row = start
+            for images, _ in batches(loader):
+                outputs = as_float16(encode(images.to(device, non_blocking=True)))
+                if arrays is None:  # the first chunk says the shapes
+                    manifest = {"key": key, "shapes": [[n, *x.shape[1:]] for x in outputs], "dtype": "float16",
+                                "rows_completed": 0}
+                    arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=np.float16,
+                                                        shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
+                for array, x in zip(arrays, outputs):
+                    array[row:row + len(x)] = x
+                row += len(outputs[0])
+                for array in arrays:
+                    array.flush()
+                manifest["rows_completed"] = row  # after the rows are on disk: a crash loses one chunk
+                manifest["sizes"] = [(directory / f"input{i}.npy").stat().st_size for i in range(len(arrays))]
+                write_manifest(directory, manifest)
+                bar.update(len(outputs[0]))
+            bar.close()
+        del arrays
+        inputs = tuple(torch.from_numpy(np.load(directory / f"input{i}.npy", mmap_mode="c"))
+                       for i in range(len(manifest["shapes"])))
+    return inputs, n - start
+
+
+def batches(loader):
+    """The loader's batches; an error a worker raised keeps its own message (a DataLoader
+    worker's error arrives with the worker's traceback inside its message)."""
+    try:
+        yield from loader
+    except FedMPTError as error:
+        raise FedMPTError(str(error).rsplit("FedMPTError: ", 1)[-1].strip()) from None
+
+
+def read_manifest(directory: Path, key, n, log):
+    """The manifest if it and its files fit `key` (else None: start over, saying why)."""
+    path = directory / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = [directory / f"input{i}.npy" for i in range(len(manifest["shapes"]))]
+        problem = ("another key" if manifest["key"] != key else
+                   f"{manifest['shapes'][0][0]} rows, not {n}" if manifest["shapes"][0][0] != n else
+                   "a file is missing or has another size" if [f.stat().st_size if f.exists() else -1
+                                                               for f in files] != manifest["sizes"] else "")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        problem = f"unreadable manifest ({type(error).__name__})"
+    if problem:
+        log(f"note: feature store {directory} does not match its manifest ({problem}); encoding again.")
+        path.unlink(missing_ok=True)
+        return None
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict):
+    temporary = directory / f".manifest.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1))
+    os.replace(temporary, directory / "manifest.json")

@@ -9,13 +9,13 @@ conditions.json, clients.png, metrics.json (a row per round), checkpoint.pt and 
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import baselines
 import data
@@ -60,6 +60,8 @@ class Config:
     download: bool = False  # download and extract VOC2007 into --root first
     skip_unreadable: bool = False  # decode every image first; leave out and list unreadable ones
     plot: bool = False  # fedmpt: save plans.png, the transport plans and gate of a few test images
+    cache_dir: str = ""  # the feature store; default $FEDMPT_CACHE, else ~/.cache/fedmpt
+    workers: int = -1  # DataLoader workers that decode images while encoding; -1: the CPU count, at most 8
 
 
 def config_from(config_class, values: dict):
@@ -78,6 +80,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (0 < cfg.client_fraction <= 1, f"--client-fraction {cfg.client_fraction}: must lie in (0, 1]"),
               (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
               (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
+              (cfg.workers >= -1, f"--workers {cfg.workers}: -1 (automatic), 0 or more"),
               (cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive"),
               (cfg.loss in ("asl", "bce"), f"--loss {cfg.loss}: choose asl or bce"),
               (cfg.aggregate in AGGREGATE_RULES, f"--aggregate {cfg.aggregate}: choose {', '.join(AGGREGATE_RULES)}"),
@@ -118,12 +121,15 @@ def save_atomic(obj, path: Path):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path, map_location=None):
-    """torch.load of a checkpoint or state file (tensors only), with an error that names it."""
+def load_checkpoint(path: Path, map_location=None, fix="restore it from a copy"):
+    """torch.load of a checkpoint or state file (tensors only, onto `map_location`: a run
+    trained on a GPU loads on a CPU), with an error that names the file and `fix`."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise FedMPTError(f"cannot load {path} ({error}).") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        # torch's own message advises weights_only=False, which would run code from the file
+        reason = "missing" if isinstance(error, FileNotFoundError) else "truncated or damaged"
+        raise FedMPTError(f"cannot load {path}: the file is {reason} ({type(error).__name__}); {fix}.") from None
 
 
 def read_config(run_dir: str):
@@ -141,6 +147,10 @@ def resume_config(run_dir: str):
     must not change a resumed model)."""
     cfg, model_cfg, _ = read_config(run_dir)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        print("note: the run was trained with --device cuda; no CUDA device is visible here, so it "
+              "continues on the CPU.", file=sys.stderr)
+        cfg.device = "cpu"
     if cfg.conditions != "none" and (Path(run_dir) / "conditions.json").exists():
         cfg.conditions = str(Path(run_dir) / "conditions.json")
     if (Path(run_dir) / "attributes.json").exists():
@@ -252,7 +262,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
 
     backbone = load_backbone(cfg, device)
-    if cfg.resume and read_config(cfg.resume)[2].get("backbone_sha256") not in (None, backbone.fingerprint()):
+    sha256 = backbone.fingerprint()
+    if cfg.resume and read_config(cfg.resume)[2].get("backbone_sha256") not in (None, sha256):
         raise FedMPTError(f"--resume {cfg.resume}: the run was trained on other {cfg.clip} weights "
                           "than the ones found now; resume it with the same backbone file.")
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
@@ -261,16 +272,17 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     attributes = method_attributes(cfg, train_set.classes)
     model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
 
-    bar = lambda name: (lambda it: tqdm(it, desc=f"encode {name}", leave=False))
-    train = data.encode_dataset(model.encode_images, train_set, device=device, progress=bar("train"))
-    test = data.encode_dataset(model.encode_images, test_set, device=device, progress=bar("test"))
+    workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
+    store = lambda encode, split_set, kind: data.encode_dataset(
+        encode, split_set, data.store_key(sha256, split_set, kind), cfg.cache_dir, device=device, workers=workers)
+    (train, encoded_train), (test, encoded_test) = (store(model.encode_images, split_set, model.input_kind())
+                                                    for split_set in (train_set, test_set))
 
     top_k = min(3, len(train_set.classes))
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
                                        test_set.targets, top_k=top_k)
-    v = test[0] if model.inputs_start_with_v else data.encode_dataset(
-        lambda x: backbone.encode_image_tokens(x)[:1], test_set, device=device, progress=bar("zero-shot"))[0]
-    scores = zero_shot_scores(backbone, v, train_set.classes)
+    v = test[0] if model.inputs_start_with_v else store(lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v")[0][0]
+    scores = zero_shot_scores(backbone, v.float(), train_set.classes)
     zero_shot = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)["mAP"]}
     if test_set.biased_pairs:
         bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
@@ -280,7 +292,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 "device_used": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "attribute_source": (attributes or {}).get("source"),
                 "tunable_params": sum(t.numel() for t in model.tunable_state().values()),
-                "backbone_sha256": backbone.fingerprint(),
+                "backbone_sha256": sha256, "feature_cache": str(data.cache_root(cfg.cache_dir)),
+                "encoded_images": encoded_train + encoded_test,
                 "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
                 "label_skew": splits.label_skew(train_set.targets, client_splits),
                 "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
@@ -303,7 +316,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
 def predict_scores(model, inputs, batch_size=256):
     """Probabilities (n, C) for cached inputs; the text side is encoded once."""
     T = model.text_features()
-    return torch.cat([torch.sigmoid(model(*[x[i:i + batch_size].to(model.device) for x in inputs], T=T)).cpu()
+    return torch.cat([torch.sigmoid(model(*[x[i:i + batch_size].to(model.device).float() for x in inputs], T=T)).cpu()
                       for i in range(0, len(inputs[0]), batch_size)])
 
 

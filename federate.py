@@ -23,13 +23,15 @@ import json
 import math
 import sys
 import time
+import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import data
-from errors import FedMPTError
+from errors import FedMPTError, RunFailed
 from experiment import (AGGREGATE_RULES, Config, Experiment, config_from, count_params, evaluate_global,
                         load_checkpoint, reference_scores, resume_config, save_atomic, setup, write_json_atomic)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
@@ -86,7 +88,7 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
     for _ in range(cfg.local_epochs):
         order = indices[torch.randperm(len(indices), generator=generator)]
         for batch in order.split(cfg.batch_size):
-            batch_inputs = [x[batch].to(model.device) for x in inputs]  # features live in host memory
+            batch_inputs = [x[batch].to(model.device).float() for x in inputs]  # float16, in the store
             loss = model.loss(batch_inputs, targets[batch].to(model.device), loss_fn)
             optimizer.zero_grad()
             loss.backward()
@@ -175,8 +177,10 @@ def record_round(exp: Experiment, history: list, round_index, loss, seconds, ext
 
 
 def run_round(round_index, model, global_state, features, client_splits, sampled, cfg, log):
-    """Train the sampled clients, drop the ones that fail or send a bad update, aggregate the
-    rest. Returns (new global state, mean loss, number aggregated, rejected client ids)."""
+    """Train the sampled clients, leave out the ones that send a bad update (non-finite, wrong
+    keys or shapes: bad data), aggregate the rest. A client whose training raises (out of
+    memory, a bug) stops the run: RunFailed. Returns (new global state, mean loss, number
+    aggregated, rejected client ids)."""
     inputs, targets = features
     lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
     states, sizes, losses, rejected = [], [], [], []
@@ -184,10 +188,11 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
         generator = client_generator(cfg, round_index, client)
         try:
             state, n, loss = local_train(model, global_state, inputs, targets, client_splits[client], cfg, lr, generator)
-        except Exception as error:  # a crashing client must not end the federation
-            log(f"round {round_index}: client {client} failed ({type(error).__name__}: {error}); left out")
-            rejected.append(client)
-            continue
+        except Exception as error:  # in one process a failing update is a failing run: stop it
+            oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
+                or "can't allocate memory" in str(error)
+            raise RunFailed(f"round {round_index}, client {client}: {type(error).__name__}: {error}"
+                            + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
         problem = validate_update(state, global_state)
         if problem:
             log(f"round {round_index}: client {client} update rejected: {problem}")
@@ -203,14 +208,18 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
 
 # ---- The loop -----------------------------------------------------------------------------
 def run(cfg: Config, model_cfg: ModelConfig):
+    checkpoint = None
     if cfg.resume:
         cfg, model_cfg = resume_config(cfg.resume)
+        path = Path(cfg.resume) / "checkpoint.pt"  # read before the long setup: a damaged one fails fast
+        if path.exists():
+            checkpoint = load_checkpoint(path, "cpu", "restore it, or delete it to train the run again "
+                                         "from round 0 with --resume")
     exp = setup(cfg, model_cfg, record={"engine": "plain"})
     cfg, model, out = exp.cfg, exp.model, exp.out
     global_state, history, first_round = model.tunable_state(), [], 1
     rng = np.random.default_rng(cfg.seed)
-    if cfg.resume and (out / "checkpoint.pt").exists():
-        checkpoint = load_checkpoint(out / "checkpoint.pt")
+    if checkpoint is not None:
         model.load_tunable_state(checkpoint["global_state"])
         global_state, history = model.tunable_state(), checkpoint["history"]
         rng.bit_generator.state = checkpoint["rng_state"]
@@ -225,8 +234,14 @@ def run(cfg: Config, model_cfg: ModelConfig):
     for round_index in range(first_round, cfg.rounds + 1):
         start = time.time()
         sampled = sample_clients(rng, cfg)
-        global_state, loss, n_aggregated, rejected = run_round(
-            round_index, model, global_state, exp.train, exp.splits, sampled, cfg, tqdm.write)
+        try:
+            global_state, loss, n_aggregated, rejected = run_round(
+                round_index, model, global_state, exp.train, exp.splits, sampled, cfg, tqdm.write)
+        except RunFailed as failure:
+            (out / "error.log").write_text("".join(traceback.format_exception(failure.__cause__)))
+            kept = f"checkpoint.pt keeps round {round_index - 1}" if round_index > 1 else "no round finished"
+            raise RunFailed(f"{failure} (traceback in {out / 'error.log'}; {kept}; fix the cause and "
+                            f"continue with --resume {out})") from failure.__cause__
         model.load_tunable_state(global_state)
         record_round(exp, history, round_index, loss, time.time() - start, rng=rng, extra={
             "clients_aggregated": n_aggregated, "clients_rejected": rejected, "failed": n_aggregated == 0})
@@ -266,6 +281,9 @@ def main(argv=None):
     except FedMPTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

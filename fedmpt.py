@@ -63,7 +63,7 @@ class ModelConfig:
 class PromptModel(nn.Module):
     """What the federated loop asks of a method (FedMPT below, the baselines in baselines/):
 
-    encode_images(images) -> tuple   the frozen inputs of a batch, computed once per run
+    encode_images(images) -> tuple   the frozen inputs of a batch, computed once (input_kind names them)
     text_features()                  the text side, reused over a whole evaluation
     forward(*inputs, T=None)         logits (B, C); sigmoid gives the probabilities
     loss(inputs, targets, loss_fn)   the training loss of a batch
@@ -74,6 +74,11 @@ class PromptModel(nn.Module):
 
     def encode_images(self, images):
         return self.backbone.encode_image_tokens(images)
+
+    def input_kind(self) -> str:
+        """Names what encode_images returns: methods that read the same frozen inputs share
+        them in the feature store (data.encode_dataset)."""
+        return "v,P"
 
     def text_features(self):
         return None

@@ -270,7 +270,10 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
         attributes=absolute(cfg.attributes))  # app bundles carry no .pt
     flower_dir = Path(cfg.out) / "flower"  # logs, Flower's home, the SuperNodes' caches
     flower_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1",
+           # the components start each other by name (flower-superexec): this interpreter's bin
+           # directory first, so a virtual environment works without being activated
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     superlink = flower_cfg.superlink
     connection = superlink if superlink and ":" not in superlink else "fedmpt"
     if connection == "fedmpt":  # a private Flower home; a connection name uses the user's (TLS settings)

@@ -40,7 +40,8 @@ def load_run(run_dir: str, device: str = "cpu"):
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
     path = state_path if state_path.exists() else checkpoint_path
-    state = load_checkpoint(path, map_location=device)  # a GPU-trained run loads on a CPU too
+    state = load_checkpoint(path, device, "train the run again, or continue an unfinished one with "
+                            f"`python federate.py --resume {run_dir}`")  # a GPU-trained run loads on a CPU too
     state = state if path == state_path else state["global_state"]
     model.load_tunable_state(state)
     return cfg, saved, model
@@ -80,9 +81,11 @@ class ImageFiles(torch.utils.data.Dataset):
 def score_images(model, files, batch_size=64):
     """Probabilities (n_images, C), through the same frozen encoding as training."""
     dataset = ImageFiles(files, data.clip_transform(model.backbone.resolution))
-    progress = (lambda it: tqdm(it, desc="predict", leave=False)) if len(files) > batch_size else None
-    inputs = data.encode_dataset(model.encode_images, dataset, batch_size, model.device, progress)
-    return predict_scores(model, inputs)
+    batches = range(0, len(files), batch_size)
+    inputs = [data.encode_dataset(model.encode_images, torch.utils.data.Subset(dataset, range(i, min(i + batch_size, len(files)))),
+                                  batch_size=batch_size, device=model.device)[0]
+              for i in (tqdm(batches, desc="predict", leave=False) if len(batches) > 1 else batches)]
+    return predict_scores(model, [torch.cat(column) for column in zip(*inputs)])
 
 
 def parse_options(argv):
@@ -143,8 +146,8 @@ def evaluate(args):
         raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
                           f"{root} has {list(test_set.classes)}.")
     test_set.transform = data.clip_transform(model.backbone.resolution)
-    inputs = data.encode_dataset(model.encode_images, test_set, device=model.device,
-                                 progress=lambda it: tqdm(it, desc="encode test", leave=False))
+    key = data.store_key(saved.get("backbone_sha256") or model.backbone.fingerprint(), test_set, model.input_kind())  # training's test features
+    inputs, _ = data.encode_dataset(model.encode_images, test_set, key, cfg.cache_dir, device=model.device)
     result = metrics.multilabel_metrics(predict_scores(model, inputs), test_set.targets,
                                         top_k=min(3, len(test_set.classes)))
     summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}

@@ -69,6 +69,9 @@ class FedMVP(PromptModel):
         grid = self.backbone.resnet_grid(images)
         return self.backbone.resnet_head(grid)[0], grid
 
+    def input_kind(self):
+        return "v,images" if self.backbone.is_vit else "v,grid"
+
     def text_features(self):
         return encode_class_prompts(self.backbone, self.prompts)
 

@@ -32,6 +32,9 @@ class FedMaPLe(PromptModel):
         """ViT: the images themselves (float16, to halve the cache); ResNet: the last grid."""
         return (images.half(),) if self.backbone.is_vit else (self.backbone.resnet_grid(images),)
 
+    def input_kind(self):
+        return "images" if self.backbone.is_vit else "grid"
+
     def text_features(self):
         C, M = self.prompts.shape[1], self.n_ctx
 

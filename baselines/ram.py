@@ -71,6 +71,9 @@ class FedRAM(PromptModel):
         blocks = self.backbone.model.visual.transformer.resblocks
         return (self.backbone.run_blocks(blocks[:len(blocks) - self.n_image], self.backbone.vit_tokens(images)).half(),)
 
+    def input_kind(self):
+        return f"tokens before the last {self.n_image} blocks" if self.backbone.is_vit else "grid"
+
     def text_features(self):
         first = len(self.backbone.model.transformer.resblocks) - self.n_text
         adapt = lambda i, x: self.text_adapters[i - first](x) if i >= first else x

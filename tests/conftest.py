@@ -10,3 +10,17 @@ def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     shapes.generate_shapes_dataset(root)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory):
+    """The feature store of this test session (never ~/.cache): runs, and the processes they
+    start, find it in $FEDMPT_CACHE."""
+    import os
+    path = tmp_path_factory.mktemp("feature-cache")
+    previous, os.environ["FEDMPT_CACHE"] = os.environ.get("FEDMPT_CACHE"), str(path)
+    yield path
+    if previous is None:
+        del os.environ["FEDMPT_CACHE"]
+    else:
+        os.environ["FEDMPT_CACHE"] = previous

@@ -1,5 +1,7 @@
 """Runs that survive faults: kill and resume, failing and malicious clients, bad input."""
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import federate
+import predict
 import splits as client_splitting
 from conditions import load_conditions
 
@@ -68,7 +71,6 @@ def faulty(behaviour):
 
 
 @pytest.mark.parametrize("name, behaviour, reason", [
-    ("raises", lambda s: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")), "failed"),
     ("nan", lambda s: {**s, "prompts.context": s["prompts.context"] * float("nan")}, "non-finite"),
     ("shape", lambda s: {**s, "prompts.context": s["prompts.context"][:, :1]}, "shape"),
     ("keys", lambda s: {k: v for k, v in s.items() if k != "gate.mlp.0.bias"}, "keys differ"),
@@ -86,15 +88,85 @@ def test_bad_client_is_left_out_and_the_rest_aggregate(shapes_root, tmp_path, mo
     assert len(log) == 2 and all(reason in line for line in log), log  # one line per round, with the reason
 
 
-def test_round_where_every_client_fails_keeps_the_global_state(shapes_root, tmp_path, monkeypatch):
+def test_round_where_every_update_is_rejected_keeps_the_global_state(shapes_root, tmp_path, monkeypatch):
+    honest = federate.local_train
+
     def broken(*args):
-        raise RuntimeError("disk full")
+        state, n, loss = honest(*args)
+        return {k: v * float("nan") for k, v in state.items()}, n, loss
     monkeypatch.setattr(federate, "local_train", broken)
     history = run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2", "--batch-size", "128")
     assert history[1]["failed"] and history[1]["clients_aggregated"] == 0
     assert history[1]["mAP"] == history[0]["mAP"]
     saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert saved[1]["failed"] is True
+
+
+def test_a_client_that_raises_stops_the_run_and_resume_continues(shapes_root, tmp_path, monkeypatch, capsys):
+    """Out of memory (or a bug) in local training is not a remote fault: the run stops with
+    exit 1 naming the round and the client, writes no row for that round, keeps the last
+    checkpoint, and --resume continues once the cause is gone."""
+    honest, calls = federate.local_train, []
+
+    def out_of_memory_in_round_2(*args):
+        calls.append(1)
+        if len(calls) == 5:  # 3 clients a round: round 2, its second client
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return honest(*args)
+    monkeypatch.setattr(federate, "local_train", out_of_memory_in_round_2)
+    out = tmp_path / "crash"
+    options = ["--root", str(shapes_root), "--rounds", "3", "--clients", "3", "--batch-size", "128"]
+    assert federate.main([*options, "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: round 2, client 1: RuntimeError") and "--batch-size" in error and "--resume" in error
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [0, 1]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
+    assert "CUDA out of memory" in (out / "error.log").read_text()
+
+    monkeypatch.setattr(federate, "local_train", honest)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "device": "cuda"}))  # as if trained on a GPU
+    assert federate.main(["--resume", str(out)]) == 0
+    history = json.loads((out / "metrics.json").read_text())
+    assert [row["round"] for row in history] == [0, 1, 2, 3] and not any(row.get("failed") for row in history)
+    if not torch.cuda.is_available():
+        assert "continues on the CPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_a_cuda_run_resumes_and_evaluates_on_a_machine_without_cuda(shapes_root, tmp_path):
+    out = tmp_path / "gpu"
+    trained = cli("--root", str(shapes_root), "--rounds", "1", "--clients", "2", "--batch-size", "128",
+                  "--device", "cuda", "--out", str(out))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rounds": 2}))  # one more round to train
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    results = [subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], capture_output=True,
+                              text=True, timeout=300, cwd=REPO, env=cpu_only)
+               for command in (["federate.py", "--resume", str(out)], ["predict.py", "--run", str(out), "--evaluate"])]
+    assert all(result.returncode == 0 for result in results), [r.stderr[-2000:] for r in results]
+    assert "continues on the CPU" in results[0].stderr
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [0, 1, 2]
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(shapes_root, tmp_path, capsys):
+    finished = tmp_path / "run"
+    run(shapes_root, finished, "--rounds", "1", "--clients", "2", "--batch-size", "128")
+    for damage in ["garbage", "truncated", "empty"]:
+        out = tmp_path / damage
+        shutil.copytree(finished, out)
+        for name in ["checkpoint.pt", "state.pt"]:
+            data = (out / name).read_bytes()
+            (out / name).write_bytes({"garbage": b"not a checkpoint" * 40, "truncated": data[:len(data) // 2],
+                                      "empty": b""}[damage])
+        capsys.readouterr()
+        assert federate.main(["--resume", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert "checkpoint.pt" in error and "--resume" in error and "weights_only" not in error
+        assert predict.main(["--run", str(out), "x.jpg"]) == 2
+        error = capsys.readouterr().err
+        assert "state.pt" in error and "weights_only" not in error
 
 
 def client_states(n=5, seed=0):

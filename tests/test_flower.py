@@ -57,12 +57,12 @@ def alive(pid: int) -> bool:
 class FlowerRun:
     """`python flower_app.py ...` in a subprocess, watching every process it starts."""
 
-    def __init__(self, out: Path, *options):
+    def __init__(self, out: Path, *options, env=None):
         self.out, self.log_path, self.seen = out, out.with_suffix(".log"), set()
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(REPO / "flower_app.py"), "--out", str(out), *options],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD},
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD, **(env or {})},
                 # a shell that started the tests in the background ignores SIGINT, and children
                 # inherit that; Ctrl-C must reach this run as it does in a terminal
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -108,8 +108,8 @@ class FlowerRun:
 def flower_run():
     runs = []
 
-    def start(out, *options):
-        runs.append(FlowerRun(out, *options))
+    def start(out, *options, env=None):
+        runs.append(FlowerRun(out, *options, env=env))
         return runs[-1]
     yield start
     for run in runs:
@@ -164,8 +164,12 @@ def test_a_supernode_killed_mid_run_is_left_out_and_the_run_goes_on(shapes_root,
 
 def test_a_failed_server_app_exits_2_with_flowers_status(shapes_root, tmp_path, flower_run):
     # launch cannot see that the condition file is missing; the ServerApp's setup fails on it
+    # started as from a virtual environment that is not activated: Flower's commands are not on
+    # PATH, only beside the interpreter (launch puts that directory first for its processes)
+    bare = {"PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                    if not (Path(p) / "flower-superexec").exists())}
     run = flower_run(tmp_path / "failed", "--root", str(shapes_root), "--clients", "1", "--rounds", "1",
-                     "--conditions", str(tmp_path / "missing.json"))
+                     "--conditions", str(tmp_path / "missing.json"), env=bare)
     assert run.finish() == 2
     error = run.output().splitlines()[-1]
     assert error.startswith("error: the Flower run") and "finished:failed" in error and "missing.json" in error

@@ -24,7 +24,7 @@ def pick_images(targets: torch.Tensor, n: int) -> list:
 def plot_transport(model, dataset, inputs, conditions, classes, path, n_images=4):
     """Save the picture to `path` and return the per-image numbers it shows."""
     indices = pick_images(dataset.targets, n_images)
-    v, P = (x[indices].to(model.device) for x in inputs)
+    v, P = (x[indices].to(model.device).float() for x in inputs)
     logits, Q, g = model.explain(v, P)
     probs = torch.sigmoid(logits).cpu()
     K, side = len(conditions), int(math.isqrt(P.shape[1]))

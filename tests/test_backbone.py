@@ -1,0 +1,61 @@
+"""The frozen CLIP's text side runs only the positions that matter, and stays exact."""
+import clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import experiment
+from backbone import FrozenCLIP, load_clip
+from conditions import load_conditions
+from fedmpt import ModelConfig
+from shapes.model import load_shapes_clip
+
+CLASSES = ["circle", "square", "triangle", "potted plant"]
+
+
+def full_length_features(backbone: FrozenCLIP, embeddings, eot, after=None):
+    """The reference: all context positions, under the blocks' own (full) causal mask."""
+    m = backbone.model
+    x = m.ln_final(backbone.run_blocks(m.transformer.resblocks, embeddings + m.positional_embedding, after))
+    return x[torch.arange(len(x)), eot] @ m.text_projection
+
+
+@pytest.mark.parametrize("name", ["tiny", "shapes"])
+def test_short_text_encoding_equals_clips_encode_text(name):
+    model = load_clip("tiny") if name == "tiny" else load_shapes_clip()
+    backbone = FrozenCLIP(model)
+    texts = ["a photo of a circle.", "a large red square on the left.", "x"]
+    tokens = clip.tokenize(texts, context_length=model.context_length)
+    with torch.no_grad():
+        expected = F.normalize(model.encode_text(tokens), dim=-1)
+    assert int(tokens.argmax(-1).max()) + 1 < model.context_length  # the short path is taken
+    assert torch.allclose(backbone.encode_texts(texts), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fedmpt", "fed-maple", "fed-ram"])
+def test_short_prompts_equal_the_full_context_with_learned_tokens_and_deep_changes(method):
+    """Learned contexts (FedMPT), deep prompts replacing tokens (MaPLe), adapters on every
+    token (RAM): each method's text features equal those computed over all positions."""
+    torch.manual_seed(0)
+    backbone = FrozenCLIP(load_clip("tiny"))
+    model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "shapes"), ModelConfig())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # away from the zero-initialised start
+        short = model.text_features()
+        backbone.encode_prompts = lambda e, eot, after=None: full_length_features(backbone, e, eot, after)
+        full = model.text_features()
+    assert short.shape == full.shape and torch.allclose(short, full, atol=1e-5)
+
+
+def test_short_encoding_keeps_gradients_to_the_contexts():
+    torch.manual_seed(0)
+    backbone = FrozenCLIP(load_clip("tiny"))
+    model = experiment.build_model("fedmpt", backbone, CLASSES, load_conditions("", "shapes"), ModelConfig())
+    embeddings, eot = model.prompts()
+    short = backbone.encode_prompts(embeddings, eot)
+    full = full_length_features(backbone, embeddings, eot)
+    (grad_short,) = torch.autograd.grad(short.square().sum(), model.prompts.context)
+    (grad_full,) = torch.autograd.grad(full.square().sum(), model.prompts.context)
+    assert torch.allclose(grad_short, grad_full, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,109 @@
+"""The feature store: each split's frozen inputs are encoded once per key, resume after an
+interruption, survive two writers, and are encoded again when their files do not fit."""
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import federate
+
+
+class Images(torch.utils.data.Dataset):
+    """20 random 'images' (8 numbers each), with the attributes a store key reads."""
+    name, split, transform = "toy", "train", None
+
+    def __init__(self, n=20):
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(n, 8, generator=generator)
+        self.images = [f"image-{i}.jpg" for i in range(n)]
+        self.targets = (torch.rand(n, 3, generator=generator) < 0.5).long()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.pixels[i], self.targets[i]
+
+
+class Encoder:
+    """v = 2x, P = x stacked twice; counts the images it encoded; may fail at a chosen call."""
+
+    def __init__(self, fail_at_call=None):
+        self.images, self.calls, self.fail_at_call = 0, 0, fail_at_call
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise KeyboardInterrupt  # as Ctrl-C mid-encoding
+        self.images += len(x)
+        return 2 * x, torch.stack([x, x], dim=1)
+
+
+def encode(dataset, encoder, cache, kind="v,P", batch_size=6):
+    key = data.store_key("backbone-sha", dataset, kind)
+    return data.encode_dataset(encoder, dataset, key, str(cache), batch_size=batch_size)
+
+
+def test_a_split_is_encoded_once_per_key_and_read_back_in_float16(tmp_path):
+    dataset, first, again = Images(), Encoder(), Encoder()
+    (v, P), encoded = encode(dataset, first, tmp_path)
+    assert encoded == 20 and first.images == 20 and v.dtype == P.dtype == torch.float16
+    assert torch.equal(v, (2 * dataset.pixels).half()) and P.shape == (20, 2, 8)
+    (v_again, P_again), encoded = encode(dataset, again, tmp_path)
+    assert encoded == 0 and again.calls == 0 and torch.equal(v, v_again) and torch.equal(P, P_again)
+    _, encoded = encode(dataset, Encoder(), tmp_path, kind="another input")  # another key
+    assert encoded == 20
+    manifest = json.loads(next(tmp_path.glob("features/*/manifest.json")).read_text())
+    assert manifest["rows_completed"] == 20 and manifest["dtype"] == "float16"
+
+
+def test_an_interrupted_encoding_resumes_from_its_last_chunk(tmp_path):
+    dataset = Images()
+    with pytest.raises(KeyboardInterrupt):
+        encode(dataset, Encoder(fail_at_call=3), tmp_path)  # two chunks of 6 are on disk
+    resumed = Encoder()
+    (v, P), encoded = encode(dataset, resumed, tmp_path)
+    assert encoded == resumed.images == 8  # rows 12..19 only
+    (v_straight, P_straight), _ = encode(dataset, Encoder(), tmp_path / "straight")
+    assert torch.equal(v, v_straight) and torch.equal(P, P_straight)
+
+
+def test_files_that_do_not_match_their_manifest_are_encoded_again(tmp_path, capsys):
+    dataset = Images()
+    encode(dataset, Encoder(), tmp_path)
+    array = next(tmp_path.glob("features/*/input1.npy"))
+    array.write_bytes(array.read_bytes()[:100])  # truncated
+    messages = []
+    key = data.store_key("backbone-sha", dataset, "v,P")
+    (v, P), encoded = data.encode_dataset(Encoder(), dataset, key, str(tmp_path), batch_size=6, log=messages.append)
+    assert encoded == 20 and "encoding again" in messages[0] and torch.equal(P[:, 0], dataset.pixels.half())
+
+
+def test_two_writers_of_one_key_take_turns(tmp_path):
+    dataset, results, encoders = Images(), [None, None], [Encoder(), Encoder()]
+
+    def one(i):
+        results[i] = encode(dataset, encoders[i], tmp_path)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r[1] for r in results) == [0, 20] and encoders[0].images + encoders[1].images == 20
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+
+
+def test_a_second_run_with_another_seed_or_method_encodes_nothing(shapes_root, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--root", str(shapes_root), "--rounds", "1", "--clients", "2", "--batch-size", "128", "--cache-dir", str(cache)]
+    runs = [("first", []), ("seed", ["--seed", "1"]), ("method", ["--method", "fed-dualcoop"])]
+    for name, extra in runs:
+        assert federate.main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name, _ in runs]
+    assert configs[0]["encoded_images"] == 2300 and [c["encoded_images"] for c in configs[1:]] == [0, 0]
+    assert all(c["feature_cache"] == str(cache) for c in configs)
+    shapes = sorted(np.load(path, mmap_mode="r").shape for path in cache.glob("features/*/input*.npy"))
+    assert shapes == sorted([(800, 128), (800, 9, 128), (1500, 128), (1500, 9, 128)])  # (v, P) of train, test
