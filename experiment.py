@@ -246,9 +246,14 @@ def zero_shot_scores(backbone: FrozenCLIP, v: torch.Tensor, classes) -> torch.Te
     return torch.nn.functional.normalize(v, dim=-1) @ text.T
 
 
-def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict = None) -> Experiment:
+def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict = None,
+          client: int = None, train: bool = True, test: bool = True) -> Experiment:
     """Validate the options, then build the run as a pipeline; with `write`, save the run
-    directory (config.json, with `record` added, conditions.json, clients.png)."""
+    directory (config.json, with `record` added, conditions.json, clients.png). The frozen
+    inputs come from the feature store: every training image's, or with `client` only that
+    client's (a Flower SuperNode; exp.train then holds its images alone); without `train` or
+    `test` none of that split's (the Flower server trains no client, a SuperNode needs no test
+    set nor reference scores)."""
     validate(cfg, model_cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     root, out = cfg.root or os.path.join("data", cfg.dataset), Path(default_out(cfg))
@@ -260,6 +265,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     train_set, test_set = load_data(cfg, root)
     cfg, client_splits, client_names = make_clients(cfg, train_set)
     print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
+    if client is not None and not 0 <= client < len(client_splits):
+        raise FedMPTError(f"client {client}: this run has {len(client_splits)} clients, 0 to {len(client_splits) - 1}.")
 
     backbone = load_backbone(cfg, device)
     sha256 = backbone.fingerprint()
@@ -273,27 +280,36 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
 
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
-    store = lambda encode, split_set, kind: data.encode_dataset(
-        encode, split_set, data.store_key(sha256, split_set, kind), cfg.cache_dir, device=device, workers=workers)
-    (train, encoded_train), (test, encoded_test) = (store(model.encode_images, split_set, model.input_kind())
-                                                    for split_set in (train_set, test_set))
+    encoded = []
+
+    def store(encode, split_set, kind):
+        inputs, n = data.encode_dataset(encode, split_set, data.store_key(sha256, split_set, kind), cfg.cache_dir,
+                                        device=device, workers=workers)
+        encoded.append(n)
+        return inputs
+    train_part = train_set if client is None else train_set.subset(client_splits[client])
+    train = store(model.encode_images, train_part, model.input_kind()) if train else None
 
     top_k = min(3, len(train_set.classes))
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
                                        test_set.targets, top_k=top_k)
-    v = test[0] if model.inputs_start_with_v else store(lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v")[0][0]
-    scores = zero_shot_scores(backbone, v.float(), train_set.classes)
-    zero_shot = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)["mAP"]}
-    if test_set.biased_pairs:
-        bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
-        zero_shot.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
+    test_inputs, zero_shot = None, {}
+    if test:
+        test_inputs = store(model.encode_images, test_set, model.input_kind())
+        v = test_inputs[0] if model.inputs_start_with_v else store(
+            lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v")[0]
+        scores = zero_shot_scores(backbone, v.float(), train_set.classes)
+        zero_shot = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)["mAP"]}
+        if test_set.biased_pairs:
+            bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
+            zero_shot.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
 
     resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
                 "device_used": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "attribute_source": (attributes or {}).get("source"),
                 "tunable_params": sum(t.numel() for t in model.tunable_state().values()),
                 "backbone_sha256": sha256, "feature_cache": str(data.cache_root(cfg.cache_dir)),
-                "encoded_images": encoded_train + encoded_test,
+                "encoded_images": sum(encoded),
                 "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
                 "label_skew": splits.label_skew(train_set.targets, client_splits),
                 "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
@@ -307,8 +323,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 write_json_atomic(out / "attributes.json", attributes)
         splits.plot_client_distributions(train_set.targets, client_splits, train_set.classes,
                                          out / "clients.png", names=client_names)
-    return Experiment(cfg, model_cfg, out, model, client_splits, (train, train_set.targets),
-                      (test, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs)
+    return Experiment(cfg, model_cfg, out, model, client_splits, (train, train_part.targets),
+                      (test_inputs, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs)
 
 
 # ---- Evaluation ---------------------------------------------------------------------------

@@ -100,14 +100,14 @@ def client_kit(context):
     if cache.exists():
         return client, torch.load(cache, weights_only=False), cache  # this node wrote it, for this run
     cfg = dataclasses.replace(cfg, root=str(node.get("data-root", cfg.root)),
-                              clip_weights=str(node.get("clip-weights", cfg.clip_weights)))
-    exp = setup(cfg, model_cfg, write=False)
-    if int(node["num-partitions"]) != len(exp.splits) or not 0 <= client < len(exp.splits):
+                              clip_weights=str(node.get("clip-weights", cfg.clip_weights)),
+                              cache_dir=str(node.get("feature-cache", cfg.cache_dir)))
+    exp = setup(cfg, model_cfg, write=False, client=client, test=False)  # this client's images only
+    if int(node["num-partitions"]) != len(exp.splits):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(exp.splits)} clients.")
-    split = torch.as_tensor(exp.splits[client])
     inputs, targets = exp.train
-    kit = {"model": exp.model, "inputs": [x[split] for x in inputs], "y": targets[split]}
+    kit = {"model": exp.model, "inputs": list(inputs), "y": targets}
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(kit, cache)
     return client, kit, cache
@@ -239,7 +239,8 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid, context):
     cfg, model_cfg, flower_cfg = run_options(context.run_config)
-    exp = setup(cfg, model_cfg, record={"engine": "flower", **dataclasses.asdict(flower_cfg)})
+    exp = setup(cfg, model_cfg, record={"engine": "flower", **dataclasses.asdict(flower_cfg)},
+                train=False)  # the server evaluates; it trains no client
     strategy = FedMPTStrategy(exp, flower_cfg)  # launch made every path absolute
     print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
     print(federate.TABLE_HEADER, flush=True)

@@ -1,6 +1,8 @@
 """What every dataset loader shares: an image dataset with targets in {1, 0, -1} and class
 names, the check of every image, and one message for missing files.
 """
+import copy
+
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -32,6 +34,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.images)
+
+    def subset(self, indices):
+        """This dataset restricted to `indices`, in that order (one client's images)."""
+        part = copy.copy(self)
+        part.images, part.targets = [self.images[i] for i in indices], self.targets[list(indices)]
+        part.natural_clients = None
+        return part
 
     def __getitem__(self, i):
         try:
