@@ -91,14 +91,16 @@ def store_key(backbone_sha256, dataset, kind: str) -> dict:
             "images": images_digest(dataset), "preprocessing": repr(dataset.transform), "inputs": kind}
 
 
-def as_float16(outputs) -> list:
-    return [x.detach().to("cpu", torch.float16).numpy() for x in outputs]
+def as_stored(outputs) -> list:
+    """uint8 stays uint8 (pixels); everything else is kept in float16."""
+    return [x.detach().cpu().numpy() if x.dtype == torch.uint8 else x.detach().to("cpu", torch.float16).numpy()
+            for x in outputs]
 
 
 @torch.no_grad()
 def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, device="cpu", workers=0, log=print):
     """`encode(images)` (a method's frozen inputs, e.g. FedMPT's v (B, D) and P (B, N, D)) of
-    every image, in float16. With a `key` (store_key) they live in the feature store:
+    every image, in float16 (uint8 pixels stay uint8). With a `key` (store_key) they live in the feature store:
     CACHE/features/<sha256 of the key>/ holds one .npy per input, written chunk by chunk, and
     manifest.json (the key, shapes, rows completed, file sizes); an interrupted encoding resumes
     from its last chunk, a second run with the same key encodes nothing, two at once take turns
@@ -107,7 +109,7 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
     n = len(dataset)
     if key is None:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-        parts = [as_float16(encode(images.to(device))) for images, _ in batches(loader)]
+        parts = [as_stored(encode(images.to(device))) for images, _ in batches(loader)]
         return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*parts)), n
     directory = cache_root(cache_dir) / "features" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     directory.mkdir(parents=True, exist_ok=True)
@@ -124,11 +126,11 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
             bar = tqdm(total=n, initial=start, unit="img", desc=f"encode {dataset.name} {dataset.split}", leave=False)
             row = start
             for images, _ in batches(loader):
-                outputs = as_float16(encode(images.to(device, non_blocking=True)))
+                outputs = as_stored(encode(images.to(device, non_blocking=True)))
                 if arrays is None:  # the first chunk says the shapes
-                    manifest = {"key": key, "shapes": [[n, *x.shape[1:]] for x in outputs], "dtype": "float16",
-                                "rows_completed": 0}
-                    arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=np.float16,
+                    manifest = {"key": key, "shapes": [[n, *x.shape[1:]] for x in outputs],
+                                "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0}
+                    arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=x.dtype,
                                                         shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
                 for array, x in zip(arrays, outputs):
                     array[row:row + len(x)] = x

@@ -1,12 +1,28 @@
 """What the comparison methods share: CoOp-style class prompts, region and global logits,
-seeded initial values."""
+seeded initial values, images kept as uint8 pixels."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
 from backbone import FrozenCLIP
+from data import CLIP_MEAN, CLIP_STD
 from prompts import ConditionPrompts
+
+_MEAN, _STD = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+
+
+def images_as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalised images (B, 3, H, W) back to their uint8 pixels, exactly: CLIP's
+    preprocessing normalises k / 255. Half the store of float16 images."""
+    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def images_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (or their float values) pixels (B, 3, H, W) -> CLIP-normalised float32 images."""
+    mean, std = _MEAN.to(pixels.device), _STD.to(pixels.device)
+    return (pixels.float() / 255 - mean) / std
 
 
 def class_prompts(backbone: FrozenCLIP, class_names, n_ctx, signs=2) -> ConditionPrompts:

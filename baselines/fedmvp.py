@@ -6,7 +6,8 @@ from pathlib import Path
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import class_prompts, encode_class_prompts, global_logits, seeded_normal, vision_width
+from baselines.common import (class_prompts, encode_class_prompts, global_logits, images_as_uint8, images_from_uint8,
+                              seeded_normal, vision_width)
 from data import prompt_name
 from errors import FedMPTError
 from fedmpt import PromptModel
@@ -63,9 +64,9 @@ class FedMVP(PromptModel):
         self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
 
     def encode_images(self, images):
-        """(frozen v, the images in float16) for a ViT; (frozen v, the last grid) for a ResNet."""
+        """(frozen v, the images as uint8 pixels) for a ViT; (frozen v, the last grid) for a ResNet."""
         if self.backbone.is_vit:
-            return self.backbone.encode_image_tokens(images)[0], images.half()
+            return self.backbone.encode_image_tokens(images)[0], images_as_uint8(images)
         grid = self.backbone.resnet_grid(images)
         return self.backbone.resnet_head(grid)[0], grid
 
@@ -83,7 +84,7 @@ class FedMVP(PromptModel):
         prompts = self.up(F.gelu(self.down(attended)))  # (B, M, W)
         if not self.backbone.is_vit:
             return self.backbone.resnet_head(x, prompts)[0]
-        tokens = self.backbone.vit_tokens(x.float(), prompts)
+        tokens = self.backbone.vit_tokens(images_from_uint8(x), prompts)
         return self.backbone.vit_head(self.backbone.run_blocks(self.backbone.model.visual.transformer.resblocks, tokens))[0]
 
     def forward(self, v, x, T=None):

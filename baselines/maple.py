@@ -2,7 +2,8 @@
 import torch
 import torch.nn as nn
 
-from baselines.common import class_prompts, encode_class_prompts, global_logits, seeded_normal, vision_width
+from baselines.common import (class_prompts, encode_class_prompts, global_logits, images_as_uint8, images_from_uint8,
+                              seeded_normal, vision_width)
 from fedmpt import PromptModel
 
 
@@ -29,8 +30,8 @@ class FedMaPLe(PromptModel):
                                     for _ in range(self.J if backbone.is_vit else 1))
 
     def encode_images(self, images):
-        """ViT: the images themselves (float16, to halve the cache); ResNet: the last grid."""
-        return (images.half(),) if self.backbone.is_vit else (self.backbone.resnet_grid(images),)
+        """ViT: the images themselves as uint8 pixels; ResNet: the last grid."""
+        return (images_as_uint8(images),) if self.backbone.is_vit else (self.backbone.resnet_grid(images),)
 
     def input_kind(self):
         return "images" if self.backbone.is_vit else "grid"
@@ -55,7 +56,7 @@ class FedMaPLe(PromptModel):
             if i + 1 < len(visual):
                 tokens = torch.cat([tokens[:, :-self.n_ctx], visual[i + 1].expand(len(tokens), -1, -1)], dim=1)
             return tokens
-        tokens = self.backbone.vit_tokens(x.float(), visual[0])
+        tokens = self.backbone.vit_tokens(images_from_uint8(x), visual[0])
         blocks = self.backbone.model.visual.transformer.resblocks
         return self.backbone.vit_head(self.backbone.run_blocks(blocks, tokens, deep))[0]
 

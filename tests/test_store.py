@@ -57,7 +57,7 @@ def test_a_split_is_encoded_once_per_key_and_read_back_in_float16(tmp_path):
     _, encoded = encode(dataset, Encoder(), tmp_path, kind="another input")  # another key
     assert encoded == 20
     manifest = json.loads(next(tmp_path.glob("features/*/manifest.json")).read_text())
-    assert manifest["rows_completed"] == 20 and manifest["dtype"] == "float16"
+    assert manifest["rows_completed"] == 20 and manifest["dtypes"] == ["float16", "float16"]
 
 
 def test_an_interrupted_encoding_resumes_from_its_last_chunk(tmp_path):
@@ -107,3 +107,14 @@ def test_a_second_run_with_another_seed_or_method_encodes_nothing(shapes_root, t
     assert all(c["feature_cache"] == str(cache) for c in configs)
     shapes = sorted(np.load(path, mmap_mode="r").shape for path in cache.glob("features/*/input*.npy"))
     assert shapes == sorted([(800, 128), (800, 9, 128), (1500, 128), (1500, 9, 128)])  # (v, P) of train, test
+
+
+def test_images_are_stored_as_their_exact_uint8_pixels():
+    from PIL import Image
+    from baselines.common import images_as_uint8, images_from_uint8
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    transform = data.clip_transform(32)
+    images = torch.stack([transform(Image.fromarray(p)) for p in pixels])  # CLIP-normalised (2, 3, 32, 32)
+    stored = images_as_uint8(images)
+    assert stored.dtype == torch.uint8 and torch.allclose(images_from_uint8(stored), images, atol=1e-6)
+    assert torch.equal(images_from_uint8(stored.float()), images_from_uint8(stored))  # as a batch gathers them
