@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 # MLRSNet (all images; its split is ours).
 PAPER_DATASETS = {"VOC2007": 9963, "COCO2014": 123287, "NUS-WIDE": 269648, "Multi-Scene-Clean": 14000,
                   "MLRSNet": 109161}
-# Values per image of each input kind at a backbone: (v, P) = (1 + N) x D; images 3 x 224 x 224;
-# RAM's tokens (1 + N) x W.
-INPUTS = {"(v, P) ViT-B/16": 197 * 512, "(v, P) ViT-B/32": 50 * 512, "(v, P) ViT-L/14": 257 * 768,
-          "(v, P) RN50": 50 * 1024, "images 224 px (Fed-MaPLe, FedMVP)": 3 * 224 * 224,
-          "tokens ViT-B/16 (Fed-RAM)": 197 * 768}
+# Bytes per image of each input kind at a backbone: (v, P) = (1 + N) x D in float16; images
+# 3 x 224 x 224 uint8 pixels; RAM's tokens (1 + N) x W in float16.
+INPUTS = {"(v, P) ViT-B/16": 2 * 197 * 512, "(v, P) ViT-B/32": 2 * 50 * 512, "(v, P) ViT-L/14": 2 * 257 * 768,
+          "(v, P) RN50": 2 * 50 * 1024, "images 224 px, uint8 (Fed-MaPLe; FedMVP adds v)": 3 * 224 * 224,
+          "tokens ViT-B/16 (Fed-RAM)": 2 * 197 * 768}
 
 MEMORY_PROBE = r"""
 import json, sys, torch
@@ -107,10 +107,9 @@ def main(argv=None):
               "|---:|---|---:|---:|"]
     lines += [f"| {n:,} | {'store (memory-mapped)' if mode == 'store' else 'in memory (float16)'} | {r['encoded'] - r['start']:.0f} | {r['trained'] - r['start']:.0f} |"
               for (n, mode), r in rows.items()]
-    lines += ["", "| input (float16) | KiB / image | " + " | ".join(PAPER_DATASETS) + " |",
+    lines += ["", "| input | KiB / image | " + " | ".join(PAPER_DATASETS) + " |",
               "|---|---:|" + "---:|" * len(PAPER_DATASETS)]
-    for name, values in INPUTS.items():
-        size = 2 * values
+    for name, size in INPUTS.items():
         lines.append(f"| {name} | {size / 1024:.0f} | "
                      + " | ".join(f"{size * n / 2 ** 30:.1f} GiB" for n in PAPER_DATASETS.values()) + " |")
     fastest = max(speed.values())
