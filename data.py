@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,20 @@ def cache_root(cache_dir: str = "") -> Path:
 
 
 def images_digest(dataset) -> str:
-    """sha256 of a dataset's image list and targets: a key that changes when either does."""
-    digest = hashlib.sha256(json.dumps([str(path) for path in dataset.images]).encode())
+    """sha256 of a dataset's images (path, size, modification time) and targets: a key that
+    changes when an image file or a label does."""
+    files = [(str(Path(path).resolve()), *stat_of(path)) for path in dataset.images]
+    digest = hashlib.sha256(json.dumps(files).encode())
     digest.update(dataset.targets.numpy().tobytes())
     return digest.hexdigest()
+
+
+def stat_of(path) -> tuple:
+    try:
+        status = os.stat(path)
+        return status.st_size, status.st_mtime_ns
+    except OSError:  # not a file (a test's in-memory image) or missing: reading it will say so
+        return None, None
 
 
 def store_key(backbone_sha256, dataset, kind: str) -> dict:
@@ -111,7 +122,7 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
         parts = [as_stored(encode(images.to(device))) for images, _ in batches(loader)]
         return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*parts)), n
-    directory = cache_root(cache_dir) / "features" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    directory = store_directory(key, cache_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second run with this key waits, then reads
@@ -132,6 +143,8 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
                                 "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0}
                     arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=x.dtype,
                                                         shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
+                    for i in range(len(arrays)):
+                        reserve(directory / f"input{i}.npy")
                 for array, x in zip(arrays, outputs):
                     array[row:row + len(x)] = x
                 row += len(outputs[0])
@@ -143,9 +156,34 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
                 bar.update(len(outputs[0]))
             bar.close()
         del arrays
-        inputs = tuple(torch.from_numpy(np.load(directory / f"input{i}.npy", mmap_mode="c"))
-                       for i in range(len(manifest["shapes"])))
+        inputs = open_store(key, cache_dir)
     return inputs, n - start
+
+
+def store_directory(key, cache_dir="") -> Path:
+    return cache_root(cache_dir) / "features" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def open_store(key, cache_dir="") -> tuple:
+    """The finished store entry of `key`: read-only tensors memory-mapped from disk (pages the
+    kernel can drop: host memory does not grow with the dataset). Callers copy before changing."""
+    directory = store_directory(key, cache_dir)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    with warnings.catch_warnings():  # torch warns that the arrays are read-only; nothing writes them
+        warnings.simplefilter("ignore", UserWarning)
+        return tuple(torch.from_numpy(np.load(directory / f"input{i}.npy", mmap_mode="r"))
+                     for i in range(len(manifest["shapes"])))
+
+
+def reserve(path: Path):
+    """Allocate a new store file's blocks now: a disk that fills up later would kill the process
+    (SIGBUS on the memory map) with no message."""
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            raise FedMPTError(f"no room for the feature store: {path} needs {path.stat().st_size / 2 ** 30:.1f} GiB "
+                              f"({error.strerror}); free disk space or pass --cache-dir on a larger disk.") from None
 
 
 def batches(loader):

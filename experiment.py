@@ -213,6 +213,7 @@ class Experiment:
     resolved: dict
     zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
     biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
+    store_keys: dict  # {"train": key, "test": key} of the frozen inputs in the feature store
 
 
 def load_data(cfg: Config, root: str):
@@ -280,12 +281,13 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
 
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
-    encoded = []
+    encoded, store_keys = [], {}
 
     def store(encode, split_set, kind):
-        inputs, n = data.encode_dataset(encode, split_set, data.store_key(sha256, split_set, kind), cfg.cache_dir,
-                                        device=device, workers=workers)
+        key = data.store_key(sha256, split_set, kind)
+        inputs, n = data.encode_dataset(encode, split_set, key, cfg.cache_dir, device=device, workers=workers)
         encoded.append(n)
+        store_keys.setdefault("train" if split_set is train_part else "test", key)
         return inputs
     train_part = train_set if client is None else train_set.subset(client_splits[client])
     train = store(model.encode_images, train_part, model.input_kind()) if train else None
@@ -324,15 +326,25 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
         splits.plot_client_distributions(train_set.targets, client_splits, train_set.classes,
                                          out / "clients.png", names=client_names)
     return Experiment(cfg, model_cfg, out, model, client_splits, (train, train_part.targets),
-                      (test_inputs, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs)
+                      (test_inputs, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs,
+                      store_keys)
 
 
 # ---- Evaluation ---------------------------------------------------------------------------
+def gather(inputs, rows, device) -> list:
+    """A batch of the frozen inputs (memory-mapped float16 or uint8 in the store) on the
+    device, as float32; through pinned memory to a GPU."""
+    batch = [x[rows] for x in inputs]
+    if torch.device(device).type == "cuda":
+        batch = [x.pin_memory().to(device, non_blocking=True) for x in batch]
+    return [x.to(device).float() for x in batch]
+
+
 @torch.no_grad()
 def predict_scores(model, inputs, batch_size=256):
     """Probabilities (n, C) for cached inputs; the text side is encoded once."""
     T = model.text_features()
-    return torch.cat([torch.sigmoid(model(*[x[i:i + batch_size].to(model.device).float() for x in inputs], T=T)).cpu()
+    return torch.cat([torch.sigmoid(model(*gather(inputs, slice(i, i + batch_size), model.device), T=T)).cpu()
                       for i in range(0, len(inputs[0]), batch_size)])
 
 

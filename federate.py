@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data
 from errors import FedMPTError, RunFailed
-from experiment import (AGGREGATE_RULES, Config, Experiment, config_from, count_params, evaluate_global,
+from experiment import (AGGREGATE_RULES, Config, Experiment, config_from, count_params, evaluate_global, gather,
                         load_checkpoint, reference_scores, resume_config, save_atomic, setup, write_json_atomic)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
 from tools import explain
@@ -88,7 +88,7 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
     for _ in range(cfg.local_epochs):
         order = indices[torch.randperm(len(indices), generator=generator)]
         for batch in order.split(cfg.batch_size):
-            batch_inputs = [x[batch].to(model.device).float() for x in inputs]  # float16, in the store
+            batch_inputs = gather(inputs, batch, model.device)
             loss = model.loss(batch_inputs, targets[batch].to(model.device), loss_fn)
             optimizer.zero_grad()
             loss.backward()

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 import federate
 from errors import FedMPTError
 from experiment import Config, Experiment, config_from, default_out, save_atomic, setup, validate, write_json_atomic
@@ -90,15 +91,18 @@ client_app = ClientApp()
 
 
 def client_kit(context):
-    """(client id, {model, v, P, y of this client's images in split order}, cache path). Built
-    once per run with federate.setup, then read from the node's cache. Node-config keys for a
-    machine laid out differently: data-root, clip-weights, cache-dir."""
+    """(client id, {model, inputs, y of this client's images in split order}, cache path). Built
+    once per run with experiment.setup (the inputs in the feature store), then the model from
+    the node's cache and the inputs memory-mapped from the store. Node-config keys for a
+    machine laid out differently: data-root, clip-weights, feature-cache (the store; default
+    --cache-dir, else the node's $FEDMPT_CACHE), cache-dir (the prepared model)."""
     cfg, model_cfg, _ = run_options(context.run_config)
     node, client = context.node_config, int(context.node_config["partition-id"])
     cache = Path(str(node.get("cache-dir", Path(os.environ.get("FLWR_HOME", "~/.flwr")) / "fedmpt-cache")))
     cache = cache.expanduser() / f"run-{context.run_id}-client-{client}.pt"
-    if cache.exists():
-        return client, torch.load(cache, weights_only=False), cache  # this node wrote it, for this run
+    if cache.exists():  # this node wrote it, for this run
+        kit = torch.load(cache, weights_only=False)
+        return client, {**kit, "inputs": data.open_store(kit["key"], kit["cache_dir"])}, cache
     cfg = dataclasses.replace(cfg, root=str(node.get("data-root", cfg.root)),
                               clip_weights=str(node.get("clip-weights", cfg.clip_weights)),
                               cache_dir=str(node.get("feature-cache", cfg.cache_dir)))
@@ -107,10 +111,10 @@ def client_kit(context):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(exp.splits)} clients.")
     inputs, targets = exp.train
-    kit = {"model": exp.model, "inputs": list(inputs), "y": targets}
+    kit = {"model": exp.model, "y": targets, "key": exp.store_keys["train"], "cache_dir": cfg.cache_dir}
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(kit, cache)
-    return client, kit, cache
+    return client, {**kit, "inputs": inputs}, cache
 
 
 @client_app.query()
@@ -265,6 +269,7 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
     absolute = lambda path: str(Path(path).expanduser().resolve()) if path and path != "none" else path
     cfg = dataclasses.replace(  # the apps run in other processes, other directories
         cfg, root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
+        cache_dir=absolute(cfg.cache_dir),
         out=absolute(default_out(cfg)),
         clip_weights=absolute(cfg.clip_weights or (str(shapes_clip.WEIGHTS) if cfg.clip == "shapes"
                                                     and not cfg.random_init else "")),

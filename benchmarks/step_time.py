@@ -58,8 +58,9 @@ def method_step(method, backbone, images, targets, device):
     attributes = load_attributes("voc2007", data.VOC_CLASSES) if method == "fedmvp" else None
     model = experiment.build_model(method, backbone, data.VOC_CLASSES, load_conditions("", "voc2007"),
                                    ModelConfig(), attributes).to(device)
-    with torch.no_grad():
-        inputs = [x.to(device) for x in model.encode_images(images)]
+    with torch.no_grad():  # as the store keeps them (float16, uint8 pixels), as a batch gathers them
+        inputs = experiment.gather([torch.from_numpy(x) for x in data.as_stored(model.encode_images(images))],
+                                   slice(None), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 

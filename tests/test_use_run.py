@@ -73,3 +73,10 @@ def test_predict_refuses_a_run_on_another_backbone(finished_run, tmp_path, capsy
     (other / "state.pt").write_bytes((out / "state.pt").read_bytes())
     assert predict.main(["--run", str(other), str(out / "config.json")]) == 2
     assert "another backbone" in capsys.readouterr().err
+
+
+def test_the_old_subcommands_print_the_new_command_and_exit_2(capsys):
+    assert federate.main(["predict", "--run", "DIR", "x.jpg"]) == 2
+    assert "python predict.py --run DIR" in capsys.readouterr().err
+    assert federate.main(["evaluate", "--run", "DIR"]) == 2
+    assert "python predict.py --run DIR --evaluate" in capsys.readouterr().err
