@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -23,14 +24,17 @@ from errors import FedMPTError
 from loaders.base import UNREADABLE, check_images  # noqa: F401 (for callers of data)
 from loaders.coco import COCO_CLASSES, COCODataset
 from loaders.folder import FolderDataset
+from loaders.mlrsnet import MLRSNetDataset
+from loaders.multiscene import MultiSceneDataset
 from loaders.nuswide import NUSWIDE_CLASSES, NUSWIDEDataset
 from loaders.voc import VOC_CLASSES, VOCDataset
 from shapes import world
 
-DATASETS = ["shapes", "voc2007", "coco2014", "nuswide", "folder"]
+DATASETS = ["shapes", "voc2007", "coco2014", "nuswide", "multiscene", "mlrsnet", "folder"]
 # What the prompts say for a class whose annotation name is not plain English.
 PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant",
-                "tvmonitor": "tv monitor", "aeroplane": "aeroplane"}
+                "tvmonitor": "tv monitor", "aeroplane": "aeroplane",
+                "habor": "harbor", "OilFiled": "oil field"}  # MLRSNet's and Multi-Scene's typos
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -49,7 +53,13 @@ def known_classes(dataset: str) -> list:
 
 
 def prompt_name(name: str) -> str:
-    return PROMPT_NAMES.get(name, name.replace("_", " "))
+    """What a prompt says for a class: 'BaseballField' -> 'baseball field', 'potted_plant' ->
+    'potted plant' (annotations keep their own spelling)."""
+    if name in PROMPT_NAMES:
+        return PROMPT_NAMES[name]
+    if re.fullmatch(r"(?:[A-Z][a-z]+)+", name):  # CamelCase words
+        name = " ".join(re.findall(r"[A-Z][a-z]+", name)).lower()
+    return name.replace("_", " ")
 
 
 def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=False):
@@ -70,6 +80,10 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
         return NUSWIDEDataset(root, split, **options)
     if name == "folder":
         return FolderDataset(root, split, **options)
+    if name == "multiscene":
+        return MultiSceneDataset(root, split, **options)
+    if name == "mlrsnet":
+        return MLRSNetDataset(root, split, **options)
     raise FedMPTError(f"--dataset {name}: unknown; choose one of {', '.join(DATASETS)}.")
 
 

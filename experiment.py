@@ -35,7 +35,7 @@ AGGREGATE_RULES = ["mean", "median", "trimmed-mean"]  # federate.AGGREGATORS
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # shapes (generated offline) | voc2007 | coco2014 | nuswide | folder (labels.csv)
+    dataset: str = "shapes"  # shapes (offline) | voc2007 | coco2014 | nuswide | multiscene | mlrsnet | folder
     root: str = ""  # dataset directory; default data/<dataset>
     method: str = "fedmpt"  # fedmpt | fedmvp | fed-dualcoop | fed-poscoop | fedtpg | fed-maple | fed-ram
     clip: str = "shapes"  # shapes (pretrained offline, shapes/weights/) | tiny (random) | a clip.available_models() name

@@ -178,7 +178,7 @@ def test_shipped_condition_files_validate_and_say_default(path):
 
 
 def test_shipped_files_cover_every_dataset():
-    assert {p.stem for p in (REPO / "conditions").glob("*.json")} == {"voc2007", "coco2014", "nuswide", "shapes"}
+    assert {p.stem for p in (REPO / "conditions").glob("*.json")} == {"voc2007", "coco2014", "nuswide", "shapes", "multiscene", "mlrsnet"}
 
 
 def test_none_gives_one_generic_condition():
