@@ -40,6 +40,8 @@ class ImageDataset(torch.utils.data.Dataset):
         part = copy.copy(self)
         part.images, part.targets = [self.images[i] for i in indices], self.targets[list(indices)]
         part.natural_clients = None
+        if getattr(self, "scenes", None) is not None:  # MLRSNet: each image's scene
+            part.scenes = [self.scenes[i] for i in indices]
         return part
 
     def __getitem__(self, i):
