@@ -21,7 +21,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from errors import FedMPTError
-from loaders.base import UNREADABLE, check_images  # noqa: F401 (for callers of data)
+from loaders.base import check_images  # noqa: F401 (for callers of data)
 from loaders.coco import COCO_CLASSES, COCODataset
 from loaders.folder import FolderDataset
 from loaders.mlrsnet import MLRSNetDataset
@@ -132,9 +132,15 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
     (a lock), and files that do not match their manifest are encoded again. Returns (tensors
     (n_images, ...) memory-mapped from the store, or in memory without a key; images encoded now)."""
     n = len(dataset)
+    progress = lambda start: tqdm(total=n, initial=start, unit="img", leave=False,
+                                  desc=f"encode {getattr(dataset, 'name', 'images')} {getattr(dataset, 'split', '')}")
     if key is None:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-        parts = [as_stored(encode(images.to(device))) for images, _ in batches(loader)]
+        parts, bar = [], progress(0)
+        for images, _ in batches(loader):
+            parts.append(as_stored(encode(images.to(device))))
+            bar.update(len(images))
+        bar.close()
         return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*parts)), n
     directory = store_directory(key, cache_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -148,7 +154,7 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
             subset = torch.utils.data.Subset(dataset, range(start, n))
             loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
                                                  pin_memory=str(device).startswith("cuda"))
-            bar = tqdm(total=n, initial=start, unit="img", desc=f"encode {dataset.name} {dataset.split}", leave=False)
+            bar = progress(start)
             row = start
             for images, _ in batches(loader):
                 outputs = as_stored(encode(images.to(device, non_blocking=True)))
@@ -157,15 +163,16 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
                                 "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0}
                     arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=x.dtype,
                                                         shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
-                    for i in range(len(arrays)):
-                        reserve(directory / f"input{i}.npy")
+                    files = [directory / f"input{i}.npy" for i in range(len(arrays))]
+                    for path in files:
+                        reserve(path)
+                    manifest["sizes"] = [path.stat().st_size for path in files]  # fixed from here on
                 for array, x in zip(arrays, outputs):
                     array[row:row + len(x)] = x
                 row += len(outputs[0])
                 for array in arrays:
                     array.flush()
                 manifest["rows_completed"] = row  # after the rows are on disk: a crash loses one chunk
-                manifest["sizes"] = [(directory / f"input{i}.npy").stat().st_size for i in range(len(arrays))]
                 write_manifest(directory, manifest)
                 bar.update(len(outputs[0]))
             bar.close()

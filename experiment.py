@@ -213,7 +213,7 @@ class Experiment:
     resolved: dict
     zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
     biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
-    store_keys: dict  # {"train": key, "test": key} of the frozen inputs in the feature store
+    store_keys: dict  # {"train"/"test"/"zero-shot": key} of the frozen inputs in the feature store
 
 
 def load_data(cfg: Config, root: str):
@@ -283,23 +283,23 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
     encoded, store_keys = [], {}
 
-    def store(encode, split_set, kind):
-        key = data.store_key(sha256, split_set, kind)
-        inputs, n = data.encode_dataset(encode, split_set, key, cfg.cache_dir, device=device, workers=workers)
+    def store(name, encode, split_set, kind):
+        store_keys[name] = data.store_key(sha256, split_set, kind)
+        inputs, n = data.encode_dataset(encode, split_set, store_keys[name], cfg.cache_dir, device=device,
+                                        workers=workers)
         encoded.append(n)
-        store_keys.setdefault("train" if split_set is train_part else "test", key)
         return inputs
     train_part = train_set if client is None else train_set.subset(client_splits[client])
-    train = store(model.encode_images, train_part, model.input_kind()) if train else None
+    train = store("train", model.encode_images, train_part, model.input_kind()) if train else None
 
     top_k = min(3, len(train_set.classes))
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
                                        test_set.targets, top_k=top_k)
     test_inputs, zero_shot = None, {}
     if test:
-        test_inputs = store(model.encode_images, test_set, model.input_kind())
+        test_inputs = store("test", model.encode_images, test_set, model.input_kind())
         v = test_inputs[0] if model.inputs_start_with_v else store(
-            lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v")[0]
+            "zero-shot", lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v")[0]
         scores = zero_shot_scores(backbone, v.float(), train_set.classes)
         zero_shot = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)["mAP"]}
         if test_set.biased_pairs:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import data
 import metrics
@@ -81,11 +80,8 @@ class ImageFiles(torch.utils.data.Dataset):
 def score_images(model, files, batch_size=64):
     """Probabilities (n_images, C), through the same frozen encoding as training."""
     dataset = ImageFiles(files, data.clip_transform(model.backbone.resolution))
-    batches = range(0, len(files), batch_size)
-    inputs = [data.encode_dataset(model.encode_images, torch.utils.data.Subset(dataset, range(i, min(i + batch_size, len(files)))),
-                                  batch_size=batch_size, device=model.device)[0]
-              for i in (tqdm(batches, desc="predict", leave=False) if len(batches) > 1 else batches)]
-    return predict_scores(model, [torch.cat(column) for column in zip(*inputs)])
+    inputs, _ = data.encode_dataset(model.encode_images, dataset, batch_size=batch_size, device=model.device)
+    return predict_scores(model, inputs)
 
 
 def parse_options(argv):
