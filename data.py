@@ -87,6 +87,29 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
     raise FedMPTError(f"--dataset {name}: unknown; choose one of {', '.join(DATASETS)}.")
 
 
+# ---- Protocol switches of the authors' code (off by default: not the standard benchmarks) ----
+def keep_min_labels(dataset, n: int, option="--min-labels"):
+    """The dataset restricted to images with at least `n` labels (the authors keep >= 5 on
+    COCO/NUS-WIDE and >= 7 on MLRSNet); n = 0 returns it unchanged."""
+    if n <= 0:
+        return dataset
+    keep = ((dataset.targets == 1).sum(1) >= n).nonzero().flatten().tolist()
+    if not keep:
+        raise FedMPTError(f"{option} {n}: no image of {dataset.name} {dataset.split} has {n} labels "
+                          f"(the most is {int((dataset.targets == 1).sum(1).max())}); choose a smaller {option}.")
+    print(f"{option} {n}: kept {len(keep)} of {len(dataset)} {dataset.name} {dataset.split} images.")
+    return dataset.subset(keep)
+
+
+def mask_positives(targets: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Partial annotation: each positive (1) becomes unknown (-1, ignored by the losses) with
+    probability p, drawn from `seed` (the same images lose the same labels on every engine)."""
+    if p <= 0:
+        return targets
+    drop = torch.rand(targets.shape, generator=torch.Generator().manual_seed(seed)) < p
+    return torch.where((targets == 1) & drop, torch.full_like(targets, -1), targets)
+
+
 # ---- Frozen features: encoded once per key, kept on disk ----------------------------------
 def cache_root(cache_dir: str = "") -> Path:
     """--cache-dir, else $FEDMPT_CACHE, else ~/.cache/fedmpt."""

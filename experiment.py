@@ -51,6 +51,9 @@ class Config:
     grad_clip: float = 10.0  # clip each local step's gradient norm to this (0 = off)
     batch_size: int = 32
     heterogeneity: float = 1.0  # t in (0, 1]: fraction of a client's data from its own cluster
+    clients_by: str = "kmeans"  # kmeans (the paper's label clusters, with t) | scene (mlrsnet: scene folders grouped into sites)
+    min_labels: int = 0  # keep only images with at least this many labels, both splits (0 = every image)
+    label_mask: float = 0.0  # partial annotation: each training positive becomes unknown with this probability
     loss: str = "asl"  # asl | bce
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -79,6 +82,9 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (cfg.local_epochs > 0, f"--local-epochs {cfg.local_epochs}: must be positive"),
               (0 < cfg.client_fraction <= 1, f"--client-fraction {cfg.client_fraction}: must lie in (0, 1]"),
               (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
+              (cfg.clients_by in ("kmeans", "scene"), f"--clients-by {cfg.clients_by}: choose kmeans or scene"),
+              (cfg.min_labels >= 0, f"--min-labels {cfg.min_labels}: must be 0 (off) or positive"),
+              (0 <= cfg.label_mask < 1, f"--label-mask {cfg.label_mask}: must lie in [0, 1)"),
               (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
               (cfg.workers >= -1, f"--workers {cfg.workers}: -1 (automatic), 0 or more"),
               (cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive"),
@@ -217,19 +223,31 @@ class Experiment:
 
 
 def load_data(cfg: Config, root: str):
+    """(train, test) datasets; with --min-labels both keep only images with that many labels."""
     if cfg.download:
         download.download_voc2007(root)
-    return tuple(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable)
-                 for split in ("train", "test"))
+    return tuple(data.keep_min_labels(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable),
+                                      cfg.min_labels) for split in ("train", "test"))
 
 
 def make_clients(cfg: Config, train_set):
     """(cfg, splits, client names): the dataset's own sites where it names them (labels.csv's
-    client column; the returned cfg then says how many), else the K-means split with t."""
+    client column; the returned cfg then says how many), with --clients-by scene the scenes
+    grouped into --clients sites, else the K-means split with t."""
+    if cfg.clients_by == "scene":
+        if getattr(train_set, "scenes", None) is None:
+            raise FedMPTError(f"--clients-by scene: {cfg.dataset} does not name each image's scene "
+                              "(mlrsnet does); use --clients-by kmeans.")
+        if cfg.heterogeneity != Config().heterogeneity:
+            print(f"note: --heterogeneity {cfg.heterogeneity} not used: --clients-by scene.", file=sys.stderr)
+        return (cfg, *splits.scene_splits(train_set.scenes, cfg.clients))
     if not train_set.natural_clients:
         return cfg, splits.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed), None
     names = [site for site, _ in train_set.natural_clients]
     sites = [indices for _, indices in train_set.natural_clients]
+    if not all(sites):
+        raise FedMPTError(f"--min-labels {cfg.min_labels}: site {names[sites.index([])]} keeps no image; "
+                          "choose a smaller --min-labels.")
     defaults, unused = Config(), []
     if cfg.clients not in (defaults.clients, len(sites)):  # len(sites): what a resumed run saved
         unused.append(f"--clients {cfg.clients}")
@@ -291,9 +309,13 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
         return inputs
     train_part = train_set if client is None else train_set.subset(client_splits[client])
     train = store("train", model.encode_images, train_part, model.input_kind()) if train else None
+    # --label-mask: what the clients' annotators left out (after the split and the store key:
+    # neither depends on it); the test labels stay whole
+    train_targets = data.mask_positives(train_set.targets, cfg.label_mask, cfg.seed)
+    part_targets = train_targets if client is None else train_targets[client_splits[client]]
 
     top_k = min(3, len(train_set.classes))
-    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)),
+    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_targets, len(test_set)),
                                        test_set.targets, top_k=top_k)
     test_inputs, zero_shot = None, {}
     if test:
@@ -314,6 +336,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 "encoded_images": sum(encoded),
                 "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
                 "label_skew": splits.label_skew(train_set.targets, client_splits),
+                "images": {"train": len(train_set), "test": len(test_set)},
+                "masked_positives": int((train_targets == -1).sum() - (train_set.targets == -1).sum()),
                 "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
     print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
     print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
@@ -325,7 +349,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 write_json_atomic(out / "attributes.json", attributes)
         splits.plot_client_distributions(train_set.targets, client_splits, train_set.classes,
                                          out / "clients.png", names=client_names)
-    return Experiment(cfg, model_cfg, out, model, client_splits, (train, train_part.targets),
+    return Experiment(cfg, model_cfg, out, model, client_splits, (train, part_targets),
                       (test_inputs, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs,
                       store_keys)
 

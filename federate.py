@@ -41,6 +41,12 @@ HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means clu
         "conditions": "condition JSON file (default: conditions/<dataset>.json) or 'none'",
         "clip": "shapes (small CLIP pretrained on the shapes world, shipped), tiny (random weights), "
                 "or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
+        "clients_by": "kmeans: the paper's K-means clusters of the label vectors (with --heterogeneity); "
+                      "scene: mlrsnet's scene folders dealt into --clients sites (natural clients)",
+        "min_labels": "keep only images with at least N labels, train and test (the authors' COCO/NUS-WIDE "
+                      "runs use 5, MLRSNet 7: not the standard benchmarks); 0 = every image",
+        "label_mask": "partial annotation: each training positive becomes unknown (ignored) with "
+                      "probability p, seeded by --seed; test labels are never masked",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",
         "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
         "ot_rho": "0: every image region is transported (exact marginal, the spec); > 0: its KL weight "

@@ -64,6 +64,23 @@ def client_splits(targets: torch.Tensor, n_clients: int, heterogeneity: float, s
     return splits
 
 
+def scene_splits(scenes, n_clients: int):
+    """Natural clients from each image's scene (MLRSNet's folders): scenes are dealt, largest
+    first, to the site holding the fewest images so far. Returns (index lists, site names)."""
+    members = {}
+    for i, scene in enumerate(scenes):
+        members.setdefault(scene, []).append(i)
+    if not 1 <= n_clients <= len(members):
+        raise FedMPTError(f"--clients {n_clients}: --clients-by scene needs between 1 and the "
+                          f"{len(members)} scenes of the training images.")
+    sites = [[] for _ in range(n_clients)]
+    for scene in sorted(members, key=lambda s: (-len(members[s]), s)):
+        smallest = min(range(n_clients), key=lambda j: (sum(len(members[s]) for s in sites[j]), j))
+        sites[smallest].append(scene)
+    names = [f"{site[0]}" + (f" +{len(site) - 1}" if len(site) > 1 else "") for site in sites]
+    return [sorted(i for s in site for i in members[s]) for site in sites], names
+
+
 # ---- Looking at a split -------------------------------------------------------------------
 def label_shares(targets: torch.Tensor, indices) -> torch.Tensor:
     """Share of the given images that carry each label, (C,)."""

@@ -38,8 +38,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def subset(self, indices):
         """This dataset restricted to `indices`, in that order (one client's images)."""
         part = copy.copy(self)
-        part.images, part.targets = [self.images[i] for i in indices], self.targets[list(indices)]
-        part.natural_clients = None
+        indices = list(indices)
+        part.images, part.targets = [self.images[i] for i in indices], self.targets[indices]
+        if self.natural_clients:  # each site keeps those of its images that stay, renumbered
+            position = {old: new for new, old in enumerate(indices)}
+            part.natural_clients = [(site, [position[i] for i in members if i in position])
+                                    for site, members in self.natural_clients]
         if getattr(self, "scenes", None) is not None:  # MLRSNet: each image's scene
             part.scenes = [self.scenes[i] for i in indices]
         return part

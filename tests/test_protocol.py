@@ -1,0 +1,75 @@
+"""The protocol switches: --clients-by scene, --min-labels, --label-mask (off by default)."""
+import json
+
+import pytest
+import torch
+
+import data
+import experiment
+import federate
+import splits
+from errors import FedMPTError
+from fedmpt import ModelConfig
+from tests.test_remote_sensing import write_mlrsnet, write_multiscene
+
+
+def test_scene_splits_deal_whole_scenes_largest_first_to_the_smallest_site():
+    scenes = ["a"] * 6 + ["b"] * 5 + ["c"] * 3 + ["d"] * 2
+    sites, names = splits.scene_splits(scenes, 2)
+    assert [sorted({scenes[i] for i in site}) for site in sites] == [["a", "d"], ["b", "c"]]
+    assert sorted(i for site in sites for i in site) == list(range(len(scenes)))
+    assert names == ["a +1", "b +1"]
+    with pytest.raises(FedMPTError, match="4 scenes"):
+        splits.scene_splits(scenes, 5)
+
+
+def test_keep_min_labels_filters_and_names_the_option(tmp_path):
+    dataset = data.load_dataset("mlrsnet", write_mlrsnet(tmp_path), "train")
+    counts = (dataset.targets == 1).sum(1)
+    kept = data.keep_min_labels(dataset, 2)
+    assert len(kept) == int((counts >= 2).sum()) and ((kept.targets == 1).sum(1) >= 2).all()
+    assert kept.scenes == [s for s, c in zip(dataset.scenes, counts) if c >= 2]
+    assert data.keep_min_labels(dataset, 0) is dataset
+    with pytest.raises(FedMPTError, match="--min-labels 3"):
+        data.keep_min_labels(dataset, 3)
+
+
+def test_mask_positives_drops_only_positives_at_the_rate_and_by_the_seed():
+    targets = torch.randint(-1, 2, (400, 30))
+    masked = data.mask_positives(targets, 0.3, seed=4)
+    changed = masked != targets
+    assert (targets[changed] == 1).all() and (masked[changed] == -1).all()
+    assert abs(changed.sum().item() / (targets == 1).sum().item() - 0.3) < 0.03
+    assert torch.equal(masked, data.mask_positives(targets, 0.3, seed=4))
+    assert not torch.equal(masked, data.mask_positives(targets, 0.3, seed=5))
+    assert data.mask_positives(targets, 0.0, seed=4) is targets
+
+
+def test_label_mask_reaches_training_only_and_every_engine_alike(tmp_path):
+    root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)
+    cfg = experiment.Config(dataset="mlrsnet", root=str(root), clients=2, label_mask=0.5, seed=3,
+                            cache_dir=str(tmp_path / "cache"), workers=0)
+    whole = experiment.setup(cfg, ModelConfig(), write=False)
+    train, test = (data.load_dataset("mlrsnet", root, split) for split in ("train", "test"))
+    assert torch.equal(whole.test[1], test.targets)  # test labels are never masked
+    masked = whole.train[1] != train.targets
+    assert masked.any() and (train.targets[masked] == 1).all() and (whole.train[1][masked] == -1).all()
+    assert whole.resolved["masked_positives"] == int(masked.sum())
+    node = experiment.setup(cfg, ModelConfig(), write=False, client=1, test=False)  # a Flower SuperNode
+    assert torch.equal(node.train[1], whole.train[1][whole.splits[1]])
+
+
+def test_clients_by_scene_runs_end_to_end_and_is_refused_without_scenes(tmp_path, capsys):
+    root = write_mlrsnet(tmp_path / "mlrsnet")
+    out = tmp_path / "run"
+    assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients-by", "scene", "--clients", "2",
+                          "--rounds", "1", "--batch-size", "8", "--out", str(out), "--workers", "0"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config["client_names"]) == ["airport", "harbor"] and config["client_sizes"] == [8, 8]
+    assert config["clients_by"] == "scene"
+    lines = [(f"m{i}", "1,0,1") for i in range(4)]
+    multiscene = write_multiscene(tmp_path / "ms", {"Tra.csv": lines, "Test.csv": lines})
+    assert federate.main(["--dataset", "multiscene", "--root", str(multiscene), "--clients-by", "scene",
+                          "--out", str(tmp_path / "refused")]) == 2
+    assert "--clients-by scene: multiscene does not name each image's scene" in capsys.readouterr().err
+    assert federate.main(["--label-mask", "1.0", "--out", str(tmp_path / "bad")]) == 2
