@@ -109,12 +109,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clip", default="ViT-B/16", help="the architecture, random init (tiny: for tests)")
     parser.add_argument("--out", default="runs/step_time.md")
     args = parser.parse_args(argv)
     device = args.device
     torch.manual_seed(0)
-    backbone = FrozenCLIP(load_clip("ViT-B/16", random_init=True)).to(device)
-    images = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    backbone = FrozenCLIP(load_clip(args.clip, random_init=True)).to(device)
+    images = torch.randn(args.batch_size, 3, backbone.resolution, backbone.resolution, device=device)
     targets = (torch.rand(args.batch_size, len(data.VOC_CLASSES), device=device) < 0.15).long()
 
     rows, seconds = [], {}
@@ -136,7 +137,7 @@ def main(argv=None):
     reference = time_steps(full_text_step(backbone, n_prompts if "fedmpt" in seconds else 200, device),
                            args.steps, device)
 
-    lines = [f"ViT-B/16 (random init), VOC2007's 20 classes, batch {args.batch_size}, device {device}; "
+    lines = [f"{args.clip} (random init), VOC2007's 20 classes, batch {args.batch_size}, device {device}; "
              f"median of {args.steps} steps after a warm-up.", "",
              "| method | tunable | total | ms / step | x Fed-PosCoOp |" + (" peak GPU GiB |" if device == "cuda" else ""),
              "|---|---:|---:|---:|---:|" + ("---:|" if device == "cuda" else "")]
@@ -157,7 +158,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "reference_ms": 1000 * reference,
-                                                    "device": device}, indent=1))
+                                                    "device": device, "clip": args.clip}, indent=1))
     return 0
 
 

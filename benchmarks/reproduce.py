@@ -1,0 +1,427 @@
+"""The paper's tables as commands, into a result store that a stopped grid continues from.
+
+    python benchmarks/reproduce.py table1 --out runs/table1 [--dataset voc2007,coco2014,nuswide]
+        [--methods fedmpt,fedmvp] [--t 0.1,0.2] [--seeds 0,1,2] [--rounds R] [--clients N]
+        [--data-dir data] [--dry-run] [--keep-going] [-- more federate.py options]
+    python benchmarks/reproduce.py table3 --out runs/table3      # multiscene, mlrsnet: mAP / CF1 / OF1
+    python benchmarks/reproduce.py table5 --out runs/table1      # cost: step times joined with the mAP rows
+
+Every cell (method, dataset, t, seed) is one `python federate.py` run in its own process, into
+OUT/runs/<cell>/; each finished cell appends a row to OUT/results.csv (method, dataset, t, seed,
+rounds, clients, options, mAP, CF1, OF1, seconds, run directory, code version). A cell already
+in results.csv is skipped and an interrupted one resumes from its checkpoint, so re-running the
+same command after Ctrl-C or a crash continues where it stopped. Then OUT/<table>.md holds the
+table in the paper's layout beside the published numbers, and table1 draws OUT/table1.png.
+
+Defaults follow the paper where it says: t in {0.1, ..., 1.0} and every method. It leaves
+clients and rounds open; they come from the authors' code (CLIENTS_ROUNDS; docs/tables.md).
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["fedmpt", "fedmvp", "fed-dualcoop", "fed-poscoop", "fedtpg", "fed-maple", "fed-ram"]
+DATASETS = {"table1": ["voc2007", "coco2014", "nuswide"], "table3": ["multiscene", "mlrsnet"], "table5": []}
+T_LEVELS = {"table1": [round(0.1 * i, 1) for i in range(1, 11)], "table3": [1.0], "table5": []}
+# (clients, rounds): the authors' README examples (docs/paper-facts); shapes: federate.py's defaults
+CLIENTS_ROUNDS = {"voc2007": (2, 50), "coco2014": (8, 100), "nuswide": (4, 50), "multiscene": (2, 50),
+                  "mlrsnet": (4, 50), "shapes": (4, 10), "folder": (4, 10)}
+# Training images, for time estimates before any cell has finished (approximate where the
+# published counts depend on the cleaning: COCO and NUS-WIDE drop images without labels)
+TRAIN_IMAGES = {"voc2007": 5011, "coco2014": 82081, "nuswide": 161789, "multiscene": 7000, "mlrsnet": 87329,
+                "shapes": 960}
+PAPER_NAMES = {"fedmpt": "FedMPT", "fedmvp": "FedMVP", "fed-dualcoop": "Fed-DualCoOp", "fed-poscoop": "Fed-PosCoOp",
+               "fedtpg": "FedTPG", "fed-maple": "Fed-MaPLe", "fed-ram": "Fed-RAM"}
+PUBLISHED = {  # FedMPT project page, CLIP ViT-B/16 (docs: paper facts)
+    "table1": {"fed-dualcoop": {"voc2007": 84.94, "coco2014": 55.63, "nuswide": 45.00},
+               "fedtpg": {"voc2007": 85.12, "coco2014": 58.69, "nuswide": 50.93},
+               "fed-ram": {"voc2007": 85.67, "coco2014": 61.08, "nuswide": 53.33},
+               "fedmvp": {"voc2007": 85.59, "coco2014": 61.64, "nuswide": 52.30},
+               "fedmpt": {"voc2007": 89.51, "coco2014": 64.65, "nuswide": 56.69}},
+    "table3": {"fed-dualcoop": {"multiscene": (40.09, 31.37, 50.18), "mlrsnet": (38.24, 40.61, 66.97)},
+               "fed-ram": {"multiscene": (49.41, 39.07, 52.70), "mlrsnet": (47.83, 46.07, 66.18)},
+               "fedmvp": {"multiscene": (49.56, 39.62, 54.16), "mlrsnet": (45.89, 44.98, 66.52)},
+               "fedmpt": {"multiscene": (53.68, 43.97, 57.83), "mlrsnet": (58.76, 50.86, 71.22)}},
+    "table5": {"fed-poscoop": (0.02, 38.93, 84.46), "fed-maple": (3.56, 65.25, 81.87), "fedtpg": (4.21, 59.43, 84.23),
+               "fed-ram": (13.02, 384.51, 85.54), "fedmvp": (1.14, 75.80, 85.61), "fedmpt": (0.80, 97.03, 90.10)}}
+COLUMNS = ["method", "dataset", "t", "seed", "rounds", "clients", "options", "mAP", "CF1", "OF1", "seconds",
+           "run_dir", "code_version"]
+
+
+class GridError(Exception):
+    """A grid that cannot go on; its message says what to do (exit 2 for options, 1 for a failed run)."""
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+# ---- Cells ---------------------------------------------------------------------------------
+def cell_name(cell) -> str:
+    name = f"{cell['dataset']}-{cell['method']}-t{cell['t']:g}-s{cell['seed']}-r{cell['rounds']}-c{cell['clients']}"
+    return name + (f"-{hashlib.sha1(cell['options'].encode()).hexdigest()[:8]}" if cell["options"] else "")
+
+
+def cell_key(row) -> tuple:
+    return (row["method"], row["dataset"], float(row["t"]), int(row["seed"]), int(row["rounds"]),
+            int(row["clients"]), row["options"])
+
+
+def make_cells(args) -> list:
+    cells = []
+    for dataset in args.dataset:
+        clients, rounds = CLIENTS_ROUNDS.get(dataset, CLIENTS_ROUNDS["folder"])
+        for method in args.methods:
+            for t in args.t:
+                for seed in args.seeds:
+                    cells.append({"method": method, "dataset": dataset, "t": t, "seed": seed,
+                                  "rounds": args.rounds or rounds, "clients": args.clients or clients,
+                                  "options": " ".join(args.extra)})
+    return cells
+
+
+def federate_args(cell, run_dir: Path, data_dir: str) -> list:
+    args = ["--dataset", cell["dataset"], "--method", cell["method"], "--heterogeneity", str(cell["t"]),
+            "--seed", str(cell["seed"]), "--rounds", str(cell["rounds"]), "--clients", str(cell["clients"]),
+            "--out", str(run_dir)]
+    return args + (["--root", str(Path(data_dir) / cell["dataset"])] if data_dir else []) + cell["options"].split()
+
+
+# ---- The result store ----------------------------------------------------------------------
+def code_version() -> str:
+    """The commit the code runs at ('-dirty' with uncommitted changes), or 'unknown' outside git."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                   text=True, timeout=30)
+        return described.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def read_results(path: Path) -> list:
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if rows and set(COLUMNS) - set(rows[0]):
+        raise GridError(f"{path}: not a results file of this script (columns {', '.join(rows[0])}); "
+                        "choose another --out.")
+    return rows
+
+
+def append_result(path: Path, row: dict):
+    """One line per finished run, flushed to disk before the next cell starts."""
+    new = not path.exists()
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def finished_row(cell, run_dir: Path) -> dict:
+    history = json.loads((run_dir / "metrics.json").read_text())
+    final = history[-1]
+    launches = read_launches(run_dir)
+    seconds = sum(x["seconds"] for x in launches) or sum(r.get("seconds", 0) for r in history[1:])
+    return {**cell, **{k: f"{final[k]:.4f}" for k in ("mAP", "CF1", "OF1")}, "seconds": f"{seconds:.1f}",
+            "run_dir": str(run_dir), "code_version": "+".join(dict.fromkeys(x["code"] for x in launches)) or "unknown"}
+
+
+def read_launches(run_dir: Path) -> list:
+    """[{code, seconds}] of each federate.py process of a cell (a resumed cell has several)."""
+    path = run_dir / "launches.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str):
+    """One federate.py process; an interrupted cell (config.json, no state.pt) resumes."""
+    if run_dir.exists() and not (run_dir / "config.json").exists():
+        shutil.rmtree(run_dir)  # stopped before its first record: nothing to keep
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = (run_dir / "config.json").exists()
+    args = ["--resume", str(run_dir)] if resume else federate_args(cell, run_dir, data_dir)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "a") as output:
+        output.write(f"$ python federate.py {' '.join(args)}\n")
+        output.flush()
+        try:
+            code = subprocess.run([sys.executable, str(ROOT / "federate.py"), *args], cwd=ROOT, stdout=output,
+                                  stderr=subprocess.STDOUT).returncode
+        finally:  # the wall time of the process, Ctrl-C included: what the next estimate uses
+            launches = read_launches(run_dir) + [{"code": version, "seconds": round(time.time() - start, 1)}]
+            (run_dir / "launches.json").write_text(json.dumps(launches))
+    if code != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise GridError(f"{cell_name(cell)} failed (exit {code}); its output: {log}\n" + "\n".join(tail),
+                        code=2 if code == 2 else 1)
+
+
+# ---- Time estimates ------------------------------------------------------------------------
+def seconds_per_round(cell, results, step_times) -> tuple:
+    """(seconds, source) of one round of a cell: the median over finished cells of the same method
+    and dataset of their wall time (start-up, encoding and evaluation included) per round, else
+    the step-time table (OUT/step_time.json) x steps per round, else None."""
+    done = [float(r["seconds"]) / int(r["rounds"]) for r in results
+            if r["method"] == cell["method"] and r["dataset"] == cell["dataset"] and int(r["rounds"]) > 0]
+    if done:
+        return statistics.median(done), "finished cells"
+    ms = step_times.get(cell["method"])
+    if ms and cell["dataset"] in TRAIN_IMAGES:
+        steps = math.ceil(TRAIN_IMAGES[cell["dataset"]] / 32) + cell["clients"]
+        return ms * steps / 1000, "step_time.json"
+    return None, "unknown"
+
+
+def format_duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+# ---- Tables --------------------------------------------------------------------------------
+def mean_std(values, digits=2) -> str:
+    if not values:
+        return "—"
+    text = f"{statistics.mean(values):.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def rows_of(results, cells) -> dict:
+    wanted = {cell_key(c) for c in cells}
+    return {cell_key(r): r for r in results if cell_key(r) in wanted}
+
+
+def table1(cells, rows, args) -> str:
+    """Per method and dataset: each seed's mAP averaged over t, then mean ± std over seeds."""
+    lines = ["| method | " + " | ".join(args.dataset) + " |", "|---|" + "---:|" * len(args.dataset)]
+    for method in args.methods:
+        entries = []
+        for dataset in args.dataset:
+            per_seed = []
+            for seed in args.seeds:
+                found = [float(r["mAP"]) for k, r in rows.items() if k[:2] == (method, dataset) and k[3] == seed]
+                if len(found) == len(args.t):  # a seed counts once all its t levels finished
+                    per_seed.append(statistics.mean(found))
+            entries.append(mean_std(per_seed))
+        lines.append(f"| {PAPER_NAMES[method]} | " + " | ".join(entries) + " |")
+    published = [f"| {PAPER_NAMES[m]} | " + " | ".join(f"{v[d]:.2f}" if d in v else "—" for d in args.dataset) + " |"
+                 for m, v in PUBLISHED["table1"].items() if any(d in v for d in args.dataset)]
+    by_t = ["| method | dataset | " + " | ".join(f"t={t:g}" for t in args.t) + " |", "|---|---|" + "---:|" * len(args.t)]
+    for method in args.methods:
+        for dataset in args.dataset:
+            by_t.append(f"| {PAPER_NAMES[method]} | {dataset} | " + " | ".join(
+                mean_std([float(r["mAP"]) for k, r in rows.items() if k[:3] == (method, dataset, t)])
+                for t in args.t) + " |")
+    text = ["## Table 1: mAP averaged over t (mean ± std over seeds)", "", *lines, "",
+            f"t in {{{', '.join(f'{t:g}' for t in args.t)}}}, seeds {args.seeds}; a seed counts once every t "
+            "level of it finished.", "", "## mAP at each t (mean ± std over seeds)", "", *by_t]
+    if published:
+        text += ["", "## Published (FedMPT project page, ViT-B/16)", "", lines[0], lines[1], *published]
+    return "\n".join(text) + "\n"
+
+
+def table3(cells, rows, args) -> str:
+    lines = ["| method | " + " | ".join(f"{d} mAP / CF1 / OF1" for d in args.dataset) + " |",
+             "|---|" + "---|" * len(args.dataset)]
+    for method in args.methods:
+        entries = [" / ".join(mean_std([float(r[m]) for k, r in rows.items() if k[:2] == (method, dataset)])
+                              for m in ("mAP", "CF1", "OF1")) for dataset in args.dataset]
+        lines.append(f"| {PAPER_NAMES[method]} | " + " | ".join(entries) + " |")
+    published = [f"| {PAPER_NAMES[m]} | " + " | ".join(" / ".join(f"{x:.2f}" for x in v[d]) if d in v else "—"
+                                                        for d in args.dataset) + " |"
+                 for m, v in PUBLISHED["table3"].items() if any(d in v for d in args.dataset)]
+    text = ["## Table 3: mAP / CF1 / OF1 (mean ± std over seeds)", "", *lines, "",
+            f"t {', '.join(f'{t:g}' for t in args.t)}, seeds {args.seeds}."]
+    if published:
+        text += ["", "## Published (FedMPT project page, ViT-B/16)", "", lines[0], lines[1], *published]
+    return "\n".join(text) + "\n"
+
+
+def table5(results, step_json: Path, args) -> str:
+    """Parameter counts and step times (benchmarks/step_time.py) beside the mAP rows of results.csv."""
+    measured = json.loads(step_json.read_text())
+    dataset = args.dataset[0] if args.dataset else "voc2007"
+    lines = ["| method | total params | tunable params | train time | mAP | runs |", "|---|---:|---:|---:|---:|---:|"]
+    for row in measured["rows"]:
+        maps = [float(r["mAP"]) for r in results if r["method"] == row["method"] and r["dataset"] == dataset]
+        lines.append(f"| {PAPER_NAMES[row['method']]} | {row['total'] / 1e6:.2f} M | {row['tunable']:,} | "
+                     f"{row['ms_per_step']:.2f} ms/iter | {mean_std(maps)} | {len(maps)} |")
+    published = ["| method | tunable params | train time | mAP |", "|---|---:|---:|---:|"] + [
+        f"| {PAPER_NAMES[m]} | {p:.2f} M | {ms:.2f} ms/iter | {mAP:.2f} |" for m, (p, ms, mAP) in PUBLISHED["table5"].items()]
+    return "\n".join([
+        "## Table 5: cost", "", f"Step times: {measured.get('clip', 'ViT-B/16')} random init, VOC2007's 20 classes, "
+        f"batch 32, device {measured['device']} ({step_json}). mAP: the mean of every {dataset} row of "
+        "results.csv for the method (all t and seeds; `runs` counts them).", "", *lines, "",
+        "## Published (FedMPT project page, ViT-B/16, a GPU)", "", *published]) + "\n"
+
+
+def plot_table1(rows, args, path: Path):
+    """mAP against t, one line per method (mean over seeds, bars: std), a panel per dataset."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(4.2 * len(args.dataset), 3.6))
+    for i, dataset in enumerate(args.dataset):
+        axes = figure.add_subplot(1, len(args.dataset), i + 1)
+        for method in args.methods:
+            points = [(t, [float(r["mAP"]) for k, r in rows.items() if k[:3] == (method, dataset, t)]) for t in args.t]
+            points = [(t, v) for t, v in points if v]
+            if points:
+                axes.errorbar([t for t, _ in points], [statistics.mean(v) for _, v in points],
+                              yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
+                              label=PAPER_NAMES[method], marker="o", markersize=3, capsize=2)
+        axes.set_title(dataset)
+        axes.set_xlabel("heterogeneity t (share of a client's images from its own cluster)")
+        axes.set_ylabel("mAP (%)")
+        axes.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+# ---- The command ---------------------------------------------------------------------------
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", choices=["table1", "table3", "table5"])
+    parser.add_argument("--out", required=True, help="the grid's directory: results.csv, runs/, logs/, tables")
+    parser.add_argument("--dataset", help="comma-separated (table1: voc2007,coco2014,nuswide; "
+                                          "table3: multiscene,mlrsnet; table5: the dataset of the mAP column, voc2007)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default every method")
+    parser.add_argument("--t", help="heterogeneity levels, comma-separated (table1: 0.1,...,1.0; table3: 1.0)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=0, help="default per dataset: the authors' (CLIENTS_ROUNDS)")
+    parser.add_argument("--clients", type=int, default=0, help="default per dataset: the authors' (CLIENTS_ROUNDS)")
+    parser.add_argument("--data-dir", default="", help="a folder holding each dataset as DIR/<dataset> "
+                                                       "(default: federate.py's data/<dataset>)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and the time they should take")
+    parser.add_argument("--keep-going", action="store_true", help="go on past a failed cell; exit 1 at the end")
+    parser.add_argument("--steps", type=int, default=5, help="table5: timed steps per method")
+    parser.add_argument("--clip", default="ViT-B/16", help="table5: the architecture timed (random init)")
+    parser.epilog = "Options after -- go to every cell's federate.py (e.g. -- --clients-by scene --min-labels 7)."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.extra = extra
+    try:
+        args.methods = [m for m in args.methods.split(",") if m]
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+        args.t = [float(t) for t in args.t.split(",") if t] if args.t else T_LEVELS[args.table]
+        args.dataset = args.dataset.split(",") if args.dataset else DATASETS[args.table]
+    except ValueError as error:
+        raise GridError(f"--seeds and --t take comma-separated numbers ({error}).") from None
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        raise GridError(f"--methods {','.join(unknown) or '(empty)'}: choose from {','.join(METHODS)}.")
+    if any(not 0 < t <= 1 for t in args.t):
+        raise GridError(f"--t {args.t}: each level must lie in (0, 1].")
+    if {"--out", "--resume", "--seed", "--method", "--dataset", "--heterogeneity"} & set(args.extra):
+        raise GridError("the options after -- may not set --out, --resume, --seed, --method, --dataset or "
+                        "--heterogeneity: the grid sets them per cell.")
+    return args
+
+
+def run_grid(args, out: Path) -> list:
+    """Run (or with --dry-run list) every cell; returns the grid's rows of results.csv."""
+    results_path, version = out / "results.csv", code_version()
+    results, step_json = read_results(results_path), out / "step_time.json"
+    step_times = {r["method"]: r["ms_per_step"] for r in json.loads(step_json.read_text())["rows"]} \
+        if step_json.exists() else {}
+    cells = make_cells(args)
+    done = {cell_key(r) for r in results}
+    todo = [c for c in cells if cell_key(c) not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run (code {version}).")
+    if args.dry_run:
+        total, unknown = 0.0, 0
+        for cell in todo:
+            per_round, source = seconds_per_round(cell, results, step_times)
+            run_dir = out / "runs" / cell_name(cell)
+            rounds_left = cell["rounds"]
+            if (run_dir / "metrics.json").exists():
+                rounds_left -= len(json.loads((run_dir / "metrics.json").read_text())) - 1
+            estimate = per_round * rounds_left if per_round is not None else None
+            total, unknown = total + (estimate or 0), unknown + (estimate is None)
+            print(f"  {cell_name(cell):<58} {rounds_left:>4} rounds  {format_duration(estimate):>9}  ({source})")
+        print(f"total: {format_duration(total)} for {len(todo) - unknown} cells with an estimate"
+              + (f"; {unknown} without one (none of their method and dataset finished yet: "
+                 "run `table5` into this --out for step times, or let one cell finish)" if unknown else "") + ".")
+        return []
+    failures = []
+    for i, cell in enumerate(todo, 1):
+        run_dir, start = out / "runs" / cell_name(cell), time.time()
+        print(f"[{i}/{len(todo)}] {cell_name(cell)} ...", end=" ", flush=True)
+        try:
+            if not (run_dir / "state.pt").exists():
+                run_cell(cell, run_dir, out / "logs" / f"{cell_name(cell)}.log", args.data_dir, version)
+        except GridError as error:
+            if not args.keep_going:
+                raise
+            failures.append(str(error))
+            print("failed", flush=True)
+            continue
+        row = finished_row(cell, run_dir)
+        append_result(results_path, row)
+        results.append(row)
+        print(f"mAP {float(row['mAP']):.2f} ({time.time() - start:.0f} s)", flush=True)
+    if failures:
+        raise GridError(f"{len(failures)} cells failed:\n" + "\n".join(failures), code=1)
+    return results
+
+
+def step_times_for(args, out: Path) -> Path:
+    """OUT/step_time.json: benchmarks/step_time.py, run once per --out (delete it to measure again)."""
+    path = out / "step_time.json"
+    if not path.exists():
+        command = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--methods",
+                   *args.methods,
+                   "--steps", str(args.steps), "--clip", args.clip, "--out", str(out / "step_time.md")]
+        if args.dry_run:
+            print(f"would run: {' '.join(command)}")
+            return path
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            raise GridError("benchmarks/step_time.py failed; see its output above.", code=1)
+    return path
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse(argv)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.table == "table5":
+            path = step_times_for(args, out)
+            if not args.dry_run:
+                (out / "table5.md").write_text(table5(read_results(out / "results.csv"), path, args))
+                print((out / "table5.md").read_text())
+            return 0
+        results = run_grid(args, out)
+        if args.dry_run:
+            return 0
+        cells = make_cells(args)
+        rows = rows_of(results, cells)
+        (out / f"{args.table}.md").write_text((table1 if args.table == "table1" else table3)(cells, rows, args))
+        if args.table == "table1":
+            plot_table1(rows, args, out / "table1.png")
+        print((out / f"{args.table}.md").read_text())
+        print(f"results: {out / 'results.csv'}; table: {out / (args.table + '.md')}")
+        return 0
+    except GridError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        print("\nstopped; run the same command again to continue where it stopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

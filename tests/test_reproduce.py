@@ -1,0 +1,87 @@
+"""benchmarks/reproduce.py: a table's grid through federate.py, into a result store that a
+stopped grid continues from (Ctrl-C here), a dry run with time estimates, table 5's join."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import reproduce  # noqa: E402
+
+
+def grid(out, data_dir, *more):
+    return [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "table1", "--dataset", "shapes",
+            "--methods", "fed-poscoop", "--t", "0.5,1.0", "--seeds", "0", "--rounds", "3", "--clients", "2",
+            "--data-dir", str(data_dir), "--out", str(out), *more, "--", "--batch-size", "128", "--workers", "0"]
+
+
+def rows(out):
+    with open(out / "results.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path, shapes_root):
+    data_dir, out = tmp_path / "data", tmp_path / "grid"
+    data_dir.mkdir()
+    (data_dir / "shapes").symlink_to(shapes_root)
+    first = subprocess.Popen(grid(out, data_dir), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not list(out.glob("runs/*/checkpoint.pt")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, output
+    assert "run the same command again" in output and not (out / "results.csv").exists()
+    stopped = next(out.glob("runs/*/checkpoint.pt")).parent
+
+    again = subprocess.run(grid(out, data_dir), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 cells, 0 finished, 2 to run" in again.stdout
+    assert "--resume" in (out / "logs" / f"{stopped.name}.log").read_text()  # continued, not restarted
+    assert len(json.loads((stopped / "launches.json").read_text())) == 2
+    results = rows(out)
+    assert sorted(r["t"] for r in results) == ["0.5", "1.0"] and all(r["rounds"] == "3" for r in results)
+    for row in results:  # the row is the run's final round
+        final = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())[-1]
+        assert final["round"] == 3 and abs(float(row["mAP"]) - final["mAP"]) < 1e-3
+    table = (out / "table1.md").read_text()
+    mean = (float(results[0]["mAP"]) + float(results[1]["mAP"])) / 2
+    assert f"| Fed-PosCoOp | {mean:.2f} |" in table and (out / "table1.png").stat().st_size > 1000
+
+    third = subprocess.run(grid(out, data_dir), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert "2 cells, 2 finished, 0 to run" in third.stdout and len(rows(out)) == 2
+
+    dry = subprocess.run(grid(out, data_dir, "--dry-run", "--seeds", "0,1"), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert "4 cells, 2 finished, 2 to run" in dry.stdout and "(finished cells)" in dry.stdout
+    assert not (out / "runs" / "shapes-fed-poscoop-t0.5-s1-r3-c2-26a6b0a9").exists()
+    per_round = sorted(float(r["seconds"]) / 3 for r in results)
+    assert f"{sum(per_round) / 2 * 3 * 2 / 60:.1f} min" in dry.stdout  # 2 cells x 3 rounds x the median
+
+    reproduce.main(["table5", "--out", str(out), "--dataset", "shapes", "--methods", "fed-poscoop",
+                    "--clip", "tiny", "--steps", "1"])
+    table5 = (out / "table5.md").read_text()
+    assert f"| {mean:.2f} ± " in table5 and "| 2 |" in table5 and "ms/iter" in table5
+
+
+def test_a_failing_cell_stops_the_grid_with_its_log_and_bad_options_exit_2(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert reproduce.main(["table1", "--dataset", "shapes", "--methods", "fed-poscoop", "--t", "1", "--seeds", "0",
+                           "--out", str(out), "--", "--lr", "-1"]) == 2
+    error = capsys.readouterr().err
+    assert "failed (exit 2)" in error and "--lr and --batch-size must be positive" in error and "logs" in error
+    assert not (out / "results.csv").exists()
+    assert reproduce.main(["table1", "--methods", "fedmpt,nope", "--out", str(out)]) == 2
+    assert "--methods nope" in capsys.readouterr().err
+    assert reproduce.main(["table3", "--out", str(out), "--", "--seed", "3"]) == 2
+    with pytest.raises(SystemExit):
+        reproduce.main(["table9", "--out", str(out)])
