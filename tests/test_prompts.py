@@ -1,4 +1,5 @@
-"""Condition files and LLM-driven condition discovery against a scripted local chat server."""
+"""Condition files, and LLM-driven discovery of conditions and of FedMVP's attribute descriptions
+against a scripted local chat server."""
 import collections
 import http.server
 import json
@@ -15,6 +16,8 @@ import torch.nn as nn
 import conditions
 import data
 import prompts
+from baselines.fedmvp import load_attributes
+from conditions import attributes as attribute_text
 from conditions import discover as discovery
 from shapes import world as shapes
 from errors import FedMPTError
@@ -218,3 +221,97 @@ def test_token_count_agrees_with_condition_prompts():
         assert fits == built, condition
         outcomes.add(fits)
     assert outcomes == {True, False}  # the loop crossed the budget
+
+
+# ---- --attributes: FedMVP's class descriptions ------------------------------------------------
+def descriptions(classes, n=3):
+    return {c: [f"a {data.prompt_name(c)} drawn in style {i}" for i in range(n)] for c in classes}
+
+
+def attribute_answer(classes, n=3):
+    return json.dumps({"attributes": descriptions(classes, n)})
+
+
+def discover_attributes(server, out, *extra, dataset="shapes"):
+    return discovery.main(["--attributes", "--dataset", dataset, "--base-url", server.base_url,
+                           "--model", "test-model", "--out", str(out), *extra])
+
+
+def test_attributes_are_written_and_load_for_fedmvp(server, out):
+    server.replies.append(f"```json\n{attribute_answer(shapes.SHAPES_CLASSES)}\n```")
+    assert discover_attributes(server, out) == 0
+    written = json.loads(out.read_text())
+    assert written["source"] == "llm:test-model" and written["dataset"] == "shapes" and written["generated"]
+    [request] = server.requests
+    prompt = request["body"]["messages"][0]["content"]
+    assert written["prompts"] == [prompt] and "exactly 3" in prompt
+    assert all(f"- {c}" in prompt for c in shapes.SHAPES_CLASSES)
+    loaded = load_attributes("shapes", shapes.SHAPES_CLASSES, str(out))
+    assert loaded["source"] == "llm:test-model" and loaded["attributes"] == descriptions(shapes.SHAPES_CLASSES)
+
+
+def test_missing_class_is_sent_back_and_the_corrected_answer_accepted(server, out):
+    server.replies.extend([attribute_answer(shapes.SHAPES_CLASSES[:-1]), attribute_answer(shapes.SHAPES_CLASSES)])
+    assert discover_attributes(server, out, "--sentences", "3") == 0
+    first, second = (r["body"]["messages"] for r in server.requests)
+    assert second[:2] == first + [{"role": "assistant", "content": attribute_answer(shapes.SHAPES_CLASSES[:-1])}]
+    assert f"classes missing: {shapes.SHAPES_CLASSES[-1]}" in second[2]["content"]
+    assert list(json.loads(out.read_text())["attributes"]) == shapes.SHAPES_CLASSES
+
+
+def test_always_bad_attributes_end_with_exit_2_and_keep_out(server, out, capsys):
+    server.replies.extend([attribute_answer(shapes.SHAPES_CLASSES[1:])] * 3)
+    assert discover_attributes(server, out, "--retries", "2") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: no valid attribute descriptions") and "after 3 request(s)" in error
+    assert f"classes missing: {shapes.SHAPES_CLASSES[0]}" in error
+    assert len(server.requests) == 3 and out.read_bytes() == PREVIOUS
+
+
+def test_long_class_lists_are_asked_in_chunks(server, out, capsys):
+    parts = [shapes.SHAPES_CLASSES[i:i + 4] for i in (0, 4, 8)]  # 12 classes, at most 5 a request
+    server.replies.extend([attribute_answer(parts[0]), attribute_answer(parts[2]), attribute_answer(parts[2])])
+    assert discover_attributes(server, out, "--classes-per-request", "5", "--retries", "1") == 2
+    assert "for classes 5-8 of 12" in capsys.readouterr().err and out.read_bytes() == PREVIOUS
+    server.requests.clear()
+    server.replies.extend(attribute_answer(part) for part in parts)
+    assert discover_attributes(server, out, "--classes-per-request", "5") == 0
+    assert len(server.requests) == 3 and len(json.loads(out.read_text())["prompts"]) == 3
+    assert json.loads(out.read_text())["attributes"] == descriptions(shapes.SHAPES_CLASSES)
+
+
+def test_aerial_dataset_without_data_takes_the_shipped_files_classes(server, out):
+    classes = list(json.loads((REPO / "baselines/attributes/multiscene.json").read_text())["attributes"])
+    server.replies.append(attribute_answer(classes))
+    assert discover_attributes(server, out, "--classes-per-request", "0", dataset="multiscene") == 0
+    prompt = server.requests[0]["body"]["messages"][0]["content"]
+    assert "from above" in prompt and "- OilFiled (oil field)" in prompt
+    assert load_attributes("multiscene", classes, str(out))["attributes"]["OilFiled"][0] == "a oil field drawn in style 0"
+
+
+@pytest.mark.parametrize("change, complaint", [
+    (lambda a: a.update({"tank": ["a tank seen from the side"] * 3}), "not classes of this request: 'tank'"),
+    (lambda a: a.update({"Circle": a["circle"]}), "given twice"),
+    (lambda a: a["star"].pop(), "'star' has 2 sentences, not exactly 3"),
+    (lambda a: a["star"].__setitem__(1, a["star"][0].upper()), "'star' repeats a sentence"),
+    (lambda a: a["ring"].__setitem__(0, "ring"), "not a sentence of 3-25 words"),
+    (lambda a: a["ring"].__setitem__(0, "a ring " + "x" * 300), "exceeds CLIP's 77 tokens"),
+    (lambda a: a.__setitem__("ring", "a ring"), "must map to a list of sentences"),
+])
+def test_attribute_problems(change, complaint):
+    answer = descriptions(shapes.SHAPES_CLASSES)
+    assert attribute_text.attribute_problems(answer, shapes.SHAPES_CLASSES, 3) == (answer, [])
+    change(answer)
+    _, problems = attribute_text.attribute_problems(answer, shapes.SHAPES_CLASSES, 3)
+    assert any(complaint in p for p in problems), problems
+
+
+def test_attribute_keys_may_be_prompt_names():
+    answer = {"oil field": ["an oil field seen from above"], "Beach": ["a beach seen from above"]}
+    tidy, problems = attribute_text.attribute_problems(answer, ["OilFiled", "Beach"], 1)
+    assert problems == [] and list(tidy) == ["OilFiled", "Beach"]
+
+
+def test_chunks_are_even():
+    assert [len(p) for p in attribute_text.chunks(range(81), 20)] == [16, 16, 16, 16, 17]
+    assert attribute_text.chunks("abc", 0) == [["a", "b", "c"]]
