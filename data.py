@@ -34,7 +34,8 @@ DATASETS = ["shapes", "voc2007", "coco2014", "nuswide", "multiscene", "mlrsnet",
 # What the prompts say for a class whose annotation name is not plain English.
 PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant",
                 "tvmonitor": "tv monitor", "aeroplane": "aeroplane",
-                "habor": "harbor", "OilFiled": "oil field"}  # MLRSNet's and Multi-Scene's typos
+                "habor": "harbor", "OilFiled": "oil field", "SolarPannel": "solar panel",
+                "WindTrubine": "wind turbine"}  # MLRSNet's and Multi-Scene's typos
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 

@@ -48,3 +48,9 @@ def test_shipped_file_covers_every_class_with_its_own_sentences(dataset):
 def test_a_dataset_without_a_file_gets_templates():
     loaded = load_attributes("folder", ["red fox", "OilFiled"])
     assert loaded["source"] == "template" and loaded["attributes"]["OilFiled"][0] == "a photo of a oil field."
+
+
+def test_every_aerial_class_has_a_readable_prompt_name():
+    names = [data.prompt_name(c) for c in MULTISCENE + MLRSNET]
+    assert all(n == n.lower() and "_" not in n for n in names)
+    assert {"solar panel", "wind turbine", "oil field", "harbor", "lake pond", "sparse shrub"} <= set(names)
