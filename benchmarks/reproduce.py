@@ -173,16 +173,20 @@ def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str):
 def seconds_per_round(cell, results, step_times) -> tuple:
     """(seconds, source) of one round of a cell: the median over finished cells of the same method
     and dataset of their wall time (start-up, encoding and evaluation included) per round, else
-    the step-time table (OUT/step_time.json) x steps per round, else None."""
+    steps per round x ms per step: OUT/step_time.json's (`table5` writes it), else the paper's
+    Table 5 (a GPU, VOC's 20 classes; encoding and evaluation left out), else None."""
     done = [float(r["seconds"]) / int(r["rounds"]) for r in results
             if r["method"] == cell["method"] and r["dataset"] == cell["dataset"] and int(r["rounds"]) > 0]
     if done:
         return statistics.median(done), "finished cells"
-    ms = step_times.get(cell["method"])
-    if ms and cell["dataset"] in TRAIN_IMAGES:
-        steps = math.ceil(TRAIN_IMAGES[cell["dataset"]] / 32) + cell["clients"]
-        return ms * steps / 1000, "step_time.json"
-    return None, "unknown"
+    if cell["dataset"] not in TRAIN_IMAGES:
+        return None, "unknown"
+    steps = math.ceil(TRAIN_IMAGES[cell["dataset"]] / 32) + cell["clients"]  # one local epoch, batch 32
+    if cell["method"] in step_times:
+        return step_times[cell["method"]] * steps / 1000, "step_time.json"
+    proxy = "fed-poscoop" if cell["method"] == "fed-dualcoop" else cell["method"]  # not in Table 5
+    ms = PUBLISHED["table5"][proxy][1]
+    return ms * steps / 1000, f"paper's GPU ms/iter{' (Fed-PosCoOp as proxy)' if proxy != cell['method'] else ''}"
 
 
 def format_duration(seconds) -> str:
@@ -342,7 +346,7 @@ def run_grid(args, out: Path) -> list:
     todo = [c for c in cells if cell_key(c) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run (code {version}).")
     if args.dry_run:
-        total, unknown = 0.0, 0
+        total, unknown, per_dataset = 0.0, 0, {}
         for cell in todo:
             per_round, source = seconds_per_round(cell, results, step_times)
             run_dir = out / "runs" / cell_name(cell)
@@ -351,7 +355,9 @@ def run_grid(args, out: Path) -> list:
                 rounds_left -= len(json.loads((run_dir / "metrics.json").read_text())) - 1
             estimate = per_round * rounds_left if per_round is not None else None
             total, unknown = total + (estimate or 0), unknown + (estimate is None)
+            per_dataset[cell["dataset"]] = per_dataset.get(cell["dataset"], 0) + (estimate or 0)
             print(f"  {cell_name(cell):<58} {rounds_left:>4} rounds  {format_duration(estimate):>9}  ({source})")
+        print("; ".join(f"{d}: {format_duration(t)}" for d, t in per_dataset.items()))
         print(f"total: {format_duration(total)} for {len(todo) - unknown} cells with an estimate"
               + (f"; {unknown} without one (none of their method and dataset finished yet: "
                  "run `table5` into this --out for step times, or let one cell finish)" if unknown else "") + ".")
@@ -397,7 +403,8 @@ def main(argv=None) -> int:
     try:
         args = parse(argv)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        if not args.dry_run:  # a dry run writes nothing
+            out.mkdir(parents=True, exist_ok=True)
         if args.table == "table5":
             path = step_times_for(args, out)
             if not args.dry_run:
