@@ -18,7 +18,7 @@ import reproduce  # noqa: E402
 
 def grid(out, data_dir, *more):
     return [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "table1", "--dataset", "shapes",
-            "--methods", "fed-poscoop", "--t", "0.5,1.0", "--seeds", "0", "--rounds", "3", "--clients", "2",
+            "--methods", "fed-poscoop", "--t", "0.5,1.0", "--seeds", "0", "--rounds", "2", "--clients", "2",
             "--data-dir", str(data_dir), "--out", str(out), *more, "--", "--batch-size", "128", "--workers", "0"]
 
 
@@ -49,10 +49,10 @@ def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path, shapes_ro
     assert "--resume" in (out / "logs" / f"{stopped.name}.log").read_text()  # continued, not restarted
     assert len(json.loads((stopped / "launches.json").read_text())) == 2
     results = rows(out)
-    assert sorted(r["t"] for r in results) == ["0.5", "1.0"] and all(r["rounds"] == "3" for r in results)
+    assert sorted(r["t"] for r in results) == ["0.5", "1.0"] and all(r["rounds"] == "2" for r in results)
     for row in results:  # the row is the run's final round
         final = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())[-1]
-        assert final["round"] == 3 and abs(float(row["mAP"]) - final["mAP"]) < 1e-3
+        assert final["round"] == 2 and abs(float(row["mAP"]) - final["mAP"]) < 1e-3
     table = (out / "table1.md").read_text()
     mean = (float(results[0]["mAP"]) + float(results[1]["mAP"])) / 2
     assert f"| Fed-PosCoOp | {mean:.2f} |" in table and (out / "table1.png").stat().st_size > 1000
@@ -63,9 +63,9 @@ def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path, shapes_ro
     dry = subprocess.run(grid(out, data_dir, "--dry-run", "--seeds", "0,1"), cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert "4 cells, 2 finished, 2 to run" in dry.stdout and "(finished cells)" in dry.stdout
-    assert not (out / "runs" / "shapes-fed-poscoop-t0.5-s1-r3-c2-26a6b0a9").exists()
-    per_round = sorted(float(r["seconds"]) / 3 for r in results)
-    assert f"{sum(per_round) / 2 * 3 * 2 / 60:.1f} min" in dry.stdout  # 2 cells x 3 rounds x the median
+    assert not (out / "runs" / "shapes-fed-poscoop-t0.5-s1-r2-c2-26a6b0a9").exists()
+    per_round = sorted(float(r["seconds"]) / 2 for r in results)
+    assert f"{sum(per_round) / 2 * 2 * 2 / 60:.1f} min" in dry.stdout  # 2 cells x 2 rounds x the median
 
     reproduce.main(["table5", "--out", str(out), "--dataset", "shapes", "--methods", "fed-poscoop",
                     "--clip", "tiny", "--steps", "1"])
