@@ -259,10 +259,38 @@ def make_clients(cfg: Config, train_set):
     return dataclasses.replace(cfg, clients=len(sites)), sites, names
 
 
+def class_texts(backbone: FrozenCLIP, classes) -> torch.Tensor:
+    """The backbone's normalised features (C, D) of "a photo of a <class>."."""
+    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
+    return torch.nn.functional.normalize(text.float(), dim=-1)
+
+
 def zero_shot_scores(backbone: FrozenCLIP, v: torch.Tensor, classes) -> torch.Tensor:
     """Cosines (n, C) of global features v with "a photo of a <class>.": a ranking, not probabilities."""
-    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
-    return torch.nn.functional.normalize(v, dim=-1) @ text.T
+    return torch.nn.functional.normalize(v, dim=-1) @ class_texts(backbone, classes).T
+
+
+SIMILAR_TEXT = 0.97  # the shapes CLIP: its own 12 shape words reach 0.85, words it never saw 0.977-0.999
+
+
+def similar_classes(backbone: FrozenCLIP, classes, threshold=SIMILAR_TEXT) -> list:
+    """Class pairs the backbone's text side hardly tells apart: [(a, b, cosine)] of the class
+    prompts above `threshold`, most similar first. Prompt tuning starts every such class from
+    nearly the same text feature (real CLIP: misspelled or exotic names; the shapes CLIP: any
+    word outside its captions)."""
+    text = class_texts(backbone, classes)
+    similarity = torch.triu(text @ text.T, diagonal=1)
+    pairs = [(classes[a], classes[b], float(similarity[a, b])) for a, b in (similarity > threshold).nonzero().tolist()]
+    return sorted(pairs, key=lambda pair: -pair[2])
+
+
+def warn_similar(pairs, n_classes):
+    if pairs:
+        shown = ", ".join(f"{a}/{b} {c:.3f}" for a, b, c in pairs[:8]) + (" ..." if len(pairs) > 8 else "")
+        print(f"warning: the backbone's text side hardly tells {len(pairs)} of the {n_classes * (n_classes - 1) // 2} "
+              f"class pairs apart (cosine of 'a photo of a <class>.' above {SIMILAR_TEXT}): {shown}. Prompt "
+              "tuning starts each such class alike; check the class names, or use a backbone that knows "
+              "them (docs/choices.md).", file=sys.stderr)
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict = None,
@@ -293,6 +321,8 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
         raise FedMPTError(f"--resume {cfg.resume}: the run was trained on other {cfg.clip} weights "
                           "than the ones found now; resume it with the same backbone file.")
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
+    similar = similar_classes(backbone, train_set.classes)
+    warn_similar(similar, len(train_set.classes))
 
     torch.manual_seed(cfg.seed)
     attributes = method_attributes(cfg, train_set.classes)
@@ -337,6 +367,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
                 "label_skew": splits.label_skew(train_set.targets, client_splits),
                 "images": {"train": len(train_set), "test": len(test_set)},
+                "similar_class_pairs": [[a, b, round(c, 4)] for a, b, c in similar[:50]],
                 "masked_positives": int((train_targets == -1).sum() - (train_set.targets == -1).sum()),
                 "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
     print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))

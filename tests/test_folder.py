@@ -254,3 +254,24 @@ def test_a_folder_with_two_classes_runs_end_to_end(tmp_path):
     assert federate.main(["--dataset", "folder", "--root", str(tmp_path / "two"), "--rounds", "1",
                           "--batch-size", "2", "--out", str(out)]) == 0  # top-3 metrics with C = 2
     assert predict.main(["--run", str(out), "--evaluate"]) == 0
+
+
+def test_classes_the_text_side_cannot_tell_apart_are_named_before_training(tmp_path, capsys):
+    digits = [(image, labels.replace("red", "one").replace("green", "two").replace("blue", "three"), *rest)
+              for image, labels, *rest in ROWS]
+    root = write_folder(tmp_path / "digits", rows=digits)
+    exp = federate.setup(*federate.parse_config(["--dataset", "folder", "--root", str(root)]), write=False)
+    err = capsys.readouterr().err
+    assert "warning: the backbone's text side hardly tells 3 of the 3 class pairs apart" in err
+    assert {tuple(sorted(p[:2])) for p in exp.resolved["similar_class_pairs"]} == {
+        ("one", "three"), ("one", "two"), ("three", "two")}
+    assert all(p[2] > 0.97 for p in exp.resolved["similar_class_pairs"])
+    colours = federate.setup(*federate.parse_config(["--dataset", "folder", "--root", str(write_folder(tmp_path / "c"))]),
+                             write=False)  # words the shapes CLIP learned
+    assert colours.resolved["similar_class_pairs"] == [] and "hardly tells" not in capsys.readouterr().err
+
+
+def test_min_labels_keeps_each_site_with_its_remaining_images(tmp_path):
+    train = data.keep_min_labels(data.load_dataset("folder", write_folder(tmp_path), "train"), 2)
+    assert [p.name for p in train.images] == ["b.png", "e.png", "g.png"]
+    assert train.natural_clients == [("east", [2]), ("north", [0]), ("south", [1])]
