@@ -1,0 +1,38 @@
+"""benchmarks/probe.py: the linear-probe reference, C chosen on validation images only."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import probe  # noqa: E402
+from tests.test_folder import write_folder  # noqa: E402
+
+ROWS = [(f"site/{i}.png", labels, "train" if i < 24 else "test", "") for i, labels in
+        enumerate(["red", "green", "blue", "red|green", "green|blue", "red|blue"] * 5)]
+
+
+def test_probe_chooses_c_on_validation_and_reads_the_test_split_once(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "colours", rows=ROWS, header="image,labels,split")
+    evaluated = []
+    fit = probe.fit_scores
+
+    def spy(x_train, y_train, x_eval, C, seed):
+        evaluated.append(len(x_eval))
+        return fit(x_train, y_train, x_eval, C, seed)
+    monkeypatch.setattr(probe, "fit_scores", spy)
+    assert probe.main(["--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--val", "0.25"]) == 0
+    result = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert evaluated == [6] * len(probe.C_GRID) + [6]  # the sweep on 6 validation images, then the test once
+    sweep = {float(C): m for C, m in result["validation_mAP"].items()}
+    assert result["C"] == max(sweep, key=lambda C: (sweep[C], -C))
+    assert result["probe"]["mAP"] > result["label_prior_mAP"] + 20  # stripes of colour: the features hold them
+
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    (compare / "compare.json").write_text(json.dumps({"fedmpt": {"final": [{"mAP": 80.0}, {"mAP": 90.0}]}}))
+    shares = probe.gain_shares(result, compare)
+    prior, best = result["label_prior_mAP"], result["probe"]["mAP"]
+    assert np.isclose(shares["fedmpt"]["share"], (85.0 - prior) / (best - prior))
+    assert probe.main(["--dataset", "folder", "--root", str(root), "--val", "1.5", "--out", str(tmp_path / "x")]) == 2
