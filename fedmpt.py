@@ -146,17 +146,27 @@ class FedMPT(PromptModel):
 
 def asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, clip_margin=0.05):
     """ASL (Ridnik et al., ICCV 2021), summed over images and classes; targets in {1, 0, -1},
-    -1 (e.g. VOC difficult-only) is masked out.
-        L+ = -(1 - p)^gamma_pos log p,   L- = -p_m^gamma_neg log(1 - p_m),  p_m = max(p - m, 0)"""
+    -1 (e.g. VOC difficult-only) is masked out and gets exactly zero gradient.
+        L+ = -w+ log p,         w+ = (1 - p)^gamma_pos
+        L- = -w- log(1 - p_m),  w- = p_m^gamma_neg,   p_m = max(p - m, 0)
+    The focusing weights w+ and w- are constants in the backward pass (computed without
+    gradient), as in the reference implementation (its default disable_torch_grad_focal_loss)
+    and the FedMPT authors' code: they decide how much each term counts, and the gradient is
+    that of the weighted cross-entropy, d/dz = -w+ (1 - p) for a positive and
+    w- p (1 - p) / (1 - p_m) for a negative with p > m (0 below the margin)."""
     p = torch.sigmoid(logits)
     positive, known = (targets == 1).float(), (targets >= 0).float()
     p_m = (p - clip_margin).clamp(min=0)
-    loss_pos = (1 - p).pow(gamma_pos) * F.logsigmoid(logits)
-    loss_neg = p_m.pow(gamma_neg) * torch.log((1 - p_m).clamp(min=1e-8))
+    with torch.no_grad():
+        w_pos, w_neg = (1 - p).pow(gamma_pos), p_m.pow(gamma_neg)
+    loss_pos = w_pos * F.logsigmoid(logits)
+    loss_neg = w_neg * torch.log((1 - p_m).clamp(min=1e-8))
     return -((positive * loss_pos + (1 - positive) * loss_neg) * known).sum()
 
 
 def bce_loss(logits, targets):
-    """Binary cross-entropy summed over images and known classes (targets -1 masked out)."""
-    known = (targets >= 0).float()
-    return (F.binary_cross_entropy_with_logits(logits, (targets == 1).float(), reduction="none") * known).sum()
+    """Binary cross-entropy summed over images and known classes (targets -1 masked out: zero
+    gradient). The targets take the logits' dtype (float32 targets would round float64 logits)."""
+    known = (targets >= 0).to(logits.dtype)
+    return (F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
+            * known).sum()
