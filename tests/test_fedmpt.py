@@ -17,7 +17,7 @@ CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig())
+    return FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig(), seed=0)
 
 
 def images(n=3, seed=0):
@@ -72,7 +72,7 @@ def test_only_contexts_adapters_and_gate_are_tunable(model):
 
 def test_backbone_is_bit_identical_after_training_steps():
     torch.manual_seed(0)
-    model = FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig())
+    model = FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig(), seed=0)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     tunable_before = model.tunable_state()
     model.train()
@@ -173,7 +173,7 @@ def test_bce_masks_ignored_targets_like_asl():
 
 def test_uniform_ablations_run(model):
     torch.manual_seed(0)
-    ablation = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot="uniform", gate="uniform"))
+    ablation = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot="uniform", gate="uniform"), seed=0)
     v, P = model.backbone.encode_image_tokens(images(2))
     assert torch.isfinite(ablation(v, P)).all()
     assert not any(k.startswith("gate") for k in ablation.tunable_state())
@@ -192,7 +192,7 @@ def test_conditions_place_all_their_mass_and_regions_may_stay_out(model):
     K, N = Q.shape[-1], Q.shape[-2]
     assert torch.allclose(Q.sum(-2), torch.full_like(Q.sum(-2), 1 / K), atol=1e-5)  # columns exact
     assert (Q.sum(-1) - 1 / N).abs().max() > 1e-3  # rows are not forced to 1/N
-    exact = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot_rho=0.0))
+    exact = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot_rho=0.0), seed=0)
     exact.load_tunable_state(model.tunable_state())
     _, Q0, _ = exact.explain(v, P)
     assert torch.allclose(Q0.sum(-1), torch.full_like(Q0.sum(-1), 1 / N), atol=1e-4)  # --ot-rho 0: the spec
