@@ -180,11 +180,12 @@ def method_attributes(cfg: Config, classes):
     return load_attributes(cfg.dataset, classes, cfg.attributes) if cfg.method == "fedmvp" else None
 
 
-def build_model(method, backbone, classes, conditions, model_cfg, attributes=None) -> PromptModel:
-    """The method's model on the frozen backbone; prompts say `data.prompt_name` of each class."""
+def build_model(method, backbone, classes, conditions, model_cfg, attributes=None, *, seed: int) -> PromptModel:
+    """The method's model on the frozen backbone; prompts say `data.prompt_name` of each class.
+    `seed` (a run's --seed) decides every initial value of its tunable tensors."""
     names = [data.prompt_name(c) for c in classes]
     sentences = [t for c in classes for t in attributes["attributes"][c]] if attributes else ()
-    return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences)
+    return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences, seed=seed)
 
 
 def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
@@ -197,7 +198,7 @@ def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
     random_init = not cfg.clip_weights and (cfg.clip in ARCHITECTURES or cfg.clip == "shapes")
     backbone = load_backbone(cfg, random_init=random_init)
     model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
-                        model_cfg, method_attributes(cfg, classes))
+                        model_cfg, method_attributes(cfg, classes), seed=cfg.seed)
     tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
             "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}
@@ -324,9 +325,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     similar = similar_classes(backbone, train_set.classes)
     warn_similar(similar, len(train_set.classes))
 
-    torch.manual_seed(cfg.seed)
     attributes = method_attributes(cfg, train_set.classes)
-    model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes).to(device)
+    model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes,
+                        seed=cfg.seed).to(device)  # its initial values follow --seed
 
     workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
     encoded, store_keys = [], {}

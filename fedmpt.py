@@ -19,6 +19,7 @@ frozen; the contexts, the two adapters and the gate are all that trains and trav
 (v, P) never change and are computed once (`FrozenCLIP.encode_image_tokens`, backbone.py).
 """
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # raised inside clip
@@ -60,12 +61,25 @@ class ModelConfig:
     adapter_alpha: float = 0.5  # 0.2 (CLIP-Adapter) learned too slowly offline; 0.8 diverged
 
 
+@contextmanager
+def seeded(seed: int):
+    """Every random draw inside comes from torch's CPU generator seeded with `seed`, and that
+    generator's state is restored afterwards. A model builds its initial values (contexts,
+    nn.Linear's default init, ...) in here, so they follow the seed it is given and nothing else
+    (not what its caller drew before), and building it draws nothing from the caller's stream.
+    Models are built on the CPU, so the CPU generator is the only one seeded (and restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 class PromptModel(nn.Module):
     """What the federated loop asks of a method (FedMPT below, the baselines in baselines/):
 
     encode_images(images) -> tuple   the frozen inputs of a batch, computed once (input_kind names them)
     text_features()                  the text side, reused over a whole evaluation
     forward(*inputs, T=None)         logits (B, C); sigmoid gives the probabilities
+    (constructor)                    takes `seed` and draws every initial value inside `seeded(seed)`
     loss(inputs, targets, loss_fn)   the training loss of a batch
     tunable_state()                  exactly the tensors that train and travel
     """
@@ -103,17 +117,18 @@ class PromptModel(nn.Module):
 
 
 class FedMPT(PromptModel):
-    def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig):
+    def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, seed: int):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         D = backbone.width
-        self.prompts = ConditionPrompts(class_names, conditions, cfg.n_ctx,
-                                        backbone.model.token_embedding, backbone.context_length,
-                                        clip.tokenize)
-        self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
-        self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
-        # one condition: softmax over one logit is 1, so a gate would have nothing to learn
-        self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform" or len(conditions) == 1)
+        with seeded(seed):  # the contexts, the adapters' down-projections, the gate's first layer
+            self.prompts = ConditionPrompts(class_names, conditions, cfg.n_ctx,
+                                            backbone.model.token_embedding, backbone.context_length,
+                                            clip.tokenize)
+            self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
+            self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
+            # one condition: softmax over one logit is 1, so a gate would have nothing to learn
+            self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform" or len(conditions) == 1)
 
     def text_features(self) -> torch.Tensor:
         """All 2*K*C condition prompts through the text encoder in one call -> (2, K, C, D)."""
@@ -146,17 +161,27 @@ class FedMPT(PromptModel):
 
 def asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, clip_margin=0.05):
     """ASL (Ridnik et al., ICCV 2021), summed over images and classes; targets in {1, 0, -1},
-    -1 (e.g. VOC difficult-only) is masked out.
-        L+ = -(1 - p)^gamma_pos log p,   L- = -p_m^gamma_neg log(1 - p_m),  p_m = max(p - m, 0)"""
+    -1 (e.g. VOC difficult-only) is masked out and gets exactly zero gradient.
+        L+ = -w+ log p,         w+ = (1 - p)^gamma_pos
+        L- = -w- log(1 - p_m),  w- = p_m^gamma_neg,   p_m = max(p - m, 0)
+    The focusing weights w+ and w- are constants in the backward pass (computed without
+    gradient), as in the reference implementation (its default disable_torch_grad_focal_loss)
+    and the FedMPT authors' code: they decide how much each term counts, and the gradient is
+    that of the weighted cross-entropy, d/dz = -w+ (1 - p) for a positive and
+    w- p (1 - p) / (1 - p_m) for a negative with p > m (0 below the margin)."""
     p = torch.sigmoid(logits)
     positive, known = (targets == 1).float(), (targets >= 0).float()
     p_m = (p - clip_margin).clamp(min=0)
-    loss_pos = (1 - p).pow(gamma_pos) * F.logsigmoid(logits)
-    loss_neg = p_m.pow(gamma_neg) * torch.log((1 - p_m).clamp(min=1e-8))
+    with torch.no_grad():
+        w_pos, w_neg = (1 - p).pow(gamma_pos), p_m.pow(gamma_neg)
+    loss_pos = w_pos * F.logsigmoid(logits)
+    loss_neg = w_neg * torch.log((1 - p_m).clamp(min=1e-8))
     return -((positive * loss_pos + (1 - positive) * loss_neg) * known).sum()
 
 
 def bce_loss(logits, targets):
-    """Binary cross-entropy summed over images and known classes (targets -1 masked out)."""
-    known = (targets >= 0).float()
-    return (F.binary_cross_entropy_with_logits(logits, (targets == 1).float(), reduction="none") * known).sum()
+    """Binary cross-entropy summed over images and known classes (targets -1 masked out: zero
+    gradient). The targets take the logits' dtype (float32 targets would round float64 logits)."""
+    known = (targets >= 0).to(logits.dtype)
+    return (F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
+            * known).sum()

@@ -30,11 +30,10 @@ def load_run(run_dir: str, device: str = "cpu"):
     if saved.get("backbone_sha256") and backbone.fingerprint() != saved["backbone_sha256"]:
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
-    torch.manual_seed(cfg.seed)
     cfg.attributes = str(Path(run_dir) / "attributes.json")  # the descriptions the run trained with
     attributes = method_attributes(cfg, saved["classes"])
     model = build_model(cfg.method, backbone, saved["classes"], saved["condition_set"], model_cfg,
-                                 attributes).to(device).eval()
+                        attributes, seed=cfg.seed).to(device).eval()  # the trained state replaces every value
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")

@@ -41,8 +41,8 @@ class ConditionPrompts(nn.Module):
         self.register_buffer("prefix", embedded[:, :, :1].clone(), persistent=False)  # (K, C, 1, Dt)
         self.register_buffer("suffix", embedded[:, :, 1 + M:].clone(), persistent=False)  # (K, C, L-1-M, Dt)
         self.register_buffer("eot", tokens.argmax(dim=-1).repeat(signs), persistent=False)  # (S*K*C,)
-        generator = torch.Generator().manual_seed(0)
-        self.context = nn.Parameter(0.02 * torch.randn(signs, K, M, width, generator=generator))  # (S, K, M, Dt)
+        # drawn from torch's generator like nn.Linear's weights: the model seeds it (fedmpt.seeded)
+        self.context = nn.Parameter(0.02 * torch.randn(signs, K, M, width))  # (S, K, M, Dt)
         self.shape, self.signs = (K, C), signs
 
     def forward(self, context=None):

@@ -29,9 +29,10 @@ METHODS = {"fedmpt": FedMPT, "fedmvp": FedMVP, "fed-dualcoop": FedDualCoOp, "fed
            "fedtpg": FedTPG, "fed-maple": FedMaPLe, "fed-ram": FedRAM}
 
 
-def build(method: str, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, attributes=()):
+def build(method: str, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, attributes=(), *,
+          seed: int):
     """The model of `method` on a frozen backbone (FedMPT takes the conditions, FedMVP the
-    attribute descriptions)."""
+    attribute descriptions); `seed` decides every initial value of its tunable tensors."""
     if method == "fedmpt":
-        return FedMPT(backbone, class_names, conditions, cfg)
-    return METHODS[method](backbone, class_names, conditions, cfg, attributes=attributes)
+        return FedMPT(backbone, class_names, conditions, cfg, seed=seed)
+    return METHODS[method](backbone, class_names, conditions, cfg, attributes=attributes, seed=seed)

@@ -1,5 +1,5 @@
 """What the comparison methods share: CoOp-style class prompts, region and global logits,
-seeded initial values, images kept as uint8 pixels."""
+normal initial values, images kept as uint8 pixels."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,8 +54,9 @@ def global_logits(v, T, scale):
     return scale * (v @ T[0].T - v @ T[1].T)
 
 
-def seeded_normal(*shape, std=0.02, seed=0):
-    return nn.Parameter(std * torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+def normal_parameter(*shape, std=0.02):
+    """N(0, std^2) values from torch's generator: a model draws them inside fedmpt.seeded(seed)."""
+    return nn.Parameter(std * torch.randn(*shape))
 
 
 def vision_width(backbone: FrozenCLIP) -> int:

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from baselines.common import class_prompts, encode_class_prompts, region_logits, seeded_normal
-from fedmpt import PromptModel
+from baselines.common import class_prompts, encode_class_prompts, normal_parameter, region_logits
+from fedmpt import PromptModel, seeded
 
 
 class FedPosCoOp(PromptModel):
@@ -14,11 +14,12 @@ class FedPosCoOp(PromptModel):
     DualCoOp. VOC2007 with ViT-B/16: 16*512 + 20*512 = 18,432 tunable (Table 5: 0.02M)."""
     n_ctx = 16
 
-    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
         self.backbone = backbone
-        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=1)
-        self.negative = seeded_normal(len(class_names), backbone.width, std=1.0, seed=1)  # (C, D)
+        with seeded(seed):
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=1)
+            self.negative = normal_parameter(len(class_names), backbone.width, std=1.0)  # (C, D)
 
     def text_features(self):
         positive = encode_class_prompts(self.backbone, self.prompts)[0]
@@ -34,10 +35,11 @@ class FedDualCoOp(FedPosCoOp):
     negative context (M = 16 each, shared by the classes) and class-specific region
     aggregation. ViT-B/16: 2*16*512 = 16,384 tunable."""
 
-    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         PromptModel.__init__(self)
         self.backbone = backbone
-        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+        with seeded(seed):
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
 
     def text_features(self):
         return encode_class_prompts(self.backbone, self.prompts)

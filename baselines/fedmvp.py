@@ -7,10 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.common import (class_prompts, encode_class_prompts, global_logits, images_as_uint8, images_from_uint8,
-                              seeded_normal, vision_width)
+                              normal_parameter, vision_width)
 from data import prompt_name
 from errors import FedMPTError
-from fedmpt import PromptModel
+from fedmpt import PromptModel, seeded
 
 ATTRIBUTES_DIR = Path(__file__).resolve().parent / "attributes"
 
@@ -50,18 +50,19 @@ class FedMVP(PromptModel):
     side); one PromptFormer layer."""
     n_queries, bottleneck, n_ctx, consistency = 4, 64, 16, 1.0
 
-    def __init__(self, backbone, class_names, conditions=None, cfg=None, attributes=(), **_):
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, attributes=(), *, seed, **_):
         super().__init__()
         if not attributes:
             raise FedMPTError("FedMVP needs class attribute descriptions (baselines/attributes/<dataset>.json or --attributes).")
         self.backbone = backbone
         D = backbone.width
         self.register_buffer("attributes", backbone.encode_texts(list(attributes)), persistent=False)  # (A, D)
-        self.queries = seeded_normal(self.n_queries, D, seed=3)
-        self.attention = nn.MultiheadAttention(D, max(1, D // 64), batch_first=True)
-        self.norm = nn.LayerNorm(D)
-        self.down, self.up = nn.Linear(D, self.bottleneck), nn.Linear(self.bottleneck, vision_width(backbone))
-        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+        with seeded(seed):
+            self.queries = normal_parameter(self.n_queries, D)
+            self.attention = nn.MultiheadAttention(D, max(1, D // 64), batch_first=True)
+            self.norm = nn.LayerNorm(D)
+            self.down, self.up = nn.Linear(D, self.bottleneck), nn.Linear(self.bottleneck, vision_width(backbone))
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
 
     def encode_images(self, images):
         """(frozen v, the images as uint8 pixels) for a ViT; (frozen v, the last grid) for a ResNet."""

@@ -1,8 +1,8 @@
 """FedTPG: a text-driven prompt generator shared by all clients."""
 import torch.nn as nn
 
-from baselines.common import class_prompts, encode_class_prompts, global_logits, seeded_normal
-from fedmpt import PromptModel
+from baselines.common import class_prompts, encode_class_prompts, global_logits, normal_parameter
+from fedmpt import PromptModel, seeded
 
 
 class FedTPG(PromptModel):
@@ -17,19 +17,20 @@ class FedTPG(PromptModel):
     every client shares the label set, so it sees all of them."""
     n_ctx = 4
 
-    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
         self.backbone = backbone
         width = backbone.model.token_embedding.weight.shape[1]  # Dt
-        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
-        self.prompts.context = None  # generated, not learned
         self.register_buffer("names", backbone.encode_texts([f"a photo of a {c}." for c in class_names]),
                              persistent=False)  # (C, D)
         self.register_buffer("token_scale", backbone.model.token_embedding.weight.detach().std(), persistent=False)
-        self.queries = seeded_normal(2 * self.n_ctx, width, std=1.0)
-        self.to_width = nn.Identity() if backbone.width == width else nn.Linear(backbone.width, width)
-        self.generator = nn.TransformerDecoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0,
-                                                    batch_first=True)
+        with seeded(seed):
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+            self.prompts.context = None  # generated, not learned
+            self.queries = normal_parameter(2 * self.n_ctx, width, std=1.0)
+            self.to_width = nn.Identity() if backbone.width == width else nn.Linear(backbone.width, width)
+            self.generator = nn.TransformerDecoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0,
+                                                        batch_first=True)
 
     def text_features(self):
         context = self.generator(self.queries[None], self.to_width(self.names)[None])[0]  # (2M, Dt)

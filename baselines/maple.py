@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 
 from baselines.common import (class_prompts, encode_class_prompts, global_logits, images_as_uint8, images_from_uint8,
-                              seeded_normal, vision_width)
-from fedmpt import PromptModel
+                              normal_parameter, vision_width)
+from fedmpt import PromptModel, seeded
 
 
 class FedMaPLe(PromptModel):
@@ -17,17 +17,18 @@ class FedMaPLe(PromptModel):
     exists; it joins the attention pool."""
     n_ctx, depth, inputs_start_with_v = 2, 9, False
 
-    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
         self.backbone = backbone
         text_layers = len(backbone.model.transformer.resblocks)
         layers = min(text_layers, len(backbone.model.visual.transformer.resblocks)) if backbone.is_vit else text_layers
         self.J = min(self.depth, layers)
         width = backbone.model.token_embedding.weight.shape[1]
-        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)  # layer 0 (2, 1, M, Dt)
-        self.deep_text = seeded_normal(self.J - 1, 2, self.n_ctx, width, seed=2)  # layers 1 .. J-1
-        self.couple = nn.ModuleList(nn.Linear(width, vision_width(backbone))
-                                    for _ in range(self.J if backbone.is_vit else 1))
+        with seeded(seed):
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)  # layer 0 (2, 1, M, Dt)
+            self.deep_text = normal_parameter(self.J - 1, 2, self.n_ctx, width)  # layers 1 .. J-1
+            self.couple = nn.ModuleList(nn.Linear(width, vision_width(backbone))
+                                        for _ in range(self.J if backbone.is_vit else 1))
 
     def encode_images(self, images):
         """ViT: the images themselves as uint8 pixels; ResNet: the last grid."""

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import ot
 from baselines.common import class_prompts, encode_class_prompts, region_logits, vision_width
-from fedmpt import PromptModel
+from fedmpt import PromptModel, seeded
 
 
 class LocalAdapter(nn.Module):
@@ -53,16 +53,17 @@ class FedRAM(PromptModel):
     last stage's grid."""
     depth, n_ctx, ot_eps, inputs_start_with_v = 3, 16, 0.1, False
 
-    def __init__(self, backbone, class_names, conditions=None, cfg=None, **_):
+    def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
         self.backbone = backbone
         model, W = backbone.model, vision_width(backbone)
         self.n_image = min(self.depth, len(model.visual.transformer.resblocks)) if backbone.is_vit else 1
         self.n_text = min(self.depth, len(model.transformer.resblocks))
         width = model.token_embedding.weight.shape[1]
-        self.local = nn.ModuleList(LocalAdapter(W, backbone.width) for _ in range(self.n_image))
-        self.text_adapters = nn.ModuleList(TextAdapter(width, 2 * width) for _ in range(self.n_text))
-        self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+        with seeded(seed):
+            self.local = nn.ModuleList(LocalAdapter(W, backbone.width) for _ in range(self.n_image))
+            self.text_adapters = nn.ModuleList(TextAdapter(width, 2 * width) for _ in range(self.n_text))
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
 
     def encode_images(self, images):
         """ViT: the tokens entering the first adapted layer (float16); ResNet: the last grid."""

@@ -57,7 +57,7 @@ def method_step(method, backbone, images, targets, device):
     """(tunable, total, step function, model) of a method on cached inputs of `images`."""
     attributes = load_attributes("voc2007", data.VOC_CLASSES) if method == "fedmvp" else None
     model = experiment.build_model(method, backbone, data.VOC_CLASSES, load_conditions("", "voc2007"),
-                                   ModelConfig(), attributes).to(device)
+                                   ModelConfig(), attributes, seed=0).to(device)
     with torch.no_grad():  # as the store keeps them (float16, uint8 pixels), as a batch gathers them
         inputs = experiment.gather([torch.from_numpy(x) for x in data.as_stored(model.encode_images(images))],
                                    slice(None), device)

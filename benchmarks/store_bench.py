@@ -52,7 +52,7 @@ start = anon()
 dataset = VOCDataset(root, "trainval", SHAPES_CLASSES, name="shapes")
 backbone = FrozenCLIP(load_clip("tiny"))
 dataset.transform = data.clip_transform(backbone.resolution)
-model = FedMPT(backbone, SHAPES_CLASSES, ["color", "background"], ModelConfig())
+model = FedMPT(backbone, SHAPES_CLASSES, ["color", "background"], ModelConfig(), seed=0)
 key = data.store_key(backbone.fingerprint(), dataset, model.input_kind()) if use_store else None
 inputs, _ = data.encode_dataset(model.encode_images, dataset, key, cache, workers=0, log=lambda m: None)
 encoded = anon()

@@ -38,7 +38,7 @@ def test_short_prompts_equal_the_full_context_with_learned_tokens_and_deep_chang
     token (RAM): each method's text features equal those computed over all positions."""
     torch.manual_seed(0)
     backbone = FrozenCLIP(load_clip("tiny"))
-    model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "shapes"), ModelConfig())
+    model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "shapes"), ModelConfig(), seed=0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -52,7 +52,7 @@ def test_short_prompts_equal_the_full_context_with_learned_tokens_and_deep_chang
 def test_short_encoding_keeps_gradients_to_the_contexts():
     torch.manual_seed(0)
     backbone = FrozenCLIP(load_clip("tiny"))
-    model = experiment.build_model("fedmpt", backbone, CLASSES, load_conditions("", "shapes"), ModelConfig())
+    model = experiment.build_model("fedmpt", backbone, CLASSES, load_conditions("", "shapes"), ModelConfig(), seed=0)
     embeddings, eot = model.prompts()
     short = backbone.encode_prompts(embeddings, eot)
     full = full_length_features(backbone, embeddings, eot)

@@ -1,6 +1,7 @@
 """The comparison methods (baselines/): parameter counts against Table 5, what trains and
 travels, and that each one learns end to end on the offline dataset."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,10 @@ BASELINES = ["fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fe
 TABLE5 = {"fed-poscoop": 0.02, "fed-maple": 3.56, "fedtpg": 4.21, "fed-ram": 13.02, "fedmvp": 1.14}
 
 
-def build(method, backbone, classes, dataset="voc2007"):
+def build(method, backbone, classes, dataset="voc2007", seed=0):
     attributes = load_attributes(dataset, classes) if method == "fedmvp" else None
-    return experiment.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(), attributes)
+    return experiment.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(), attributes,
+                                  seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,35 @@ def test_count_params_prints_one_json_line_without_downloading():
 @pytest.fixture(scope="module")
 def tiny():
     return FrozenCLIP(load_clip("tiny"))
+
+
+# Tunable tensors whose initial value is a constant by design, the same for every seed: the
+# zero-initialised up-projections of FedMPT's and RAM's adapters and FedMPT's last gate layer
+# (round 0 is then plain prompts with uniform gating), and PyTorch's own constant inits in
+# FedTPG's decoder layer and FedMVP's PromptFormer (attention biases 0, LayerNorm 1 and 0).
+CONSTANT_AT_START = re.compile(r"(adapter|local\.\d+|adapters\.\d+)\.up\.(weight|bias)$|^gate\.mlp\.2\.|"
+                               r"in_proj_bias$|out_proj\.bias$|norm\d?\.(weight|bias)$")
+
+
+@pytest.mark.parametrize("method", ["fedmpt", *BASELINES])
+def test_the_seed_decides_every_initial_value(tiny, method):
+    """The same seed builds the same tunable state; another seed changes every randomly
+    initialised tensor (contexts, queries, negative features, deep prompts, adapters' and
+    gate's first layers, attention and decoder weights), whatever torch's global RNG holds."""
+    classes = ["circle", "square", "triangle"]
+    torch.manual_seed(123)
+    first = build(method, tiny, classes, dataset="shapes", seed=0).tunable_state()
+    torch.manual_seed(456)  # the caller's random state plays no part
+    again = build(method, tiny, classes, dataset="shapes", seed=0).tunable_state()
+    other = build(method, tiny, classes, dataset="shapes", seed=1).tunable_state()
+    assert list(first) == list(again) == list(other)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    constant = {k for k in first if CONSTANT_AT_START.search(k)}
+    for name in constant:
+        assert torch.equal(first[name], other[name]) and first[name].unique().numel() == 1, name
+    same = [k for k in first if k not in constant and torch.equal(first[k], other[k])]
+    assert not same, f"{method}: seeds 0 and 1 give the same {same}"
+    assert len(constant) < len(first)
 
 
 @pytest.mark.parametrize("method", BASELINES)

@@ -6,7 +6,9 @@ import torch
 import ot
 from backbone import FrozenCLIP, load_clip
 from errors import FedMPTError
-from fedmpt import FedMPT, ModelConfig, asymmetric_loss
+import torch.nn.functional as F
+
+from fedmpt import FedMPT, ModelConfig, asymmetric_loss, bce_loss
 
 CLASSES = ["circle", "square", "triangle"]
 CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
@@ -15,7 +17,7 @@ CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig())
+    return FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig(), seed=0)
 
 
 def images(n=3, seed=0):
@@ -70,7 +72,7 @@ def test_only_contexts_adapters_and_gate_are_tunable(model):
 
 def test_backbone_is_bit_identical_after_training_steps():
     torch.manual_seed(0)
-    model = FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig())
+    model = FedMPT(FrozenCLIP(load_clip("tiny")), CLASSES, CONDITIONS, ModelConfig(), seed=0)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     tunable_before = model.tunable_state()
     model.train()
@@ -107,9 +109,71 @@ def test_asl_matches_its_formula_and_masks_ignored_targets():
     assert logits.grad[0, 2] == 0  # the ignored pair gets no gradient
 
 
+def random_logits_and_targets(seed=0):
+    """float64 logits spread wide enough that many negatives fall below ASL's margin
+    (p < 0.05, z < -2.94) and many above it; targets in {1, 0, -1}."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 4 * torch.randn(64, 20, generator=generator, dtype=torch.float64)
+    targets = torch.randint(-1, 2, (64, 20), generator=generator)
+    return logits, targets
+
+
+def test_asl_value_is_unchanged_by_constant_focusing_weights():
+    """Detaching the focusing weights changes the gradient, not the value: the loss equals the
+    formula computed with every term differentiable (the implementation before the change)."""
+    logits, targets = random_logits_and_targets()
+    p = torch.sigmoid(logits)
+    p_m = (p - 0.05).clamp(min=0)
+    old = (1 - p).pow(1.0) * F.logsigmoid(logits), p_m.pow(2.0) * torch.log((1 - p_m).clamp(min=1e-8))
+    positive, known = (targets == 1).double(), (targets >= 0).double()
+    expected = -((positive * old[0] + (1 - positive) * old[1]) * known).sum()
+    assert torch.allclose(asymmetric_loss(logits, targets), expected, rtol=1e-12, atol=0)
+
+
+def test_asl_gradient_is_the_closed_form_with_constant_focusing_weights():
+    """With w+ = (1-p)^1 and w- = p_m^2 held constant (dp/dz = p (1-p)):
+        positive:  d/dz [-w+ log p]         = -w+ (1 - p)
+        negative:  d/dz [-w- log(1 - p_m)]  =  w- p (1 - p) / (1 - p_m)   if p > 0.05
+                                             =  0                           if p < 0.05 (p_m = 0)
+        ignored (-1): 0"""
+    logits, targets = random_logits_and_targets()
+    logits.requires_grad_(True)
+    asymmetric_loss(logits, targets).backward()
+    p = torch.sigmoid(logits.detach())
+    p_m = (p - 0.05).clamp(min=0)
+    expected = torch.where(targets == 1, -(1 - p) * (1 - p),
+                           torch.where(p > 0.05, p_m ** 2 * p * (1 - p) / (1 - p_m), torch.zeros_like(p)))
+    expected = torch.where(targets == -1, torch.zeros_like(p), expected)
+    negatives = targets == 0
+    assert (negatives & (p < 0.05)).sum() > 50 and (negatives & (p > 0.05)).sum() > 50  # both regions tested
+    assert torch.allclose(logits.grad, expected, rtol=0, atol=1e-6)
+    assert torch.all(logits.grad[targets == -1] == 0)
+    # differentiating through the weights (the former implementation) gives another gradient
+    former = logits.detach().clone().requires_grad_(True)
+    q = torch.sigmoid(former)
+    q_m = (q - 0.05).clamp(min=0)
+    terms = torch.where(targets == 1, (1 - q) * F.logsigmoid(former), q_m ** 2 * torch.log(1 - q_m))
+    (-(terms * (targets >= 0))).sum().backward()
+    assert not torch.allclose(former.grad, expected, rtol=0, atol=1e-3)
+
+
+def test_bce_masks_ignored_targets_like_asl():
+    logits, targets = random_logits_and_targets(seed=1)
+    logits.requires_grad_(True)
+    loss = bce_loss(logits, targets)
+    loss.backward()
+    known = targets >= 0
+    y = (targets == 1).double()
+    expected = F.binary_cross_entropy_with_logits(logits.detach()[known], y[known], reduction="sum")
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
+    p = torch.sigmoid(logits.detach())
+    assert torch.allclose(logits.grad, torch.where(known, p - y, torch.zeros_like(p)), rtol=0, atol=1e-12)
+    assert torch.all(logits.grad[targets == -1] == 0)
+
+
 def test_uniform_ablations_run(model):
     torch.manual_seed(0)
-    ablation = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot="uniform", gate="uniform"))
+    ablation = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot="uniform", gate="uniform"), seed=0)
     v, P = model.backbone.encode_image_tokens(images(2))
     assert torch.isfinite(ablation(v, P)).all()
     assert not any(k.startswith("gate") for k in ablation.tunable_state())
@@ -128,7 +192,7 @@ def test_conditions_place_all_their_mass_and_regions_may_stay_out(model):
     K, N = Q.shape[-1], Q.shape[-2]
     assert torch.allclose(Q.sum(-2), torch.full_like(Q.sum(-2), 1 / K), atol=1e-5)  # columns exact
     assert (Q.sum(-1) - 1 / N).abs().max() > 1e-3  # rows are not forced to 1/N
-    exact = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot_rho=0.0))
+    exact = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot_rho=0.0), seed=0)
     exact.load_tunable_state(model.tunable_state())
     _, Q0, _ = exact.explain(v, P)
     assert torch.allclose(Q0.sum(-1), torch.full_like(Q0.sum(-1), 1 / N), atol=1e-4)  # --ot-rho 0: the spec
