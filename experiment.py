@@ -93,6 +93,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
               (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
               (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
+              (model_cfg.pooling in ("regions", "global"), f"--pooling {model_cfg.pooling}: choose regions or global"),
               (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive"),
               (model_cfg.ot_iters > 0, f"--ot-iters {model_cfg.ot_iters}: must be positive"),
               (model_cfg.ot_rho >= 0, f"--ot-rho {model_cfg.ot_rho}: must be 0 (exact) or positive"),

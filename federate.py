@@ -47,6 +47,8 @@ HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means clu
                       "runs use 5, MLRSNet 7: not the standard benchmarks); 0 = every image",
         "label_mask": "partial annotation: each training positive becomes unknown (ignored) with "
                       "probability p, seeded by --seed; test labels are never masked",
+        "pooling": "fedtpg, fed-maple, fedmvp: regions (class-specific region aggregation, the paper's "
+                   "federated multi-label protocol) or global (the global image feature alone)",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",
         "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
         "ot_rho": "0: every image region is transported (exact marginal, the spec); > 0: its KL weight "

@@ -59,6 +59,7 @@ class ModelConfig:
     gate: str = "mlp"  # or "uniform": weights 1/K (ablation)
     adapter_reduction: int = 4
     adapter_alpha: float = 0.5  # 0.2 (CLIP-Adapter) learned too slowly offline; 0.8 diverged
+    pooling: str = "regions"  # fedtpg, fed-maple, fedmvp: class-specific region aggregation, or "global"
 
 
 @contextmanager

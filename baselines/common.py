@@ -39,13 +39,25 @@ def encode_class_prompts(backbone: FrozenCLIP, prompts, context=None, after=None
     return T.reshape(prompts.signs, prompts.shape[1], -1)
 
 
-def region_logits(P, T, scale, weights=None):
+POOL_TEMPERATURE, POOL_SCALE = 20.0, 5.0  # DualCoOp's code: 20 x cosine, softmax over regions, x 5
+
+
+def region_logits(P, T, weights=None, scale=POOL_TEMPERATURE * POOL_SCALE):
     """DualCoOp's class-specific region aggregation. P (B, N, D) normalised patch features,
-    T (2, C, D) positive and negative text features. Each region votes tau (s+ - s-); the votes
-    are pooled with weights softmax_n(tau s+) per class, or with `weights` (B, C, N)."""
+    T (2, C, D) positive and negative text features, s+- their cosines per region n. Each class
+    weighs its regions by w_n = softmax_n(20 s+_n) and the logit is 5 sum_n w_n 20 (s+_n - s-_n),
+    as DualCoOp's code does (a softmax at CLIP's 100 would be close to max-pooling). Fed-RAM
+    passes its own `weights` (B, C, N) and scale."""
     S = torch.einsum("bnd,scd->bscn", P, T)  # (B, 2, C, N)
-    weights = (scale * S[:, 0]).softmax(dim=-1) if weights is None else weights
+    weights = (POOL_TEMPERATURE * S[:, 0]).softmax(dim=-1) if weights is None else weights
     return scale * ((S[:, 0] - S[:, 1]) * weights).sum(dim=-1)
+
+
+def pooled_logits(v, P, T, pooling, scale):
+    """The paper's protocol for the single-label methods in multi-label federated learning:
+    class-specific region aggregation of the patch features P ("regions"); "global": from the
+    global feature v alone, tau (cos(v, T+) - cos(v, T-))."""
+    return region_logits(F.normalize(P, dim=-1), T) if pooling == "regions" else global_logits(v, T, scale)
 
 
 def global_logits(v, T, scale):

@@ -27,7 +27,7 @@ class FedPosCoOp(PromptModel):
 
     def forward(self, v, P, T=None):
         T = self.text_features() if T is None else T
-        return region_logits(F.normalize(P, dim=-1), T, self.backbone.logit_scale)
+        return region_logits(F.normalize(P, dim=-1), T)
 
 
 class FedDualCoOp(FedPosCoOp):

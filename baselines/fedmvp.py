@@ -6,7 +6,7 @@ from pathlib import Path
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import (class_prompts, encode_class_prompts, global_logits, images_as_uint8, images_from_uint8,
+from baselines.common import (class_prompts, encode_class_prompts, pooled_logits, images_as_uint8, images_from_uint8,
                               normal_parameter, vision_width)
 from data import prompt_name
 from errors import FedMPTError
@@ -44,7 +44,9 @@ class FedMVP(PromptModel):
     LLM-style class attribute descriptions (baselines/attributes/<dataset>.json); one cross-attention and
     a LayerNorm, then a bottleneck (D -> 64 -> W) makes M visual prompt tokens that enter the
     frozen image encoder at its input (ResNet: the attention pool). The text side is DualCoOp's
-    two contexts. Loss: the classification loss on the prompted features plus a consistency
+    two contexts; logits from the prompted patch features by DualCoOp's region aggregation (the
+    paper's protocol; `--pooling global`: the prompted global feature). Loss: the classification
+    loss on the prompted features plus a consistency
     loss keeping them near the frozen ones, 1 - cos(v', v). ViT-B/16: 1,152,832 tunable
     (Table 5: 1.14M). Departures: the text side learns contexts (multi-label needs a negative
     side); one PromptFormer layer."""
@@ -52,6 +54,7 @@ class FedMVP(PromptModel):
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, attributes=(), *, seed, **_):
         super().__init__()
+        self.pooling = cfg.pooling if cfg is not None else "regions"  # the paper's protocol
         if not attributes:
             raise FedMPTError("FedMVP needs class attribute descriptions (baselines/attributes/<dataset>.json or --attributes).")
         self.backbone = backbone
@@ -78,23 +81,23 @@ class FedMVP(PromptModel):
         return encode_class_prompts(self.backbone, self.prompts)
 
     def image_features(self, v, x):
-        """The prompted global feature v' (B, D)."""
+        """The prompted image features: global v' (B, D) and patches P' (B, N, D)."""
         queries = F.normalize(v, dim=-1)[:, None] + self.queries  # (B, M, D)
         keys = self.attributes.expand(len(v), -1, -1)  # (B, A, D)
         attended = self.norm(queries + self.attention(queries, keys, keys, need_weights=False)[0])
         prompts = self.up(F.gelu(self.down(attended)))  # (B, M, W)
         if not self.backbone.is_vit:
-            return self.backbone.resnet_head(x, prompts)[0]
+            return self.backbone.resnet_head(x, prompts)
         tokens = self.backbone.vit_tokens(images_from_uint8(x), prompts)
-        return self.backbone.vit_head(self.backbone.run_blocks(self.backbone.model.visual.transformer.resblocks, tokens))[0]
+        return self.backbone.vit_head(self.backbone.run_blocks(self.backbone.model.visual.transformer.resblocks, tokens))
 
     def forward(self, v, x, T=None):
         T = self.text_features() if T is None else T
-        return global_logits(self.image_features(v, x), T, self.backbone.logit_scale)
+        return pooled_logits(*self.image_features(v, x), T, self.pooling, self.backbone.logit_scale)
 
     def loss(self, inputs, targets, loss_fn):
         v, x = inputs
-        prompted = self.image_features(v, x)
-        logits = global_logits(prompted, self.text_features(), self.backbone.logit_scale)
+        prompted, patches = self.image_features(v, x)
+        logits = pooled_logits(prompted, patches, self.text_features(), self.pooling, self.backbone.logit_scale)
         drift = 1 - F.cosine_similarity(prompted, v, dim=-1)
         return loss_fn(logits, targets) + self.consistency * drift.sum()

@@ -1,7 +1,7 @@
 """FedTPG: a text-driven prompt generator shared by all clients."""
 import torch.nn as nn
 
-from baselines.common import class_prompts, encode_class_prompts, global_logits, normal_parameter
+from baselines.common import class_prompts, encode_class_prompts, pooled_logits, normal_parameter
 from fedmpt import PromptModel, seeded
 
 
@@ -12,13 +12,16 @@ class FedTPG(PromptModel):
     decoder layer: self-attention among themselves, cross-attention to the frozen text
     features of "a photo of a <class>.", a feed-forward layer. Its output, rescaled to the size
     of CLIP's token embeddings, is the context of the positive and negative prompt; logits come
-    from the global image feature. ViT-B/16: 4,208,128 tunable (Table 5: 4.21M).
+    from the patch features by DualCoOp's class-specific region aggregation, the paper's federated
+    multi-label protocol (`--pooling global`: from the global image feature, as FedTPG
+    classifies single-label images). ViT-B/16: 4,208,128 tunable (Table 5: 4.21M).
     Departure: the published generator sees the class names of each client's own task; here
     every client shares the label set, so it sees all of them."""
     n_ctx = 4
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
+        self.pooling = cfg.pooling if cfg is not None else "regions"  # the paper's protocol
         self.backbone = backbone
         width = backbone.model.token_embedding.weight.shape[1]  # Dt
         self.register_buffer("names", backbone.encode_texts([f"a photo of a {c}." for c in class_names]),
@@ -39,4 +42,4 @@ class FedTPG(PromptModel):
 
     def forward(self, v, P, T=None):
         T = self.text_features() if T is None else T
-        return global_logits(v, T, self.backbone.logit_scale)
+        return pooled_logits(v, P, T, self.pooling, self.backbone.logit_scale)

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from baselines.common import (class_prompts, encode_class_prompts, global_logits, images_as_uint8, images_from_uint8,
+from baselines.common import (class_prompts, encode_class_prompts, pooled_logits, images_as_uint8, images_from_uint8,
                               normal_parameter, vision_width)
 from fedmpt import PromptModel, seeded
 
@@ -12,13 +12,15 @@ class FedMaPLe(PromptModel):
     M = 2 learned text context tokens in each of the first J = 9 text layers, and in the image
     encoder's first J layers M visual prompt tokens that are a linear coupling function of that
     layer's text prompt. Multi-label: a positive and a negative text context (the visual
-    prompts couple to the positive one); logits from the prompted global feature. ViT-B/16:
+    prompts couple to the positive one); logits from the prompted patch features by DualCoOp's region aggregation (the paper's
+    protocol; `--pooling global`: from the prompted global feature). ViT-B/16:
     3,564,288 tunable (Table 5: 3.56M). On a ResNet tower only the first layer's visual prompt
     exists; it joins the attention pool."""
     n_ctx, depth, inputs_start_with_v = 2, 9, False
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
+        self.pooling = cfg.pooling if cfg is not None else "regions"  # the paper's protocol
         self.backbone = backbone
         text_layers = len(backbone.model.transformer.resblocks)
         layers = min(text_layers, len(backbone.model.visual.transformer.resblocks)) if backbone.is_vit else text_layers
@@ -51,7 +53,7 @@ class FedMaPLe(PromptModel):
         text = [self.prompts.context[0, 0]] + [layer[0] for layer in self.deep_text]  # positive sign
         visual = [couple(t)[None] for couple, t in zip(self.couple, text)]  # each (1, M, W)
         if not self.backbone.is_vit:
-            return self.backbone.resnet_head(x, visual[0])[0]
+            return self.backbone.resnet_head(x, visual[0])
 
         def deep(i, tokens):  # after image block i, the prompt of block i+1 replaces the last M
             if i + 1 < len(visual):
@@ -59,8 +61,8 @@ class FedMaPLe(PromptModel):
             return tokens
         tokens = self.backbone.vit_tokens(images_from_uint8(x), visual[0])
         blocks = self.backbone.model.visual.transformer.resblocks
-        return self.backbone.vit_head(self.backbone.run_blocks(blocks, tokens, deep))[0]
+        return self.backbone.vit_head(self.backbone.run_blocks(blocks, tokens, deep))  # (v, P) prompted
 
     def forward(self, x, T=None):
         T = self.text_features() if T is None else T
-        return global_logits(self.image_features(x), T, self.backbone.logit_scale)
+        return pooled_logits(*self.image_features(x), T, self.pooling, self.backbone.logit_scale)

@@ -96,4 +96,4 @@ class FedRAM(PromptModel):
         S = torch.einsum("bnd,cd->bnc", P, T[0])  # (B, N, C) positive cosines
         Q = ot.sinkhorn(1 - S.detach(), self.ot_eps)  # rows 1/N, columns 1/C; detached as in FedMPT
         weights = Q.transpose(1, 2) * Q.shape[-1]  # (B, C, N), each class's weights sum to 1
-        return region_logits(P, T, self.backbone.logit_scale, weights)
+        return region_logits(P, T, weights, self.backbone.logit_scale)

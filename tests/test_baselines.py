@@ -122,3 +122,38 @@ def test_each_method_learns_on_the_offline_dataset(shapes_root, tmp_path, method
     saved = json.loads((tmp_path / method / "config.json").read_text())
     assert saved["method"] == method and saved["tunable_params"] == sum(
         t.numel() for t in torch.load(tmp_path / method / "state.pt").values())
+
+
+def test_region_pooling_is_dualcoops():
+    """DualCoOp's code: 20 x the cosines of [negative; positive] prompts with every region, a
+    softmax over regions of the positive half weighs both halves, x 5; the yes/no softmax of the
+    two pooled scores equals the sigmoid of our logit."""
+    from baselines.common import region_logits
+    g = torch.Generator().manual_seed(0)
+    P = torch.nn.functional.normalize(torch.randn(3, 9, 16, generator=g), dim=-1)
+    T = torch.nn.functional.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    output = 20 * torch.einsum("bnd,kd->bkn", P, torch.cat([T[1], T[0]]))  # (B, 2C, N): negatives first
+    weights = output[:, 5:].softmax(dim=-1).repeat(1, 2, 1)
+    negative, positive = (5 * (output * weights).sum(-1)).reshape(3, 2, 5).unbind(1)
+    expected = torch.stack([negative, positive], dim=-1).softmax(dim=-1)[..., 1]
+    assert torch.allclose(torch.sigmoid(region_logits(P, T)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fedtpg", "fed-maple", "fedmvp"])
+def test_single_label_methods_pool_regions_unless_told_global(tiny, method):
+    from baselines.common import global_logits, region_logits
+    classes = ["circle", "square", "triangle"]
+    attributes = load_attributes("shapes", classes) if method == "fedmvp" else None
+    models = {pooling: experiment.build_model(method, tiny, classes, load_conditions("", "shapes"),
+                                              ModelConfig(pooling=pooling), attributes, seed=0)
+              for pooling in ("regions", "global")}
+    inputs = models["regions"].encode_images(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        T = models["regions"].text_features()
+        if method == "fedtpg":
+            v, P = inputs
+        else:
+            v, P = models["regions"].image_features(*inputs)  # the prompted features
+        assert torch.allclose(models["regions"](*inputs), region_logits(torch.nn.functional.normalize(P, dim=-1), T),
+                              atol=1e-5)
+        assert torch.allclose(models["global"](*inputs), global_logits(v, T, tiny.logit_scale), atol=1e-5)
