@@ -85,14 +85,16 @@ def parse_config(argv):
 def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, generator):
     """One client's update: copy the global state, E epochs of SGD on the client's images
     (`inputs`: the tuple of cached tensors `model.encode_images` made, e.g. (v, P)).
-    Returns (state, n_samples, mean loss per image). The optimizer starts fresh every round,
-    so nothing of it outlives the round (nor needs a checkpoint)."""
+    Returns (state, n_samples, stats), stats = {"loss": mean loss per image, "steps": local
+    steps, "clip_share": share of steps whose gradient norm exceeded --grad-clip (0 with
+    --grad-clip 0), "grad_norm": mean gradient norm before clipping}. The optimizer starts
+    fresh every round, so nothing of it outlives the round (nor needs a checkpoint)."""
     model.load_tunable_state(global_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
     loss_fn = asymmetric_loss if cfg.loss == "asl" else bce_loss
     indices = torch.as_tensor(indices)
-    total, seen = 0.0, 0
+    total, seen, steps, clipped, norms = 0.0, 0, 0, 0, 0.0
     for _ in range(cfg.local_epochs):
         order = indices[torch.randperm(len(indices), generator=generator)]
         for batch in order.split(cfg.batch_size):
@@ -101,10 +103,15 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
             optimizer.zero_grad()
             loss.backward()
             if cfg.grad_clip > 0:  # the summed loss can kick a small text encoder out of its range
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # the norm before clipping
+            else:
+                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             optimizer.step()
             total, seen = total + loss.item(), seen + len(batch)
-    return model.tunable_state(), len(indices), total / max(seen, 1)
+            steps, clipped, norms = steps + 1, clipped + (0 < cfg.grad_clip < norm), norms + norm
+    stats = {"loss": total / max(seen, 1), "steps": steps, "clip_share": clipped / max(steps, 1),
+             "grad_norm": norms / max(steps, 1)}
+    return model.tunable_state(), len(indices), stats
 
 
 def cosine_lr(base_lr, round_index, n_rounds):
@@ -165,7 +172,25 @@ AGGREGATORS = dict(zip(AGGREGATE_RULES, [aggregate_weighted, aggregate_median, a
 
 
 # ---- Rounds: what both engines record -----------------------------------------------------
-TABLE_HEADER = f"{'round':>5} {'train loss':>10} {'mAP':>7} {'CF1':>7} {'OF1':>7} {'seconds':>8}"
+TABLE_HEADER = (f"{'round':>5} {'train loss':>10} {'clipped':>7} {'grad norm':>9} {'mAP':>7} {'CF1':>7} {'OF1':>7} "
+                f"{'seconds':>8}")
+
+
+def combine_stats(stats: list, sizes: list) -> dict:
+    """A round's training numbers from its aggregated clients' local_train stats: the loss per
+    image weighted by samples, the clipped share and the mean gradient norm weighted by local
+    steps (Nones when no client was aggregated)."""
+    if not stats:
+        return {"loss": None, "clip_share": None, "grad_norm": None}
+    steps = [s["steps"] for s in stats]
+    return {"loss": float(np.average([s["loss"] for s in stats], weights=sizes)),
+            **{key: float(np.average([s[key] for s in stats], weights=steps)) for key in ("clip_share", "grad_norm")}}
+
+
+def training_columns(stats: dict, n_aggregated: int, rejected: list) -> dict:
+    """metrics.json's columns of a training round besides the loss and the evaluation."""
+    return {"clip_share": stats["clip_share"], "grad_norm": stats["grad_norm"], "clients_aggregated": n_aggregated,
+            "clients_rejected": rejected, "failed": n_aggregated == 0}
 
 
 def record_round(exp: Experiment, history: list, round_index, loss, seconds, extra, rng=None):
@@ -178,7 +203,8 @@ def record_round(exp: Experiment, history: list, round_index, loss, seconds, ext
     if round_index > 0:
         save_atomic({"global_state": exp.model.tunable_state(), "round": round_index, "history": history,
                      "rng_state": rng.bit_generator.state}, exp.out / "checkpoint.pt")
-    tqdm.write(f"{round_index:>5} {loss if loss is not None else float('nan'):>10.4f} "
+    number = lambda key: float("nan") if row.get(key) is None else row[key]  # round 0 has no training
+    tqdm.write(f"{round_index:>5} {number('loss'):>10.4f} {number('clip_share'):>7.0%} {number('grad_norm'):>9.2f} "
                f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}")
     sys.stdout.flush()
     return row
@@ -187,15 +213,16 @@ def record_round(exp: Experiment, history: list, round_index, loss, seconds, ext
 def run_round(round_index, model, global_state, features, client_splits, sampled, cfg, log):
     """Train the sampled clients, leave out the ones that send a bad update (non-finite, wrong
     keys or shapes: bad data), aggregate the rest. A client whose training raises (out of
-    memory, a bug) stops the run: RunFailed. Returns (new global state, mean loss, number
-    aggregated, rejected client ids)."""
+    memory, a bug) stops the run: RunFailed. Returns (new global state, combine_stats of the
+    aggregated clients, their number, rejected client ids)."""
     inputs, targets = features
     lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
-    states, sizes, losses, rejected = [], [], [], []
+    states, sizes, stats, rejected = [], [], [], []
     for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
         generator = client_generator(cfg, round_index, client)
         try:
-            state, n, loss = local_train(model, global_state, inputs, targets, client_splits[client], cfg, lr, generator)
+            state, n, client_stats = local_train(model, global_state, inputs, targets, client_splits[client], cfg, lr,
+                                                 generator)
         except Exception as error:  # in one process a failing update is a failing run: stop it
             oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
                 or "can't allocate memory" in str(error)
@@ -206,12 +233,12 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
             log(f"round {round_index}: client {client} update rejected: {problem}")
             rejected.append(client)
             continue
-        states.append(state), sizes.append(n), losses.append(loss)
+        states.append(state), sizes.append(n), stats.append(client_stats)
     if not states:
         log(f"round {round_index}: every client failed; the global state stays as it was")
-        return global_state, None, 0, rejected
+        return global_state, combine_stats([], []), 0, rejected
     new_state = AGGREGATORS[cfg.aggregate](states, sizes)
-    return new_state, float(np.average(losses, weights=sizes)), len(states), rejected
+    return new_state, combine_stats(stats, sizes), len(states), rejected
 
 
 # ---- The loop -----------------------------------------------------------------------------
@@ -243,7 +270,7 @@ def run(cfg: Config, model_cfg: ModelConfig):
         start = time.time()
         sampled = sample_clients(rng, cfg)
         try:
-            global_state, loss, n_aggregated, rejected = run_round(
+            global_state, stats, n_aggregated, rejected = run_round(
                 round_index, model, global_state, exp.train, exp.splits, sampled, cfg, tqdm.write)
         except RunFailed as failure:
             (out / "error.log").write_text("".join(traceback.format_exception(failure.__cause__)))
@@ -251,8 +278,8 @@ def run(cfg: Config, model_cfg: ModelConfig):
             raise RunFailed(f"{failure} (traceback in {out / 'error.log'}; {kept}; fix the cause and "
                             f"continue with --resume {out})") from failure.__cause__
         model.load_tunable_state(global_state)
-        record_round(exp, history, round_index, loss, time.time() - start, rng=rng, extra={
-            "clients_aggregated": n_aggregated, "clients_rejected": rejected, "failed": n_aggregated == 0})
+        record_round(exp, history, round_index, stats["loss"], time.time() - start, rng=rng,
+                     extra=training_columns(stats, n_aggregated, rejected))
     save_atomic(global_state, out / "state.pt")
     if cfg.plot:
         test_set = data.load_dataset(cfg.dataset, exp.resolved["root"], "test", skip_unreadable=cfg.skip_unreadable)

@@ -133,11 +133,12 @@ def train(message, context):
     generator = federate.client_generator(cfg, round_index, client)
     lr = federate.cosine_lr(cfg.lr, round_index, cfg.rounds)
     indices = torch.arange(len(kit["y"]))  # the kit holds this client's images only, in split order
-    state, n, loss = federate.local_train(kit["model"], global_state, kit["inputs"], kit["y"],
-                                          indices, cfg, lr, generator)
+    state, n, stats = federate.local_train(kit["model"], global_state, kit["inputs"], kit["y"],
+                                           indices, cfg, lr, generator)
     if round_index == cfg.rounds:
         cache.unlink(missing_ok=True)  # the last round: give the node its disk back
-    metrics = MetricRecord({"num-examples": n, "train-loss": loss, "partition-id": client})
+    metrics = MetricRecord({"num-examples": n, "train-loss": stats["loss"], "partition-id": client, "steps":
+                            stats["steps"], "clip-share": stats["clip_share"], "grad-norm": stats["grad_norm"]})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=message)
 
 
@@ -195,7 +196,7 @@ class FedMPTStrategy(FedAvg):
         """Leave out missing, failed and invalid updates, aggregate the rest (as run_round)."""
         say = lambda text: print(f"round {server_round}: {text}", flush=True)
         by_client = {self.client_of.get(reply.metadata.src_node_id): reply for reply in replies}
-        states, sizes, losses, rejected = [], [], [], list(self.round["rejected"])
+        states, sizes, stats, rejected = [], [], [], list(self.round["rejected"])
         for client in self.round["sent"]:
             reply = by_client.get(client)
             if reply is None:
@@ -205,22 +206,23 @@ class FedMPTStrategy(FedAvg):
             else:
                 try:
                     state, metrics = ordered_state(reply.content["arrays"], self.reference), reply.content["metrics"]
-                    n, loss = int(metrics["num-examples"]), float(metrics["train-loss"])
+                    n = int(metrics["num-examples"])
+                    numbers = {"loss": float(metrics["train-loss"]), "steps": int(metrics["steps"]),
+                               "clip_share": float(metrics["clip-share"]), "grad_norm": float(metrics["grad-norm"])}
                     problem = validate_update(state, self.reference)
                 except (KeyError, TypeError, ValueError) as error:
                     problem = f"malformed reply ({type(error).__name__}: {error})"
                 if not problem:
-                    states.append(state), sizes.append(n), losses.append(loss)
+                    states.append(state), sizes.append(n), stats.append(numbers)
                     continue
                 say(f"client {client} update rejected: {problem}")
             rejected.append(client)
-        self.round.update(aggregated=len(states), rejected=sorted(rejected), loss=None)
+        self.round.update(aggregated=len(states), rejected=sorted(rejected), stats=federate.combine_stats(stats, sizes))
         if not states:
             say("every client failed; the global state stays as it was")
             return None, None
-        self.round["loss"] = float(np.average(losses, weights=sizes))
         aggregated = AGGREGATORS[self.cfg.aggregate](states, sizes)
-        summary = MetricRecord({"train-loss": self.round["loss"], "clients-aggregated": len(states)})
+        summary = MetricRecord({"train-loss": self.round["stats"]["loss"], "clients-aggregated": len(states)})
         return ArrayRecord(aggregated), summary
 
     def evaluate_and_record(self, server_round, arrays):
@@ -231,8 +233,8 @@ class FedMPTStrategy(FedAvg):
         if server_round == 0:
             loss, seconds, extra = None, 0.0, federate.reference_scores(exp)
         else:
-            loss, seconds, n = self.round["loss"], time.time() - self.round["start"], self.round["aggregated"]
-            extra = {"clients_aggregated": n, "clients_rejected": self.round["rejected"], "failed": n == 0}
+            stats, seconds = self.round["stats"], time.time() - self.round["start"]
+            loss, extra = stats["loss"], federate.training_columns(stats, self.round["aggregated"], self.round["rejected"])
         row = federate.record_round(exp, self.history, server_round, loss, seconds, extra, self.rng)
         return MetricRecord({"mAP": row["mAP"], "CF1": row["CF1"], "OF1": row["OF1"]})
 

@@ -63,10 +63,10 @@ def faulty(behaviour):
     honest = federate.local_train
 
     def local_train(model, global_state, inputs, targets, indices, cfg, lr, generator):
-        state, n, loss = honest(model, global_state, inputs, targets, indices, cfg, lr, generator)
+        state, n, stats = honest(model, global_state, inputs, targets, indices, cfg, lr, generator)
         if indices is not faulty.splits[1]:
-            return state, n, loss
-        return behaviour(state), n, loss
+            return state, n, stats
+        return behaviour(state), n, stats
     return local_train
 
 
@@ -92,11 +92,12 @@ def test_round_where_every_update_is_rejected_keeps_the_global_state(shapes_root
     honest = federate.local_train
 
     def broken(*args):
-        state, n, loss = honest(*args)
-        return {k: v * float("nan") for k, v in state.items()}, n, loss
+        state, n, stats = honest(*args)
+        return {k: v * float("nan") for k, v in state.items()}, n, stats
     monkeypatch.setattr(federate, "local_train", broken)
     history = run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2", "--batch-size", "128")
     assert history[1]["failed"] and history[1]["clients_aggregated"] == 0
+    assert history[1]["loss"] is None and history[1]["clip_share"] is None and history[1]["grad_norm"] is None
     assert history[1]["mAP"] == history[0]["mAP"]
     saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert saved[1]["failed"] is True

@@ -41,7 +41,9 @@ def test_fedmpt_learns_across_clients(shapes_root, tmp_path):
     assert maps[-1] > history[0]["label_prior_mAP"] + 5
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [row["round"] for row in saved] == [0, 1, 2, 3, 4]
-    assert {"mAP", "CF1", "OF1", "loss", "seconds"} <= set(saved[-1])
+    assert {"mAP", "CF1", "OF1", "loss", "seconds", "clip_share", "grad_norm"} <= set(saved[-1])
+    assert all(0 <= row["clip_share"] <= 1 and row["grad_norm"] > 0 for row in saved[1:])
+    assert "clip_share" not in saved[0]  # round 0 trains nothing
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert set(state) >= {"prompts.context", "gate.mlp.2.weight"}
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -56,6 +58,35 @@ def test_runs_are_deterministic_for_a_seed(shapes_root, tmp_path):
     a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_numbers_weigh_clients_by_samples_and_steps():
+    stats = [{"loss": 1.0, "steps": 1, "clip_share": 1.0, "grad_norm": 2.0},
+             {"loss": 3.0, "steps": 3, "clip_share": 0.0, "grad_norm": 6.0}]
+    assert federate.combine_stats(stats, [10, 30]) == {"loss": 2.5, "clip_share": 0.25, "grad_norm": 5.0}
+    assert federate.combine_stats([], []) == {"loss": None, "clip_share": None, "grad_norm": None}
+
+
+def test_the_share_of_clipped_steps_follows_the_threshold(shapes_root, tmp_path):
+    """--grad-clip 1e-6 clips every step, a huge one none, and 0 (off) still measures the norm:
+    huge and off train identically (clipping scales by 1)."""
+    options = ["--rounds", "2", "--clients", "2", "--batch-size", "128"]
+    histories = {clip: run(shapes_root, tmp_path / clip, *options, "--grad-clip", clip)[1:]
+                 for clip in ("1e-6", "1e9", "0")}
+    assert all(row["clip_share"] == 1 and row["grad_norm"] > 1e-6 for row in histories["1e-6"])
+    assert all(row["clip_share"] == 0 and row["grad_norm"] > 0 for row in histories["1e9"])
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]
+    assert strip(histories["0"]) == strip(histories["1e9"])
+
+
+def test_the_seed_decides_the_starting_model(shapes_root, tmp_path):
+    """Round 0 of metrics.json evaluates the initial global model (beside the seed-free
+    reference scores): --seed 0 and --seed 1 start from different contexts, so it differs."""
+    options = ["--rounds", "1", "--clients", "2", "--batch-size", "128"]
+    first = run(shapes_root, tmp_path / "seed0", *options, "--seed", "0")[0]
+    second = run(shapes_root, tmp_path / "seed1", *options, "--seed", "1")[0]
+    assert first["zero_shot_mAP"] == second["zero_shot_mAP"] and first["label_prior_mAP"] == second["label_prior_mAP"]
+    assert first["mAP"] != second["mAP"], (first["mAP"], second["mAP"])
 
 
 def cli(*args, cwd=REPO):
