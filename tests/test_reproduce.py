@@ -86,3 +86,25 @@ def test_a_failing_cell_stops_the_grid_with_its_log_and_bad_options_exit_2(tmp_p
     assert reproduce.main(["table3", "--out", str(out), "--", "--seed", "3"]) == 2
     with pytest.raises(SystemExit):
         reproduce.main(["table9", "--out", str(out)])
+
+
+def test_tables_average_t_per_seed_then_seeds_and_stand_beside_the_published(tmp_path):
+    args = reproduce.parse(["table3", "--out", str(tmp_path), "--methods", "fedmpt", "--seeds", "0,1"])
+    assert args.dataset == ["multiscene", "mlrsnet"] and args.t == [1.0]
+    cells = reproduce.make_cells(args)
+    assert [(c["dataset"], c["clients"], c["rounds"]) for c in cells] == [("multiscene", 2, 50)] * 2 + [("mlrsnet", 4, 50)] * 2
+    values = {("multiscene", 0): 50.0, ("multiscene", 1): 54.0, ("mlrsnet", 0): 60.0}  # mlrsnet seed 1 not run
+    rows = {reproduce.cell_key(c): {**c, "mAP": v, "CF1": v - 10, "OF1": v + 5}
+            for c in cells if (v := values.get((c["dataset"], c["seed"]))) is not None}
+    table = reproduce.table3(cells, rows, args)
+    assert "| FedMPT | 52.00 ± 2.83 / 42.00 ± 2.83 / 57.00 ± 2.83 | 60.00 / 50.00 / 65.00 |" in table
+    assert "| FedMPT | 53.68 / 43.97 / 57.83 | 58.76 / 50.86 / 71.22 |" in table  # published
+
+    args = reproduce.parse(["table1", "--out", str(tmp_path), "--dataset", "voc2007", "--methods", "fedmpt",
+                            "--t", "0.5,1", "--seeds", "0,1", "--rounds", "3"])
+    cells = reproduce.make_cells(args)
+    values = {(0.5, 0): 80.0, (1.0, 0): 90.0, (0.5, 1): 84.0}  # seed 1 lacks t = 1: not yet averaged
+    rows = {reproduce.cell_key(c): {**c, "mAP": v} for c in cells if (v := values.get((c["t"], c["seed"]))) is not None}
+    table = reproduce.table1(cells, rows, args)
+    assert "| FedMPT | 85.00 |" in table and "| FedMPT | voc2007 | 82.00 ± 2.83 | 90.00 |" in table
+    assert "| FedMPT | 89.51 |" in table and all(c["rounds"] == 3 and c["clients"] == 2 for c in cells)
