@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def read_launches(run_dir: Path) -> list:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str):
+def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str, threads: int = 0):
     """One federate.py process; an interrupted cell (config.json, no state.pt) resumes."""
     if run_dir.exists() and not (run_dir / "config.json").exists():
         shutil.rmtree(run_dir)  # stopped before its first record: nothing to keep
@@ -158,8 +159,9 @@ def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str):
         output.write(f"$ python federate.py {' '.join(args)}\n")
         output.flush()
         try:
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
             code = subprocess.run([sys.executable, str(ROOT / "federate.py"), *args], cwd=ROOT, stdout=output,
-                                  stderr=subprocess.STDOUT).returncode
+                                  stderr=subprocess.STDOUT, env=env).returncode
         finally:  # the wall time of the process, Ctrl-C included: what the next estimate uses
             launches = read_launches(run_dir) + [{"code": version, "seconds": round(time.time() - start, 1)}]
             (run_dir / "launches.json").write_text(json.dumps(launches))
@@ -310,6 +312,8 @@ def parse(argv):
                                                        "(default: federate.py's data/<dataset>)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and the time they should take")
     parser.add_argument("--keep-going", action="store_true", help="go on past a failed cell; exit 1 at the end")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each cell (0: torch's default); "
+                        "1 keeps a CPU grid fast beside other torch processes (two at full threads slow each other many times)")
     parser.add_argument("--steps", type=int, default=5, help="table5: timed steps per method")
     parser.add_argument("--clip", default="ViT-B/16", help="table5: the architecture timed (random init)")
     parser.epilog = "Options after -- go to every cell's federate.py (e.g. -- --clients-by scene --min-labels 7)."
@@ -368,7 +372,7 @@ def run_grid(args, out: Path) -> list:
         print(f"[{i}/{len(todo)}] {cell_name(cell)} ...", end=" ", flush=True)
         try:
             if not (run_dir / "state.pt").exists():
-                run_cell(cell, run_dir, out / "logs" / f"{cell_name(cell)}.log", args.data_dir, version)
+                run_cell(cell, run_dir, out / "logs" / f"{cell_name(cell)}.log", args.data_dir, version, args.threads)
         except GridError as error:
             if not args.keep_going:
                 raise
@@ -397,6 +401,10 @@ def step_times_for(args, out: Path) -> Path:
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             raise GridError("benchmarks/step_time.py failed; see its output above.", code=1)
     return path
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -431,4 +439,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop)  # `kill` or a job scheduler's limit stops the grid like Ctrl-C
     sys.exit(main())
