@@ -180,6 +180,15 @@ class FrozenCLIP(nn.Module):
         tokens = tokens.to(self.model.token_embedding.weight.device)
         return F.normalize(self.encode_prompts(self.model.token_embedding(tokens), tokens.argmax(dim=-1)), dim=-1)
 
+    @torch.no_grad()
+    def similar_texts(self, texts, threshold: float) -> list:
+        """[(i, j, cosine)], i < j, of the texts whose features have a cosine above `threshold`,
+        most similar first: what this text tower hardly tells apart."""
+        features = self.encode_texts(texts).float()
+        similarity = torch.triu(features @ features.T, diagonal=1)
+        pairs = [(i, j, float(similarity[i, j])) for i, j in (similarity > threshold).nonzero().tolist()]
+        return sorted(pairs, key=lambda pair: -pair[2])
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()

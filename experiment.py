@@ -232,67 +232,28 @@ def load_data(cfg: Config, root: str):
                                       cfg.min_labels) for split in ("train", "test"))
 
 
-def make_clients(cfg: Config, train_set):
-    """(cfg, splits, client names): the dataset's own sites where it names them (labels.csv's
-    client column; the returned cfg then says how many), with --clients-by scene the scenes
-    grouped into --clients sites, else the K-means split with t."""
-    if cfg.clients_by == "scene":
-        if getattr(train_set, "scenes", None) is None:
-            raise FedMPTError(f"--clients-by scene: {cfg.dataset} does not name each image's scene "
-                              "(mlrsnet does); use --clients-by kmeans.")
-        if cfg.heterogeneity != Config().heterogeneity:
-            print(f"note: --heterogeneity {cfg.heterogeneity} not used: --clients-by scene.", file=sys.stderr)
-        return (cfg, *splits.scene_splits(train_set.scenes, cfg.clients))
-    if not train_set.natural_clients:
-        return cfg, splits.client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed), None
-    names = [site for site, _ in train_set.natural_clients]
-    sites = [indices for _, indices in train_set.natural_clients]
-    if not all(sites):
-        raise FedMPTError(f"--min-labels {cfg.min_labels}: site {names[sites.index([])]} keeps no image; "
-                          "choose a smaller --min-labels.")
-    defaults, unused = Config(), []
-    if cfg.clients not in (defaults.clients, len(sites)):  # len(sites): what a resumed run saved
-        unused.append(f"--clients {cfg.clients}")
-    if cfg.heterogeneity != defaults.heterogeneity:
-        unused.append(f"--heterogeneity {cfg.heterogeneity}")
-    if unused:
-        print(f"note: {' and '.join(unused)} not used: the dataset names its clients "
-              f"({len(sites)} sites: {', '.join(names)}).", file=sys.stderr)
-    return dataclasses.replace(cfg, clients=len(sites)), sites, names
-
-
-def class_texts(backbone: FrozenCLIP, classes) -> torch.Tensor:
-    """The backbone's normalised features (C, D) of "a photo of a <class>."."""
-    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
-    return torch.nn.functional.normalize(text.float(), dim=-1)
-
-
 def zero_shot_scores(backbone: FrozenCLIP, v: torch.Tensor, classes) -> torch.Tensor:
     """Cosines (n, C) of global features v with "a photo of a <class>.": a ranking, not probabilities."""
-    return torch.nn.functional.normalize(v, dim=-1) @ class_texts(backbone, classes).T
+    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
+    return torch.nn.functional.normalize(v, dim=-1) @ text.T
 
 
 SIMILAR_TEXT = 0.97  # the shapes CLIP: its own 12 shape words reach 0.85, words it never saw 0.977-0.999
 
 
 def similar_classes(backbone: FrozenCLIP, classes, threshold=SIMILAR_TEXT) -> list:
-    """Class pairs the backbone's text side hardly tells apart: [(a, b, cosine)] of the class
-    prompts above `threshold`, most similar first. Prompt tuning starts every such class from
-    nearly the same text feature (real CLIP: misspelled or exotic names; the shapes CLIP: any
-    word outside its captions)."""
-    text = class_texts(backbone, classes)
-    similarity = torch.triu(text @ text.T, diagonal=1)
-    pairs = [(classes[a], classes[b], float(similarity[a, b])) for a, b in (similarity > threshold).nonzero().tolist()]
-    return sorted(pairs, key=lambda pair: -pair[2])
-
-
-def warn_similar(pairs, n_classes):
+    """Class pairs the backbone's text side hardly tells apart, [(a, b, cosine)] of "a photo of a
+    <class>." above `threshold`, with a printed warning: prompt tuning starts each such class
+    alike (real CLIP: misspelled or exotic names; the shapes CLIP: any word outside its captions)."""
+    pairs = [(classes[i], classes[j], c) for i, j, c in
+             backbone.similar_texts([f"a photo of a {data.prompt_name(c)}." for c in classes], threshold)]
     if pairs:
         shown = ", ".join(f"{a}/{b} {c:.3f}" for a, b, c in pairs[:8]) + (" ..." if len(pairs) > 8 else "")
-        print(f"warning: the backbone's text side hardly tells {len(pairs)} of the {n_classes * (n_classes - 1) // 2} "
-              f"class pairs apart (cosine of 'a photo of a <class>.' above {SIMILAR_TEXT}): {shown}. Prompt "
-              "tuning starts each such class alike; check the class names, or use a backbone that knows "
-              "them (docs/choices.md).", file=sys.stderr)
+        print(f"warning: the backbone's text side hardly tells {len(pairs)} of the {len(classes) * (len(classes) - 1) // 2} "
+              f"class pairs apart (cosine of 'a photo of a <class>.' above {threshold}): {shown}. Prompt tuning "
+              "starts each such class alike; check the class names, or use a backbone that knows them "
+              "(docs/choices.md).", file=sys.stderr)
+    return pairs
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict = None,
@@ -312,7 +273,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     conditions = load_conditions(cfg.conditions, cfg.dataset)
 
     train_set, test_set = load_data(cfg, root)
-    cfg, client_splits, client_names = make_clients(cfg, train_set)
+    cfg, client_splits, client_names = splits.make_clients(cfg, train_set)
     print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
     if client is not None and not 0 <= client < len(client_splits):
         raise FedMPTError(f"client {client}: this run has {len(client_splits)} clients, 0 to {len(client_splits) - 1}.")
@@ -324,7 +285,6 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                           "than the ones found now; resume it with the same backbone file.")
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
-    warn_similar(similar, len(train_set.classes))
 
     attributes = method_attributes(cfg, train_set.classes)
     model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes,

@@ -3,9 +3,12 @@
 The paper's split (docs/method.md): K-means on the multi-hot label vectors gives one cluster per
 client; the heterogeneity t in (0, 1] is the share of a client's images taken from its own
 cluster, the rest is drawn from a pool all clients released (t = 1: each client is its cluster;
-small t approaches IID). `label_skew` measures the result, `split_report` and
+small t approaches IID). `make_clients` picks a run's split: the dataset's own sites, MLRSNet's
+scenes (`scene_splits`) or K-means. `label_skew` measures the result, `split_report` and
 `plot_client_distributions` show it.
 """
+import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +82,35 @@ def scene_splits(scenes, n_clients: int):
         sites[smallest].append(scene)
     names = [f"{site[0]}" + (f" +{len(site) - 1}" if len(site) > 1 else "") for site in sites]
     return [sorted(i for s in site for i in members[s]) for site in sites], names
+
+
+def make_clients(cfg, train_set):
+    """(cfg, splits, client names) of a run (`cfg`: experiment.Config): the dataset's own sites
+    where it names them (labels.csv's client column; the returned cfg then says how many), with
+    --clients-by scene the scenes grouped into --clients sites, else the K-means split with t."""
+    if cfg.clients_by == "scene":
+        if getattr(train_set, "scenes", None) is None:
+            raise FedMPTError(f"--clients-by scene: {cfg.dataset} does not name each image's scene "
+                              "(mlrsnet does); use --clients-by kmeans.")
+        if cfg.heterogeneity != type(cfg)().heterogeneity:
+            print(f"note: --heterogeneity {cfg.heterogeneity} not used: --clients-by scene.", file=sys.stderr)
+        return (cfg, *scene_splits(train_set.scenes, cfg.clients))
+    if not train_set.natural_clients:
+        return cfg, client_splits(train_set.targets, cfg.clients, cfg.heterogeneity, cfg.seed), None
+    names = [site for site, _ in train_set.natural_clients]
+    sites = [indices for _, indices in train_set.natural_clients]
+    if not all(sites):
+        raise FedMPTError(f"--min-labels {cfg.min_labels}: site {names[sites.index([])]} keeps no image; "
+                          "choose a smaller --min-labels.")
+    defaults, unused = type(cfg)(), []
+    if cfg.clients not in (defaults.clients, len(sites)):  # len(sites): what a resumed run saved
+        unused.append(f"--clients {cfg.clients}")
+    if cfg.heterogeneity != defaults.heterogeneity:
+        unused.append(f"--heterogeneity {cfg.heterogeneity}")
+    if unused:
+        print(f"note: {' and '.join(unused)} not used: the dataset names its clients "
+              f"({len(sites)} sites: {', '.join(names)}).", file=sys.stderr)
+    return dataclasses.replace(cfg, clients=len(sites)), sites, names
 
 
 # ---- Looking at a split -------------------------------------------------------------------
