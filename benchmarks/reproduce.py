@@ -275,9 +275,10 @@ def table5(results, step_json: Path, args) -> str:
 
 
 def plot_table1(rows, args, path: Path):
-    """mAP against t, one line per method (mean over seeds, bars: std), a panel per dataset."""
+    """mAP against t, one line per method (mean over seeds, bars: std), a panel per dataset, with
+    the frozen backbone's zero-shot mAP (dashed) where a run recorded it."""
     from matplotlib.figure import Figure
-    figure = Figure(figsize=(4.2 * len(args.dataset), 3.6))
+    figure = Figure(figsize=(4.8 * len(args.dataset), 3.8))
     for i, dataset in enumerate(args.dataset):
         axes = figure.add_subplot(1, len(args.dataset), i + 1)
         for method in args.methods:
@@ -287,8 +288,12 @@ def plot_table1(rows, args, path: Path):
                 axes.errorbar([t for t, _ in points], [statistics.mean(v) for _, v in points],
                               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
                               label=PAPER_NAMES[method], marker="o", markersize=3, capsize=2)
+        runs = [Path(r["run_dir"]) / "metrics.json" for k, r in rows.items() if k[1] == dataset]
+        zero_shot = next((json.loads(p.read_text())[0].get("zero_shot_mAP") for p in runs if p.exists()), None)
+        if zero_shot is not None:
+            axes.axhline(zero_shot, color="grey", linestyle="--", linewidth=1, label="zero-shot")
         axes.set_title(dataset)
-        axes.set_xlabel("heterogeneity t (share of a client's images from its own cluster)")
+        axes.set_xlabel("heterogeneity t (1: each client its cluster)")
         axes.set_ylabel("mAP (%)")
         axes.grid(alpha=0.3)
     figure.axes[0].legend(fontsize=7)
