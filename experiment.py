@@ -54,6 +54,7 @@ class Config:
     clients_by: str = "kmeans"  # kmeans (the paper's label clusters, with t) | scene (mlrsnet: scene folders grouped into sites)
     min_labels: int = 0  # keep only images with at least this many labels, both splits (0 = every image)
     label_mask: float = 0.0  # partial annotation: each training positive becomes unknown with this probability
+    validation: float = 0.0  # share of the training images held out (seeded) to choose settings on; 0 = none
     loss: str = "asl"  # asl | bce
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -85,6 +86,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (cfg.clients_by in ("kmeans", "scene"), f"--clients-by {cfg.clients_by}: choose kmeans or scene"),
               (cfg.min_labels >= 0, f"--min-labels {cfg.min_labels}: must be 0 (off) or positive"),
               (0 <= cfg.label_mask < 1, f"--label-mask {cfg.label_mask}: must lie in [0, 1)"),
+              (0 <= cfg.validation < 1, f"--validation {cfg.validation}: must lie in [0, 1)"),
               (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
               (cfg.workers >= -1, f"--workers {cfg.workers}: -1 (automatic), 0 or more"),
               (cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive"),
@@ -222,6 +224,7 @@ class Experiment:
     zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
     biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
     store_keys: dict  # {"train"/"test"/"zero-shot": key} of the frozen inputs in the feature store
+    validation: list = dataclasses.field(default_factory=list)  # rows of exp.train held out (--validation)
 
 
 def load_data(cfg: Config, root: str):
@@ -273,7 +276,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     conditions = load_conditions(cfg.conditions, cfg.dataset)
 
     train_set, test_set = load_data(cfg, root)
-    cfg, client_splits, client_names = splits.make_clients(cfg, train_set)
+    validation, pool = splits.hold_out(len(train_set), cfg.validation, cfg.seed)
+    cfg, client_splits, client_names = splits.make_clients(cfg, train_set if not validation else train_set.subset(pool))
+    client_splits = [[pool[i] for i in s] for s in client_splits]  # rows of the whole training set
     print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
     if client is not None and not 0 <= client < len(client_splits):
         raise FedMPTError(f"client {client}: this run has {len(client_splits)} clients, 0 to {len(client_splits) - 1}.")
@@ -307,7 +312,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
     part_targets = train_targets if client is None else train_targets[client_splits[client]]
 
     top_k = min(3, len(train_set.classes))
-    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_targets, len(test_set)),
+    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_targets[pool], len(test_set)),
                                        test_set.targets, top_k=top_k)
     test_inputs, zero_shot = None, {}
     if test:
@@ -328,7 +333,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 "encoded_images": sum(encoded),
                 "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
                 "label_skew": splits.label_skew(train_set.targets, client_splits),
-                "images": {"train": len(train_set), "test": len(test_set)},
+                "images": {"train": len(train_set) - len(validation), "validation": len(validation), "test": len(test_set)},
                 "similar_class_pairs": [[a, b, round(c, 4)] for a, b, c in similar[:50]],
                 "masked_positives": int((train_targets == -1).sum() - (train_set.targets == -1).sum()),
                 "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
@@ -344,7 +349,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                                          out / "clients.png", names=client_names)
     return Experiment(cfg, model_cfg, out, model, client_splits, (train, part_targets),
                       (test_inputs, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs,
-                      store_keys)
+                      store_keys, validation)
 
 
 # ---- Evaluation ---------------------------------------------------------------------------
@@ -358,11 +363,12 @@ def gather(inputs, rows, device) -> list:
 
 
 @torch.no_grad()
-def predict_scores(model, inputs, batch_size=256):
-    """Probabilities (n, C) for cached inputs; the text side is encoded once."""
+def predict_scores(model, inputs, batch_size=256, rows=None):
+    """Probabilities (n, C) for cached inputs (or their `rows`); the text side is encoded once."""
     T = model.text_features()
-    return torch.cat([torch.sigmoid(model(*gather(inputs, slice(i, i + batch_size), model.device), T=T)).cpu()
-                      for i in range(0, len(inputs[0]), batch_size)])
+    rows = torch.arange(len(inputs[0])) if rows is None else torch.as_tensor(rows)
+    return torch.cat([torch.sigmoid(model(*gather(inputs, batch, model.device), T=T)).cpu()
+                      for batch in rows.split(batch_size)])
 
 
 def evaluate_global(exp: Experiment) -> dict:
@@ -373,6 +379,11 @@ def evaluate_global(exp: Experiment) -> dict:
     if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
         bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
         result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
+    if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
+        inputs, y = exp.train
+        held_out = metrics.multilabel_metrics(predict_scores(exp.model, inputs, rows=exp.validation),
+                                              y[exp.validation], top_k=min(3, y.shape[1]))
+        result.update({f"val_{k}": held_out[k] for k in ("mAP", "CF1", "OF1")})
     return result
 
 

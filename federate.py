@@ -49,6 +49,9 @@ HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means clu
                       "probability p, seeded by --seed; test labels are never masked",
         "pooling": "fedtpg, fed-maple, fedmvp: regions (class-specific region aggregation, the paper's "
                    "federated multi-label protocol) or global (the global image feature alone)",
+        "validation": "share of the training images held out (seeded by --seed, before the client split); "
+                      "metrics.json then records val_mAP, val_CF1, val_OF1 each round: choose settings on "
+                      "them, never on the test split",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",
         "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
         "ot_rho": "0: every image region is transported (exact marginal, the spec); > 0: its KL weight "

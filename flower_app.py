@@ -261,7 +261,7 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
     """Run the federation on Flower; returns the rows of metrics.json like federate.run."""
     checks = [(not cfg.resume, "--resume works with the plain engine only; a Flower run's checkpoint.pt is "
                                "the plain loop's, so `python federate.py --resume RUN_DIR` continues it"),
-              (not cfg.plot, "--plot: only with the plain loop (python federate.py --plot)"),
+              (not cfg.plot and not cfg.validation, "--plot and --validation: only with the plain loop (python federate.py)"),
               (flower_cfg.round_timeout > 0, f"--round-timeout {flower_cfg.round_timeout}: must be positive"),
               (flower_cfg.min_nodes >= 1, f"--min-nodes {flower_cfg.min_nodes}: must be at least 1")]
     problems = [message for ok, message in checks if not ok]

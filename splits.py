@@ -84,6 +84,19 @@ def scene_splits(scenes, n_clients: int):
     return [sorted(i for s in site for i in members[s]) for site in sites], names
 
 
+def hold_out(n_images: int, share: float, seed: int):
+    """(held-out rows, the rest), both sorted: a seeded `share` of the training images kept
+    apart for choosing settings (--validation); share 0 holds out nothing."""
+    if share <= 0:
+        return [], list(range(n_images))
+    order = np.random.default_rng([seed, 7]).permutation(n_images)
+    n = int(round(share * n_images))
+    if not 0 < n < n_images:
+        raise FedMPTError(f"--validation {share}: holds out {n} of {n_images} training images; choose a share "
+                          "that leaves some on both sides.")
+    return sorted(order[:n].tolist()), sorted(order[n:].tolist())
+
+
 def make_clients(cfg, train_set):
     """(cfg, splits, client names) of a run (`cfg`: experiment.Config): the dataset's own sites
     where it names them (labels.csv's client column; the returned cfg then says how many), with

@@ -1,4 +1,5 @@
-"""The protocol switches: --clients-by scene, --min-labels, --label-mask (off by default)."""
+"""The protocol switches, off by default: --clients-by scene, --min-labels, --label-mask, --validation."""
+import dataclasses
 import json
 
 import pytest
@@ -73,3 +74,30 @@ def test_clients_by_scene_runs_end_to_end_and_is_refused_without_scenes(tmp_path
                           "--out", str(tmp_path / "refused")]) == 2
     assert "--clients-by scene: multiscene does not name each image's scene" in capsys.readouterr().err
     assert federate.main(["--label-mask", "1.0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_validation_holds_out_training_images_from_every_client_and_is_scored_each_round(tmp_path):
+    root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)  # 32 training images
+    cfg = experiment.Config(dataset="mlrsnet", root=str(root), clients=2, validation=0.25, seed=1,
+                            cache_dir=str(tmp_path / "cache"), workers=0)
+    exp = experiment.setup(cfg, ModelConfig(), write=False)
+    held_out = set(exp.validation)
+    assert len(held_out) == 8 and exp.resolved["images"] == {"train": 24, "validation": 8, "test": 8}
+    assert sorted(i for s in exp.splits for i in s) == sorted(set(range(32)) - held_out)
+    assert experiment.setup(cfg, ModelConfig(), write=False).validation == exp.validation  # seeded
+    assert splits.hold_out(32, 0.25, 2)[0] != exp.validation
+    row = experiment.evaluate_global(exp)
+    assert {"val_mAP", "val_CF1", "val_OF1"} <= set(row) and 0 <= row["val_mAP"] <= 100
+    assert "val_mAP" not in experiment.evaluate_global(
+        experiment.setup(dataclasses.replace(cfg, validation=0.0), ModelConfig(), write=False))
+    out = tmp_path / "run"
+    assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients", "2", "--rounds", "1",
+                          "--validation", "0.25", "--batch-size", "8", "--workers", "0", "--out", str(out)]) == 0
+    assert all("val_mAP" in r for r in json.loads((out / "metrics.json").read_text()))
+    assert federate.main(["--validation", "1.0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_flower_refuses_validation_before_starting_anything():
+    import flower_app
+    with pytest.raises(FedMPTError, match="--validation: only with the plain loop"):
+        flower_app.launch(experiment.Config(validation=0.2), ModelConfig())
