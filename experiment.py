@@ -277,8 +277,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
 
     train_set, test_set = load_data(cfg, root)
     validation, pool = splits.hold_out(len(train_set), cfg.validation, cfg.seed)
-    cfg, client_splits, client_names = splits.make_clients(cfg, train_set if not validation else train_set.subset(pool))
-    client_splits = [[pool[i] for i in s] for s in client_splits]  # rows of the whole training set
+    cfg, client_splits, client_names = splits.make_clients(cfg, train_set.subset(pool) if validation else train_set)
+    if validation:  # back to rows of the whole training set
+        client_splits = [[pool[i] for i in s] for s in client_splits]
     print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
     if client is not None and not 0 <= client < len(client_splits):
         raise FedMPTError(f"client {client}: this run has {len(client_splits)} clients, 0 to {len(client_splits) - 1}.")
