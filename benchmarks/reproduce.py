@@ -415,7 +415,8 @@ def stop(signum, frame):
 def main(argv=None) -> int:
     try:
         args = parse(argv)
-        out = Path(args.out)
+        out = Path(args.out).resolve()  # the cells run in the repository: paths must not depend on the caller's
+        args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
         if not args.dry_run:  # a dry run writes nothing
             out.mkdir(parents=True, exist_ok=True)
         if args.table == "table5":

@@ -32,7 +32,8 @@ def rows(out):
 def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path):
     data_dir, out = tmp_path / "data", tmp_path / "grid"
     write_folder(data_dir / "folder", rows=ROWS, header="image,labels,split")  # 24 training images, 6 test
-    first = subprocess.Popen(grid(out, data_dir), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # paths relative to the caller's directory; the second run names the same grid from elsewhere
+    first = subprocess.Popen(grid("grid", "data"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
@@ -44,7 +45,7 @@ def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path):
     assert "run the same command again" in output and not (out / "results.csv").exists()
     stopped = next(out.glob("runs/*/checkpoint.pt")).parent
 
-    again = subprocess.run(grid(out, data_dir), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(grid(out, data_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 cells, 0 finished, 2 to run" in again.stdout
     assert "--resume" in (out / "logs" / f"{stopped.name}.log").read_text()  # continued, not restarted
