@@ -89,16 +89,16 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
 
 
 # ---- Protocol switches of the authors' code (off by default: not the standard benchmarks) ----
-def keep_min_labels(dataset, n: int, option="--min-labels"):
+def keep_min_labels(dataset, n: int):
     """The dataset restricted to images with at least `n` labels (the authors keep >= 5 on
     COCO/NUS-WIDE and >= 7 on MLRSNet); n = 0 returns it unchanged."""
     if n <= 0:
         return dataset
     keep = ((dataset.targets == 1).sum(1) >= n).nonzero().flatten().tolist()
     if not keep:
-        raise FedMPTError(f"{option} {n}: no image of {dataset.name} {dataset.split} has {n} labels "
-                          f"(the most is {int((dataset.targets == 1).sum(1).max())}); choose a smaller {option}.")
-    print(f"{option} {n}: kept {len(keep)} of {len(dataset)} {dataset.name} {dataset.split} images.")
+        raise FedMPTError(f"--min-labels {n}: no image of {dataset.name} {dataset.split} has {n} labels "
+                          f"(the most is {int((dataset.targets == 1).sum(1).max())}); choose a smaller --min-labels.")
+    print(f"--min-labels {n}: kept {len(keep)} of {len(dataset)} {dataset.name} {dataset.split} images.")
     return dataset.subset(keep)
 
 

@@ -46,8 +46,8 @@ class FedMVP(PromptModel):
     frozen image encoder at its input (ResNet: the attention pool). The text side is DualCoOp's
     two contexts; logits from the prompted patch features by DualCoOp's region aggregation (the
     paper's protocol; `--pooling global`: the prompted global feature). Loss: the classification
-    loss on the prompted features plus a consistency
-    loss keeping them near the frozen ones, 1 - cos(v', v). ViT-B/16: 1,152,832 tunable
+    loss on the prompted features plus a consistency loss keeping them near the frozen ones,
+    1 - cos(v', v). ViT-B/16: 1,152,832 tunable
     (Table 5: 1.14M). Departures: the text side learns contexts (multi-label needs a negative
     side); one PromptFormer layer."""
     n_queries, bottleneck, n_ctx, consistency = 4, 64, 16, 1.0

@@ -12,10 +12,10 @@ class FedMaPLe(PromptModel):
     M = 2 learned text context tokens in each of the first J = 9 text layers, and in the image
     encoder's first J layers M visual prompt tokens that are a linear coupling function of that
     layer's text prompt. Multi-label: a positive and a negative text context (the visual
-    prompts couple to the positive one); logits from the prompted patch features by DualCoOp's region aggregation (the paper's
-    protocol; `--pooling global`: from the prompted global feature). ViT-B/16:
-    3,564,288 tunable (Table 5: 3.56M). On a ResNet tower only the first layer's visual prompt
-    exists; it joins the attention pool."""
+    prompts couple to the positive one); logits from the prompted patch features by DualCoOp's
+    region aggregation (the paper's protocol; `--pooling global`: from the prompted global
+    feature). ViT-B/16: 3,564,288 tunable (Table 5: 3.56M). On a ResNet tower only the first
+    layer's visual prompt exists; it joins the attention pool."""
     n_ctx, depth, inputs_start_with_v = 2, 9, False
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
