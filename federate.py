@@ -110,7 +110,7 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
             else:
                 norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             optimizer.step()
-            total, seen = total + loss.item(), seen + len(batch)
+            total, seen = total + loss.item() * len(batch), seen + len(batch)
             steps, clipped, norms = steps + 1, clipped + (0 < cfg.grad_clip < norm), norms + norm
     stats = {"loss": total / max(seen, 1), "steps": steps, "clip_share": clipped / max(steps, 1),
              "grad_norm": norms / max(steps, 1)}

@@ -161,7 +161,8 @@ class FedMPT(PromptModel):
 
 
 def asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, clip_margin=0.05):
-    """ASL (Ridnik et al., ICCV 2021), summed over images and classes; targets in {1, 0, -1},
+    """ASL (Ridnik et al., ICCV 2021), summed over classes and averaged over the images of the
+    batch, so a step's gradient does not grow with the batch; targets in {1, 0, -1},
     -1 (e.g. VOC difficult-only) is masked out and gets exactly zero gradient.
         L+ = -w+ log p,         w+ = (1 - p)^gamma_pos
         L- = -w- log(1 - p_m),  w- = p_m^gamma_neg,   p_m = max(p - m, 0)
@@ -177,12 +178,12 @@ def asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, clip_margin=0
         w_pos, w_neg = (1 - p).pow(gamma_pos), p_m.pow(gamma_neg)
     loss_pos = w_pos * F.logsigmoid(logits)
     loss_neg = w_neg * torch.log((1 - p_m).clamp(min=1e-8))
-    return -((positive * loss_pos + (1 - positive) * loss_neg) * known).sum()
+    return -((positive * loss_pos + (1 - positive) * loss_neg) * known).sum() / len(logits)
 
 
 def bce_loss(logits, targets):
-    """Binary cross-entropy summed over images and known classes (targets -1 masked out: zero
-    gradient). The targets take the logits' dtype (float32 targets would round float64 logits)."""
+    """Binary cross-entropy summed over known classes and averaged over images (targets -1 masked
+    out: zero gradient). The targets take the logits' dtype (float32 targets would round float64 logits)."""
     known = (targets >= 0).to(logits.dtype)
     return (F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
-            * known).sum()
+            * known).sum() / len(logits)

@@ -100,4 +100,4 @@ class FedMVP(PromptModel):
         prompted, patches = self.image_features(v, x)
         logits = pooled_logits(prompted, patches, self.text_features(), self.pooling, self.backbone.logit_scale)
         drift = 1 - F.cosine_similarity(prompted, v, dim=-1)
-        return loss_fn(logits, targets) + self.consistency * drift.sum()
+        return loss_fn(logits, targets) + self.consistency * drift.mean()

@@ -104,7 +104,7 @@ def test_asl_matches_its_formula_and_masks_ignored_targets():
         else:
             m = max(q - 0.05, 0)
             expected -= m ** 2 * torch.log(1 - m)
-    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(loss, expected / 2, atol=1e-6)  # summed over classes, mean over the 2 images
     loss.backward()
     assert logits.grad[0, 2] == 0  # the ignored pair gets no gradient
 
@@ -126,12 +126,13 @@ def test_asl_value_is_unchanged_by_constant_focusing_weights():
     p_m = (p - 0.05).clamp(min=0)
     old = (1 - p).pow(1.0) * F.logsigmoid(logits), p_m.pow(2.0) * torch.log((1 - p_m).clamp(min=1e-8))
     positive, known = (targets == 1).double(), (targets >= 0).double()
-    expected = -((positive * old[0] + (1 - positive) * old[1]) * known).sum()
+    expected = -((positive * old[0] + (1 - positive) * old[1]) * known).sum() / len(logits)
     assert torch.allclose(asymmetric_loss(logits, targets), expected, rtol=1e-12, atol=0)
 
 
 def test_asl_gradient_is_the_closed_form_with_constant_focusing_weights():
-    """With w+ = (1-p)^1 and w- = p_m^2 held constant (dp/dz = p (1-p)):
+    """With w+ = (1-p)^1 and w- = p_m^2 held constant (dp/dz = p (1-p)), per image (the loss is
+    a mean over the B images, so each element's gradient is the following over B):
         positive:  d/dz [-w+ log p]         = -w+ (1 - p)
         negative:  d/dz [-w- log(1 - p_m)]  =  w- p (1 - p) / (1 - p_m)   if p > 0.05
                                              =  0                           if p < 0.05 (p_m = 0)
@@ -143,18 +144,18 @@ def test_asl_gradient_is_the_closed_form_with_constant_focusing_weights():
     p_m = (p - 0.05).clamp(min=0)
     expected = torch.where(targets == 1, -(1 - p) * (1 - p),
                            torch.where(p > 0.05, p_m ** 2 * p * (1 - p) / (1 - p_m), torch.zeros_like(p)))
-    expected = torch.where(targets == -1, torch.zeros_like(p), expected)
+    expected = torch.where(targets == -1, torch.zeros_like(p), expected) / len(logits)
     negatives = targets == 0
     assert (negatives & (p < 0.05)).sum() > 50 and (negatives & (p > 0.05)).sum() > 50  # both regions tested
-    assert torch.allclose(logits.grad, expected, rtol=0, atol=1e-6)
+    assert torch.allclose(logits.grad, expected, rtol=0, atol=1e-6 / len(logits))
     assert torch.all(logits.grad[targets == -1] == 0)
     # differentiating through the weights (the former implementation) gives another gradient
     former = logits.detach().clone().requires_grad_(True)
     q = torch.sigmoid(former)
     q_m = (q - 0.05).clamp(min=0)
     terms = torch.where(targets == 1, (1 - q) * F.logsigmoid(former), q_m ** 2 * torch.log(1 - q_m))
-    (-(terms * (targets >= 0))).sum().backward()
-    assert not torch.allclose(former.grad, expected, rtol=0, atol=1e-3)
+    (-(terms * (targets >= 0))).sum().div(len(former)).backward()
+    assert not torch.allclose(former.grad, expected, rtol=0, atol=1e-3 / len(former))
 
 
 def test_bce_masks_ignored_targets_like_asl():
@@ -164,10 +165,10 @@ def test_bce_masks_ignored_targets_like_asl():
     loss.backward()
     known = targets >= 0
     y = (targets == 1).double()
-    expected = F.binary_cross_entropy_with_logits(logits.detach()[known], y[known], reduction="sum")
+    expected = F.binary_cross_entropy_with_logits(logits.detach()[known], y[known], reduction="sum") / len(logits)
     assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
     p = torch.sigmoid(logits.detach())
-    assert torch.allclose(logits.grad, torch.where(known, p - y, torch.zeros_like(p)), rtol=0, atol=1e-12)
+    assert torch.allclose(logits.grad, torch.where(known, p - y, torch.zeros_like(p)) / len(logits), rtol=0, atol=1e-12)
     assert torch.all(logits.grad[targets == -1] == 0)
 
 
@@ -197,3 +198,50 @@ def test_conditions_place_all_their_mass_and_regions_may_stay_out(model):
     _, Q0, _ = exact.explain(v, P)
     assert torch.allclose(Q0.sum(-1), torch.full_like(Q0.sum(-1), 1 / N), atol=1e-4)  # --ot-rho 0: the spec
     assert torch.allclose(g.sum(-1), torch.ones(2))
+
+
+def two_kinds_of_images(T, n=256, seed=0):
+    """A synthetic case where the gate must weigh per image: the frozen inputs (v, P) of n images,
+    one class. In kind-0 images condition 0's region tells the truth and condition 1's says the
+    opposite; in kind-1 images the reverse. The regions are the initial condition prompts
+    themselves (T: (2, K=2, 1, D), sign 0 = "yes"), so the region sets of (kind 0, positive) and
+    (kind 1, negative) are the same: only v, which holds the kind, can tell them apart."""
+    generator = torch.Generator().manual_seed(seed)
+    D = T.shape[-1]
+    kind = torch.arange(n) % 2
+    y = (torch.rand(n, generator=generator) < 0.5).long()
+    u = F.normalize(torch.randn(D, generator=torch.Generator().manual_seed(99)), dim=0)  # the same for every seed
+    v = torch.where(kind[:, None] == 0, u, -u) + 0.3 * torch.randn(n, D, generator=generator) / D ** 0.5
+    truth, lie = 1 - y, y  # sign index of the region each condition holds: 0 "yes", 1 "no"
+    P = torch.stack([T[truth, kind, 0], T[lie, 1 - kind, 0]], dim=1)  # (n, 2, D)
+    return v, P + 0.1 * torch.randn(P.shape, generator=generator) / D ** 0.5, y[:, None], kind
+
+
+@pytest.mark.parametrize("gate", ["mlp", "uniform"])
+def test_gate_weights_move_when_the_condition_that_carries_the_label_changes_per_image(gate):
+    """Trained with the federated client update (local_train: its loss, lr and clipping), the
+    gate learns which condition to trust per image and the class becomes separable on new images
+    of the same kinds; a uniform gate cannot separate it (its logits ignore v)."""
+    import federate
+    import metrics
+    from experiment import Config
+    model = FedMPT(FrozenCLIP(load_clip("tiny")), ["circle"], ["color", "background"], ModelConfig(gate=gate), seed=0)
+    with torch.no_grad():
+        T = model.text_features()
+    v, P, targets, kind = two_kinds_of_images(T)
+    cfg = Config(lr=0.03)
+    state = model.tunable_state()
+    for round_index in range(40):
+        state, _, stats = federate.local_train(model, state, (v, P), targets, torch.arange(len(v)), cfg, cfg.lr,
+                                               torch.Generator().manual_seed(round_index))
+    assert stats["clip_share"] == 0  # the gradient, not the clip, set these steps
+    model.load_tunable_state(state)
+    v, P, targets, kind = two_kinds_of_images(T, seed=1)  # held-out images
+    with torch.no_grad():
+        weight = model.gate(v)[:, 0]
+        ap = metrics.multilabel_metrics(model(v, P), targets, top_k=1)["mAP"]
+    gap = abs(float(weight[kind == 0].mean() - weight[kind == 1].mean()))
+    if gate == "mlp":
+        assert gap > 0.25 and ap > 95, (gap, ap)
+    else:
+        assert gap == 0 and ap < 75, (gap, ap)
