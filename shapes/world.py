@@ -278,3 +278,26 @@ def generate_shapes_dataset(root, n_trainval=1500, n_test=800, size=SIZE, seed=0
         "scenes": [scene._asdict() for scene in SCENES], "scene_preference": SCENE_PREFERENCE,
         "trainval_groups": groups}))
     return directory
+
+
+def picture(path, n: int = 8, seed: int = 5):
+    """docs/world.png: n pretraining-stream images above n images of the written world."""
+    size, pad, label = SIZE, 4, 16
+    canvas = Image.new("RGB", (n * (size + pad) + pad, 2 * (size + label) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    rows = [("pretraining stream (what the shapes CLIP saw): filled shapes",
+             lambda rng, i: sample_layout(rng), seed_stream("pretraining", seed)),
+            (f"the written federated world: each object an outline with share {OUTLINE_SHARE}",
+             lambda rng, i: sample_layout(rng, biased_pair=BIASED_PAIRS[i % len(BIASED_PAIRS)],
+                                          outline_share=OUTLINE_SHARE), seed_stream("trainval", seed))]
+    for row, (title, draw_layout, rng) in enumerate(rows):
+        top = row * (size + label)
+        draw.text((pad, top + 2), title, fill="black")
+        for i in range(n):
+            canvas.paste(render(draw_layout(rng, i), size), (pad + i * (size + pad), top + label))
+    canvas.save(path)
+
+
+if __name__ == "__main__":  # python -m shapes.world [PATH]: the picture of the world in the docs
+    import sys
+    picture(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
