@@ -1,4 +1,4 @@
-"""The shapes world v2 and the small CLIP pretrained on it (pretrain.py)."""
+"""The shapes world v3 and the small CLIP pretrained on it (pretrain.py)."""
 import hashlib
 import json
 import random
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import metrics
 from backbone import FrozenCLIP
 from shapes import model as shapes_clip, pretrain
 from shapes import world as shapes
@@ -128,6 +129,24 @@ def test_pretraining_images_never_equal_federated_or_test_images():
     assert not federated & pretraining
 
 
+def test_written_world_draws_outlines_the_pretraining_stream_never():
+    """The shift that gives federated tuning room: about OUTLINE_SHARE of the written world's
+    objects are outlines (a rim: far fewer pixels in the object's colour than when filled); the
+    pretraining stream draws every object filled."""
+    written = [layout for split in shapes.world_layouts(300, 200, seed=0).values() for layout, _ in split]
+    objects = [o for layout in written for o in layout.objects]
+    share = np.mean([o.outline for o in objects])
+    assert abs(share - shapes.OUTLINE_SHARE) < 0.05, share
+    rng = shapes.seed_stream("pretraining", 0)
+    assert not any(o.outline for _ in range(200) for o in shapes.sample_layout(rng).objects)
+    layout = next(layout for layout in written if any(o.outline for o in layout.objects))
+    o = next(o for o in layout.objects if o.outline)
+    def coloured_pixels(placed):
+        lone = layout._replace(objects=[placed])
+        return int((np.abs(np.asarray(shapes.render(lone), dtype=int) - shapes.COLOURS[o.colour]).sum(-1) == 0).sum())
+    assert 0 < coloured_pixels(o) < 0.7 * coloured_pixels(o._replace(outline=False))
+
+
 # ---- The shipped CLIP ---------------------------------------------------------------------
 def test_shipped_weights_match_their_record_and_recognise_shapes_zero_shot():
     record = json.loads(shapes_clip.WEIGHTS.with_suffix(".json").read_text())
@@ -138,6 +157,17 @@ def test_shipped_weights_match_their_record_and_recognise_shapes_zero_shot():
     assert not model.training and model.token_embedding.weight.dtype == torch.float32
     # A fresh test set: the test stream of seed 2 (pretraining uses only its own stream).
     assert pretrain.zero_shot_map(model, n_images=300, seed=2) > 55
+
+
+def test_shipped_clip_zero_shot_on_the_written_world_leaves_room_to_learn():
+    """On the written (outlined) test split the backbone is well above the label prior and
+    well below its own pretraining stream: between 60 and 85 mAP."""
+    model = shapes_clip.load_shapes_clip()
+    layouts = [layout for layout, _ in shapes.world_layouts(0, 400, seed=0)["test"]]
+    images = pretrain.image_tensor(np.stack([np.asarray(shapes.render(layout)) for layout in layouts]))
+    targets = torch.as_tensor(label_matrix(layouts)).long()
+    score = metrics.multilabel_metrics(pretrain.zero_shot_scores(model, images), targets)["mAP"]
+    assert 60 < score < 85, score
 
 
 def test_shapes_clip_gives_one_region_token_per_grid_cell():
