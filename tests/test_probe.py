@@ -36,3 +36,22 @@ def test_probe_chooses_c_on_validation_and_reads_the_test_split_once(tmp_path, m
     prior, best = result["label_prior_mAP"], result["probe"]["mAP"]
     assert np.isclose(shares["fedmpt"]["share"], (85.0 - prior) / (best - prior))
     assert probe.main(["--dataset", "folder", "--root", str(root), "--val", "1.5", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_digits_folder_dataset_reads_as_a_folder_dataset_with_skewed_sites_and_unseen_test_scans(tmp_path):
+    """benchmarks/digits.py: real scans, 2-3 different digits an image, three sites whose images
+    always hold one of their digits, and test images composed only from held-out scans."""
+    import digits
+    from loaders.folder import FolderDataset
+    root = digits.write(tmp_path / "digits", seed=0, n_train=60, n_test=30)
+    train, test = FolderDataset(root, "train"), FolderDataset(root, "test")
+    assert train.classes == digits.NAMES and len(train) == 60 and len(test) == 30
+    counts = np.asarray(train.targets).sum(1)
+    assert counts.min() >= 2 and counts.max() <= 3
+    for site, indices in train.natural_clients:
+        held = np.asarray(train.targets)[indices][:, list(digits.SITE_DIGITS[int(site.split("-")[1])])]
+        assert held.any(1).all(), site
+    assert len(train.natural_clients) == 3
+    assert train[0][0].size == (96, 96)
+    halves = digits.scan_halves(1797, seed=0)
+    assert not set(halves["train"]) & set(halves["test"]) and len(halves["train"]) + len(halves["test"]) == 1797
