@@ -30,12 +30,6 @@ from shapes import model as shapes_clip
 from tools import download
 
 METHODS = list(baselines.METHODS)  # fedmpt and the paper's comparison methods (baselines/)
-# SGD learning rate per method for the loss averaged over images, each the best final validation
-# mAP of `benchmarks/sweep.py --option lr` on the offline world (docs/choices.md). For FedMVP and
-# Fed-DualCoOp the best rate is one where the clip still sets most steps (their gradients are
-# large and larger rates did worse). Other data may want other rates: sweep them.
-LEARNING_RATES = {"fedmpt": 1e-1, "fedmvp": 1e-3, "fed-dualcoop": 1e-3, "fed-poscoop": 3.0, "fedtpg": 1e-2,
-                  "fed-maple": 1e-2, "fed-ram": 3e-2}
 AGGREGATE_RULES = ["mean", "median", "trimmed-mean"]  # federate.AGGREGATORS
 
 
@@ -53,7 +47,7 @@ class Config:
     rounds: int = 10
     local_epochs: int = 1
     client_fraction: float = 1.0
-    lr: float = 0.0  # 0: the method's own, LEARNING_RATES (chosen on a validation split)
+    lr: float = 0.0  # 0: the method's own, baselines.LEARNING_RATES (chosen on a validation split)
     grad_clip: float = 10.0  # a guard: clip a local step's gradient norm above this (0 = off)
     batch_size: int = 32
     heterogeneity: float = 1.0  # t in (0, 1]: fraction of a client's data from its own cluster
@@ -81,8 +75,8 @@ def config_from(config_class, values: dict):
 
 def validate(cfg: Config, model_cfg: ModelConfig):
     """Raises FedMPTError naming every bad option; fills in --lr 0 with the method's own rate."""
-    if cfg.lr == 0 and cfg.method in LEARNING_RATES:
-        cfg.lr = LEARNING_RATES[cfg.method]
+    if cfg.lr == 0 and cfg.method in baselines.LEARNING_RATES:
+        cfg.lr = baselines.LEARNING_RATES[cfg.method]
     checks = [(cfg.dataset in data.DATASETS, f"--dataset {cfg.dataset}: choose one of {', '.join(data.DATASETS)}"),
               (not cfg.download or cfg.dataset == "voc2007",
                "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),

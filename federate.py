@@ -53,7 +53,7 @@ HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means clu
                       "metrics.json then records val_mAP, val_CF1, val_OF1 each round: choose settings on "
                       "them, never on the test split",
         "lr": "SGD learning rate (cosine over the rounds); 0 = the method's own, chosen on a validation "
-              "split of the offline world (experiment.LEARNING_RATES, docs/choices.md)",
+              "split of the offline world (baselines.LEARNING_RATES, docs/choices.md)",
         "grad_clip": "a guard: clip a local step's gradient norm above this (0 = off); metrics.json "
                      "records the share of clipped steps",
         "download": "download and extract VOC2007 into --root first (voc2007 only)",

@@ -105,3 +105,16 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, messa
     result = cli(*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lr_defaults_to_the_methods_own_rate_and_an_explicit_one_is_kept():
+    import baselines
+    from experiment import validate
+    for method, rate in baselines.LEARNING_RATES.items():
+        cfg, model_cfg = federate.parse_config(["--method", method])
+        validate(cfg, model_cfg)
+        assert cfg.lr == rate
+    cfg, model_cfg = federate.parse_config(["--method", "fedtpg", "--lr", "0.5"])
+    validate(cfg, model_cfg)
+    assert cfg.lr == 0.5
+    assert set(baselines.LEARNING_RATES) == set(baselines.METHODS)
