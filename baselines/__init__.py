@@ -31,7 +31,7 @@ METHODS = {"fedmpt": FedMPT, "fedmvp": FedMVP, "fed-dualcoop": FedDualCoOp, "fed
 # benchmarks/sweep.py on the offline world; the tables, and where the clip still sets most
 # steps (FedMVP, Fed-DualCoOp), are in docs/choices.md. On other data, sweep again.
 LEARNING_RATES = {"fedmpt": 1e-1, "fedmvp": 1e-3, "fed-dualcoop": 1e-3, "fed-poscoop": 3.0, "fedtpg": 1e-2,
-                  "fed-maple": 1e-2, "fed-ram": 3e-2}
+                  "fed-maple": 3e-3, "fed-ram": 3e-2}
 
 
 def build(method: str, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, attributes=(), *,
