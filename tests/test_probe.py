@@ -55,3 +55,20 @@ def test_digits_folder_dataset_reads_as_a_folder_dataset_with_skewed_sites_and_u
     assert train[0][0].size == (96, 96)
     halves = digits.scan_halves(1797, seed=0)
     assert not set(halves["train"]) & set(halves["test"]) and len(halves["train"]) + len(halves["test"]) == 1797
+
+
+def test_sweep_chooses_on_validation_and_never_shows_the_test_split(tmp_path, monkeypatch):
+    """benchmarks/sweep.py: the value with the best final validation mAP (mean over seeds) wins,
+    even where another has the better test mAP; the table shows validation and clipping only."""
+    import sweep
+    def fake_run(name, options, seed, out, env=None):
+        value = float(options[options.index("--lr") + 1])
+        val, test = {0.01: (70.0, 90.0), 0.1: (80.0 + seed, 60.0)}[value]
+        row = {"round": 1, "val_mAP": val, "mAP": test, "clip_share": 0.5 if value == 0.01 else 0.0, "grad_norm": 3.0}
+        return [{"round": 0, "mAP": 10.0}, row]
+    monkeypatch.setattr(sweep, "run_once", fake_run)
+    assert sweep.main(["--option", "lr", "--values", "0.01", "0.1", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "sweep.md").read_text()
+    assert "chosen: 0.1" in table and "| 0.1 **←** | 80.50 ± 0.50 |" in table and "| 50% |" in table
+    assert "90.00" not in table and "60.00" not in table
+    assert json.loads((tmp_path / "sweep.json").read_text())["fedmpt"]["0.1"]["val_mAP"] == [80.0, 81.0]
