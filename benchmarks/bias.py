@@ -1,6 +1,7 @@
 """Spurious co-occurrence on the shapes world: who fires a label because its companion is there?
 
-    python benchmarks/bias.py [--seeds 0 1 2] [--rounds 10] [--out runs/bias]
+    python benchmarks/bias.py [--seeds 0 1 2] [--rounds 10] [--out runs/bias] [--rows FedMPT]
+        [-- more federate.py options for every run, e.g. --lr 0.03]
 
 Every client of the offline world trains on images where one pair of classes nearly always
 co-occurs (shapes/world.py BIASED_PAIRS, a different pair per client); the test images are drawn without
@@ -57,16 +58,21 @@ def main():
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--out", default="runs/bias")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
+    parser.add_argument("--rows", default="", help="only the rows whose name starts with this, e.g. FedMPT")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more federate.py options for every run")
     args = parser.parse_args()
+    extra = [a for a in args.extra if a != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     rows = {"zero-shot CLIP": {key: [] for key, _ in KEYS}}
     for name, options in CONFIGS.items():
+        if not name.startswith(args.rows):
+            continue
         rows[name] = {key: [] for key, _ in KEYS}
         slug = name.split(" (")[0].lower().replace(",", "").replace(" --", "-").replace(" ", "-")
         for seed in args.seeds:
-            history = run_once(slug, [*options, "--rounds", str(args.rounds), "--clients", str(args.clients)],
+            history = run_once(slug, [*options, "--rounds", str(args.rounds), "--clients", str(args.clients), *extra],
                                seed, out, env)
             for key, _ in KEYS:
                 rows[name][key].append(history[-1].get(key))
@@ -78,7 +84,8 @@ def main():
     (out / "bias.json").write_text(json.dumps(rows, indent=1))
     lines = ["| method | " + " | ".join(label for _, label in KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(mean_std(row[key]) for key, _ in KEYS) + " |" for name, row in rows.items()]
-    table = "\n".join(lines) + (f"\n\nSeeds {args.seeds}, {args.rounds} rounds, {args.clients} clients. Zero-shot "
+    table = "\n".join(lines) + (f"\n\nSeeds {args.seeds}, {args.rounds} rounds, {args.clients} clients"
+                                f"{'; options ' + ' '.join(extra) if extra else ''}. Zero-shot "
                                 "scores are cosines, not probabilities: no irrelevant-activation rate.\n")
     (out / "bias.md").write_text(table)
     plot(rows, out / "bias.png")
