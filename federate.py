@@ -109,7 +109,7 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
             loss = model.loss(batch_inputs, targets[batch].to(model.device), loss_fn)
             optimizer.zero_grad()
             loss.backward()
-            if cfg.grad_clip > 0:  # the summed loss can kick a small text encoder out of its range
+            if cfg.grad_clip > 0:  # a guard: the first steps from random contexts can be large
                 norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # the norm before clipping
             else:
                 norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
