@@ -157,8 +157,10 @@ def read_config(run_dir: str):
 def resume_config(run_dir: str):
     """The run's own options; its conditions from the copy it saved (an edited source file
     must not change a resumed model)."""
-    cfg, model_cfg, _ = read_config(run_dir)
+    cfg, model_cfg, saved = read_config(run_dir)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
+    if "loss_over_images" not in saved:  # begun before the loss became a mean over images: say so
+        print("note: this run began with the loss summed over images; it continues with their mean.", file=sys.stderr)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         print("note: the run was trained with --device cuda; no CUDA device is visible here, so it "
               "continues on the CPU.", file=sys.stderr)
@@ -333,7 +335,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict 
                 "device_used": device, "out": str(out), "classes": train_set.classes,
                 "condition_set": conditions, "attribute_source": (attributes or {}).get("source"),
                 "tunable_params": sum(t.numel() for t in model.tunable_state().values()),
-                "backbone_sha256": sha256, "feature_cache": str(data.cache_root(cfg.cache_dir)),
+                "backbone_sha256": sha256, "feature_cache": str(data.cache_root(cfg.cache_dir)), "loss_over_images": "mean",
                 "encoded_images": sum(encoded),
                 "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
                 "label_skew": splits.label_skew(train_set.targets, client_splits),

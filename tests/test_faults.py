@@ -259,3 +259,17 @@ def test_resume_keeps_the_saved_conditions_and_refuses_another_backbone(shapes_r
     (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "backbone_sha256": "0" * 64}))
     result = cli("--resume", str(tmp_path / "a"))
     assert result.returncode == 2 and "other shapes weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resuming_a_run_begun_with_the_summed_loss_says_so(tmp_path, capsys):
+    """Runs saved before the loss became a mean over images continue with the mean: a note says
+    so (their remaining steps are shorter); a run saved since resumes without it."""
+    from experiment import resume_config
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"dataset": "shapes", "lr": 1e-3}))
+    cfg, _ = resume_config(str(tmp_path / "old"))
+    assert cfg.lr == 1e-3 and "began with the loss summed over images" in capsys.readouterr().err
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.json").write_text(json.dumps({"dataset": "shapes", "loss_over_images": "mean"}))
+    resume_config(str(tmp_path / "new"))
+    assert "summed" not in capsys.readouterr().err
