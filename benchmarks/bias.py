@@ -13,14 +13,13 @@ Writes OUT/bias.json, OUT/bias.md and OUT/bias.png; finished runs under OUT are 
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import mean_std, run_once  # noqa: E402
+from compare import add_run_options, mean_std, run_once, run_settings  # noqa: E402
 
 CONFIGS = {"Fed-PosCoOp": ["--method", "fed-poscoop"], "Fed-DualCoOp": ["--method", "fed-dualcoop"],
            "FedMVP": ["--method", "fedmvp"], "FedMPT": ["--method", "fedmpt"],
@@ -57,14 +56,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--out", default="runs/bias")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
     parser.add_argument("--rows", default="", help="only the rows whose name starts with this, e.g. FedMPT")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more federate.py options for every run")
+    add_run_options(parser)
     args = parser.parse_args()
-    extra = [a for a in args.extra if a != "--"]
+    env, extra = run_settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     rows = {"zero-shot CLIP": {key: [] for key, _ in KEYS}}
     for name, options in CONFIGS.items():
         if not name.startswith(args.rows):

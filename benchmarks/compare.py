@@ -42,6 +42,18 @@ def run_once(name, options, seed, out: Path, env=None):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def add_run_options(parser):
+    """--threads and the federate.py options after --: what every benchmark driver passes on."""
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more federate.py options for every run")
+
+
+def run_settings(args) -> tuple:
+    """(the runs' environment, the federate.py options after --) from add_run_options' arguments."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    return env, [a for a in args.extra if a != "--"]
+
+
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -56,13 +68,11 @@ def main():
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more federate.py options for every run")
+    add_run_options(parser)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    extra = [a for a in args.extra if a != "--"]
+    env, extra = run_settings(args)
     rows = {}
     for method in args.methods:
         options = ["--method", method, "--rounds", str(args.rounds), "--clients", str(args.clients), *extra]

@@ -12,14 +12,13 @@ read once, for the chosen value, by whoever reports it. Results: OUT/sweep.json,
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import METHODS, mean_std, run_once  # noqa: E402
+from compare import METHODS, add_run_options, mean_std, run_once, run_settings  # noqa: E402
 
 
 def summary(history) -> dict:
@@ -38,13 +37,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--validation", type=float, default=0.2)
     parser.add_argument("--out", default="")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more federate.py options for every run")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/sweep-{args.option}")
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    extra = [a for a in args.extra if a != "--"]
+    env, extra = run_settings(args)
     results, lines = {}, []
     for method in args.methods:
         results[method] = {}
