@@ -75,8 +75,7 @@ def config_from(config_class, values: dict):
 
 def validate(cfg: Config, model_cfg: ModelConfig):
     """Raises FedMPTError naming every bad option; fills in --lr 0 with the method's own rate."""
-    if cfg.lr == 0 and cfg.method in baselines.LEARNING_RATES:
-        cfg.lr = baselines.LEARNING_RATES[cfg.method]
+    cfg.lr = cfg.lr or baselines.LEARNING_RATES.get(cfg.method, 0)
     checks = [(cfg.dataset in data.DATASETS, f"--dataset {cfg.dataset}: choose one of {', '.join(data.DATASETS)}"),
               (not cfg.download or cfg.dataset == "voc2007",
                "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),
@@ -103,6 +102,8 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               (model_cfg.ot_iters > 0, f"--ot-iters {model_cfg.ot_iters}: must be positive"),
               (model_cfg.ot_rho >= 0, f"--ot-rho {model_cfg.ot_rho}: must be 0 (exact) or positive"),
               (model_cfg.n_ctx > 0, f"--n-ctx {model_cfg.n_ctx}: must be positive"),
+              (model_cfg.class_ctx >= 0 and (model_cfg.class_ctx == 0 or cfg.method == "fedmpt"),
+               f"--class-ctx {model_cfg.class_ctx}: FedMPT's option (--method fedmpt), 0 or positive"),
               (model_cfg.adapter_reduction >= 1, f"--adapter-reduction {model_cfg.adapter_reduction}: must be at least 1"),
               (0 <= model_cfg.adapter_alpha <= 1, f"--adapter-alpha {model_cfg.adapter_alpha}: must lie in [0, 1]"),
               (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]

@@ -60,6 +60,8 @@ HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means clu
         "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
         "ot_rho": "0: every image region is transported (exact marginal, the spec); > 0: its KL weight "
                   "(semi-relaxed OT: a condition may leave background regions out)",
+        "class_ctx": "fedmpt: Mc class-specific context tokens per class and sign besides the shared "
+                     "ones (0 = the paper); for classes the vocabulary check says start alike (docs/results.md)",
         "plot": "fedmpt: after training save plans.png (each condition's transport plan over the "
                 "regions of a few test images, and the gate's weights)"}
 

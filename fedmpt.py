@@ -52,6 +52,7 @@ class Adapter(nn.Module):
 @dataclass
 class ModelConfig:
     n_ctx: int = 16  # M context tokens per condition and sign
+    class_ctx: int = 0  # Mc class-specific context tokens per class and sign (0: the paper's shared contexts)
     ot_eps: float = 0.1  # entropic regularisation of the patch-condition transport
     ot_iters: int = 100
     ot: str = "sinkhorn"  # or "uniform": the independent plan (ablation)
@@ -125,7 +126,7 @@ class FedMPT(PromptModel):
         with seeded(seed):  # the contexts, the adapters' down-projections, the gate's first layer
             self.prompts = ConditionPrompts(class_names, conditions, cfg.n_ctx,
                                             backbone.model.token_embedding, backbone.context_length,
-                                            clip.tokenize)
+                                            clip.tokenize, class_ctx=cfg.class_ctx)
             self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
             self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
             # one condition: softmax over one logit is 1, so a gate would have nothing to learn

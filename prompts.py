@@ -6,7 +6,14 @@ One prompt per (condition k, class c) and sign s in {+, -}:
 
 The M context vectors are learnable and shared by all classes of a condition (one set for the
 positive, one for the negative prompt, as in DualCoOp); the tokens of the condition and class
-name are fixed buffers (as in CoOp's PromptLearner). Conditions are short phrases (colour,
+name are fixed buffers (as in CoOp's PromptLearner). With class_ctx = Mc > 0 each class also
+gets Mc contexts of its own (per sign, shared by the conditions: CoOp's class-specific context),
+placed after the shared ones:
+
+    [SOS] ctx^s_k,1 ... ctx^s_k,M  cls^s_c,1 ... cls^s_c,Mc  <condition k> <class name c> . [EOT]
+
+This is not in the paper; it is for class names the text tower barely tells apart (the
+vocabulary check, data.py), whose prompts otherwise start, and stay, alike. Conditions are short phrases (colour,
 background, ...) that explain why labels co-occur; they come in as arguments (the shipped
 files and the LLM discovery live in conditions/).
 """
@@ -22,9 +29,10 @@ class ConditionPrompts(nn.Module):
     """Learnable contexts for K conditions x {+, -}; fixed condition and class-name tokens.
     With conditions [""] these are DualCoOp's prompts (CoOp's with signs=1; baselines.py)."""
 
-    def __init__(self, class_names, conditions, n_ctx, token_embedding, context_length, tokenize, signs=2):
+    def __init__(self, class_names, conditions, n_ctx, token_embedding, context_length, tokenize, signs=2,
+                 class_ctx=0):
         super().__init__()
-        K, C, M = len(conditions), len(class_names), n_ctx
+        K, C, M = len(conditions), len(class_names), n_ctx + class_ctx
         width = token_embedding.weight.shape[1]
         placeholder = " ".join(["X"] * M)
         texts = [f"{placeholder} {cond} {name}.".replace("  ", " ")
@@ -42,7 +50,8 @@ class ConditionPrompts(nn.Module):
         self.register_buffer("suffix", embedded[:, :, 1 + M:].clone(), persistent=False)  # (K, C, L-1-M, Dt)
         self.register_buffer("eot", tokens.argmax(dim=-1).repeat(signs), persistent=False)  # (S*K*C,)
         # drawn from torch's generator like nn.Linear's weights: the model seeds it (fedmpt.seeded)
-        self.context = nn.Parameter(0.02 * torch.randn(signs, K, M, width))  # (S, K, M, Dt)
+        self.context = nn.Parameter(0.02 * torch.randn(signs, K, n_ctx, width))  # (S, K, M, Dt)
+        self.class_context = nn.Parameter(0.02 * torch.randn(signs, C, class_ctx, width)) if class_ctx else None
         self.shape, self.signs = (K, C), signs
 
     def forward(self, context=None):
@@ -51,6 +60,9 @@ class ConditionPrompts(nn.Module):
         K, C = self.shape
         context = self.context if context is None else context
         context = context[:, :, None].expand(-1, -1, C, -1, -1)  # (S, K, C, M, Dt)
+        if self.class_context is not None:  # (S, C, Mc, Dt) after the shared contexts
+            own = self.class_context[:, None].expand(-1, K, -1, -1, -1)
+            context = torch.cat([context, own], dim=3)  # (S, K, C, M + Mc, Dt)
         prefix = self.prefix.expand(self.signs, -1, -1, -1, -1)
         suffix = self.suffix.expand(self.signs, -1, -1, -1, -1)
         prompts = torch.cat([prefix, context, suffix], dim=3)  # (S, K, C, L, Dt)

@@ -45,30 +45,39 @@ def scan_halves(n_scans: int, seed: int) -> dict:
     return {"train": order[: n_scans // 2], "test": order[n_scans // 2:]}
 
 
-def write(out: Path, seed: int = 0, n_train: int = 600, n_test: int = 300) -> Path:
-    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
-    scans, labels = load_digits(return_X_y=True)
-    scans = scans.reshape(-1, 8, 8)
-    rng, halves = np.random.default_rng(seed), scan_halves(len(scans), seed)
+def write_world(out: Path, names, site_classes, compose, seed=0, n_train=600, n_test=300) -> Path:
+    """A folder dataset (labels.csv with a client column, classes.txt, images/) of 2-3 different
+    classes an image: a training image of site s always holds one of site_classes[s], test images
+    cycle over the same draws without a site. compose(rng, split, classes) draws the image."""
+    rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for split, n in [("train", n_train), ("test", n_test)]:
-        pools = {d: [i for i in halves[split] if labels[i] == d] for d in range(10)}
         for i in range(n):
-            site = i % len(SITE_DIGITS)
-            first = rng.choice(SITE_DIGITS[site])
-            others = rng.choice([d for d in range(10) if d != first], rng.integers(1, 3), replace=False)
-            digits = [int(first), *map(int, others)]
+            site = i % len(site_classes)
+            first = rng.choice(site_classes[site])
+            others = rng.choice([c for c in range(len(names)) if c != first], rng.integers(1, 3), replace=False)
+            classes = [int(first), *map(int, others)]
             name = f"images/{split}-{i:04d}.png"
-            compose(rng, scans, pools, digits).save(out / name)
-            rows.append([name, "|".join(NAMES[d] for d in sorted(digits)), split,
+            compose(rng, split, classes).save(out / name)
+            rows.append([name, "|".join(names[c] for c in sorted(classes)), split,
                          f"site-{site}" if split == "train" else ""])
     with open(out / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "labels", "split", "client"])
         writer.writerows(rows)
-    (out / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    (out / "classes.txt").write_text("\n".join(names) + "\n")
     return out
+
+
+def write(out: Path, seed: int = 0, n_train: int = 600, n_test: int = 300) -> Path:
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+    scans, labels = load_digits(return_X_y=True)
+    scans = scans.reshape(-1, 8, 8)
+    halves = scan_halves(len(scans), seed)
+    pools = {split: {d: [i for i in halves[split] if labels[i] == d] for d in range(10)} for split in halves}
+    return write_world(out, NAMES, SITE_DIGITS, lambda rng, split, digits: compose(rng, scans, pools[split], digits),
+                       seed, n_train, n_test)
 
 
 def main(argv=None) -> int:

@@ -215,6 +215,7 @@ def tiny_voc(root, labels):
     ("too many clients", ["--clients", "5000"], "--clients 5000"),
     ("resume", ["--resume", "{tmp}/no-run"], "config.json"),
     ("n-ctx", ["--n-ctx", "0"], "--n-ctx 0"),
+    ("class-ctx", ["--class-ctx", "2", "--method", "fed-dualcoop"], "--class-ctx 2"),
     ("adapter", ["--adapter-reduction", "0"], "--adapter-reduction 0"),
     ("ot-iters", ["--ot-iters", "0"], "--ot-iters 0"),
 ])

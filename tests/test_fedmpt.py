@@ -245,3 +245,46 @@ def test_gate_weights_move_when_the_condition_that_carries_the_label_changes_per
         assert gap > 0.25 and ap > 95, (gap, ap)
     else:
         assert gap == 0 and ap < 75, (gap, ap)
+
+
+def two_look_alike_classes(n=200, seed=0, D=None):
+    """Frozen inputs (v, P) of n images and two classes whose prompts are the same text: each image
+    holds exactly one of them, class 0 when region 0 holds direction a, class 1 when it holds
+    direction b; the other regions are noise."""
+    generator = torch.Generator().manual_seed(seed)
+    a, b = F.normalize(torch.randn(2, D, generator=torch.Generator().manual_seed(7)), dim=-1)
+    first = (torch.rand(n, generator=generator) < 0.5).long()
+    y = torch.stack([first, 1 - first], dim=1)
+    P = torch.randn(n, 4, D, generator=generator) / D ** 0.5
+    P[:, 0] += 2 * torch.where(first[:, None] == 1, a, b)
+    return P.mean(dim=1), P, y
+
+
+@pytest.mark.parametrize("class_ctx", [0, 2])
+def test_class_contexts_tell_apart_classes_whose_prompts_are_the_same_text(class_ctx):
+    """Shared contexts give two classes with the same name the same logits, however long they
+    train; with --class-ctx each class has contexts of its own and learns its own evidence."""
+    import federate
+    import metrics
+    from experiment import Config
+    backbone = FrozenCLIP(load_clip("tiny"))
+    model = FedMPT(backbone, ["circle", "circle"], ["color"], ModelConfig(class_ctx=class_ctx), seed=0)
+    assert model.prompts.context.shape[-2] == 16
+    expected = 2 * 2 * class_ctx * backbone.model.token_embedding.weight.shape[1] if class_ctx else 0
+    own = model.prompts.class_context
+    assert (own.numel() if own is not None else 0) == expected
+    v, P, targets = two_look_alike_classes(D=backbone.width)
+    cfg, state = Config(lr=0.1), model.tunable_state()
+    for round_index in range(8):
+        state, _, stats = federate.local_train(model, state, (v, P), targets, torch.arange(len(v)), cfg, cfg.lr,
+                                               torch.Generator().manual_seed(round_index))
+    model.load_tunable_state(state)
+    v, P, targets = two_look_alike_classes(seed=1, D=backbone.width)  # held-out images
+    with torch.no_grad():
+        logits = model(v, P)
+    ap = metrics.multilabel_metrics(logits, targets, top_k=1)["mAP"]
+    print(f"class_ctx {class_ctx}: held-out mAP {ap:.1f}")
+    if class_ctx:
+        assert ap > 90, ap
+    else:
+        assert torch.equal(logits[:, 0], logits[:, 1]) and ap < 80, ap

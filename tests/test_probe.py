@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import probe  # noqa: E402
@@ -38,23 +39,37 @@ def test_probe_chooses_c_on_validation_and_reads_the_test_split_once(tmp_path, m
     assert probe.main(["--dataset", "folder", "--root", str(root), "--val", "1.5", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_digits_folder_dataset_reads_as_a_folder_dataset_with_skewed_sites_and_unseen_test_scans(tmp_path):
-    """benchmarks/digits.py: real scans, 2-3 different digits an image, three sites whose images
-    always hold one of their digits, and test images composed only from held-out scans."""
+@pytest.mark.parametrize("world", ["digits", "photos"])
+def test_real_image_worlds_read_as_folder_datasets_with_skewed_sites_and_unseen_test_pixels(tmp_path, world):
+    """benchmarks/digits.py and photos.py: real images a package ships, 2-3 different classes an
+    image, three sites whose images always hold one of their classes, and test images composed
+    only from held-out scans (digits) or the held-out half of every box (photos)."""
     import digits
+    import photos
     from loaders.folder import FolderDataset
-    root = digits.write(tmp_path / "digits", seed=0, n_train=60, n_test=30)
+    module, site_classes = {"digits": (digits, digits.SITE_DIGITS), "photos": (photos, photos.SITE_CLASSES)}[world]
+    root = module.write(tmp_path / world, seed=0, n_train=60, n_test=30)
     train, test = FolderDataset(root, "train"), FolderDataset(root, "test")
-    assert train.classes == digits.NAMES and len(train) == 60 and len(test) == 30
+    assert train.classes == module.NAMES and len(train) == 60 and len(test) == 30
     counts = np.asarray(train.targets).sum(1)
     assert counts.min() >= 2 and counts.max() <= 3
     for site, indices in train.natural_clients:
-        held = np.asarray(train.targets)[indices][:, list(digits.SITE_DIGITS[int(site.split("-")[1])])]
+        held = np.asarray(train.targets)[indices][:, list(site_classes[int(site.split("-")[1])])]
         assert held.any(1).all(), site
     assert len(train.natural_clients) == 3
     assert train[0][0].size == (96, 96)
-    halves = digits.scan_halves(1797, seed=0)
-    assert not set(halves["train"]) & set(halves["test"]) and len(halves["train"]) + len(halves["test"]) == 1797
+    if world == "digits":
+        halves = digits.scan_halves(1797, seed=0)
+        assert not set(halves["train"]) & set(halves["test"]) and len(halves["train"]) + len(halves["test"]) == 1797
+        return
+    pictures = photos.load_photos()
+    for name, (photo, (left, top, right, bottom)) in photos.REGIONS.items():
+        height, width = pictures[photo].shape[:2]
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height, name
+        train_box, test_box = photos.half_box(name, "train"), photos.half_box(name, "test")
+        assert train_box[2] <= test_box[0], name  # the halves share no pixel column
+        for box in (train_box, test_box):  # every crop size the composer may draw fits
+            assert min(box[2] - box[0], box[3] - box[1]) >= photos.CROP[0], name
 
 
 def test_sweep_chooses_on_validation_and_never_shows_the_test_split(tmp_path, monkeypatch):
