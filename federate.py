@@ -297,7 +297,25 @@ def run(cfg: Config, model_cfg: ModelConfig):
         print(f"wrote {out / 'plans.png'}")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
+    warn_if_untrained(history, cfg.lr)
     return history
+
+
+def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
+    """After the last round: a model that ranks the test images no better than the label prior
+    (within `margin` mAP) learned nothing usable, whatever the exit code says; say so, and how
+    to tell a collapse (round 0 was better) from a task the backbone cannot see."""
+    final, start, prior = history[-1]["mAP"], history[0]["mAP"], history[0]["label_prior_mAP"]
+    if final > prior + margin:
+        return False
+    collapsed = start > prior + margin
+    print(f"warning: the final model ranks the test images no better than the label prior (final mAP "
+          f"{final:.2f}, label prior {prior:.2f}, round 0 {start:.2f}). "
+          + (f"Training lost what round 0 had: the steps were too large for this data; try --lr {lr / 3:.3g} "
+             "(docs/choices.md)." if collapsed else
+             "It never rose above it: check the labels, and the vocabulary warning above if any."),
+          file=sys.stderr)
+    return True
 
 
 MOVED = {"predict": "python predict.py --run DIR PATH... [--threshold 0.5] [--top-k K] [--out FILE]",

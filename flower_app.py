@@ -254,6 +254,7 @@ def server_main(grid, context):
                    evaluate_fn=strategy.evaluate_and_record)
     save_atomic(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
+    federate.warn_if_untrained(strategy.history, exp.cfg.lr)
 
 
 # ---- launch: processes up, flwr run, status, processes down ------------------------------

@@ -95,3 +95,16 @@ def test_lr_defaults_to_the_methods_own_rate_and_an_explicit_one_is_kept():
     validate(cfg, model_cfg)
     assert cfg.lr == 0.5
     assert set(baselines.LEARNING_RATES) == set(baselines.METHODS)
+
+
+def test_a_run_that_ends_at_the_label_prior_says_so(capsys):
+    """The end of every run: a final model within 1 mAP of the label prior learned nothing usable;
+    the warning tells a collapse (round 0 was better: lower --lr) from a task never learned."""
+    def history(start, final, prior=25.0):
+        return [{"round": 0, "mAP": start, "label_prior_mAP": prior}, {"round": 1, "mAP": final}]
+    assert not federate.warn_if_untrained(history(30.0, 40.0), lr=0.1)
+    assert capsys.readouterr().err == ""
+    assert federate.warn_if_untrained(history(30.0, 25.5), lr=0.03)
+    assert "lost what round 0 had" in (err := capsys.readouterr().err) and "--lr 0.01" in err
+    assert federate.warn_if_untrained(history(25.2, 24.1), lr=0.1)
+    assert "never rose above it" in capsys.readouterr().err
