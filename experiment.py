@@ -260,8 +260,8 @@ def similar_classes(backbone: FrozenCLIP, classes, threshold=SIMILAR_TEXT) -> li
         shown = ", ".join(f"{a}/{b} {c:.3f}" for a, b, c in pairs[:8]) + (" ..." if len(pairs) > 8 else "")
         print(f"warning: the backbone's text side hardly tells {len(pairs)} of the {len(classes) * (len(classes) - 1) // 2} "
               f"class pairs apart (cosine of 'a photo of a <class>.' above {threshold}): {shown}. Prompt tuning "
-              "starts each such class alike; check the class names, or use a backbone that knows them "
-              "(docs/choices.md).", file=sys.stderr)
+              "starts each such class alike; check the class names, use a backbone that knows them, or give "
+              "FedMPT contexts of each class's own (--class-ctx 4; docs/choices.md).", file=sys.stderr)
     return pairs
 
 

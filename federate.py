@@ -311,8 +311,9 @@ def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
     collapsed = start > prior + margin
     print(f"warning: the final model ranks the test images no better than the label prior (final mAP "
           f"{final:.2f}, label prior {prior:.2f}, round 0 {start:.2f}). "
-          + (f"Training lost what round 0 had: the steps were too large for this data; try --lr {lr / 3:.3g} "
-             "(docs/choices.md)." if collapsed else
+          + (f"Training lost what round 0 had: the steps were too large for this data; try --lr {lr / 3:.3g}, "
+             "or --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md)."
+             if collapsed else
              "It never rose above it: check the labels, and the vocabulary warning above if any."),
           file=sys.stderr)
     return True

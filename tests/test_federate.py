@@ -105,6 +105,6 @@ def test_a_run_that_ends_at_the_label_prior_says_so(capsys):
     assert not federate.warn_if_untrained(history(30.0, 40.0), lr=0.1)
     assert capsys.readouterr().err == ""
     assert federate.warn_if_untrained(history(30.0, 25.5), lr=0.03)
-    assert "lost what round 0 had" in (err := capsys.readouterr().err) and "--lr 0.01" in err
+    assert "lost what round 0 had" in (err := capsys.readouterr().err) and "--lr 0.01" in err and "--loss bce" in err
     assert federate.warn_if_untrained(history(25.2, 24.1), lr=0.1)
     assert "never rose above it" in capsys.readouterr().err
