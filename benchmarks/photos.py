@@ -2,6 +2,7 @@
 
     python benchmarks/photos.py [--out data/photos] [--seed 0] [--train 600] [--test 300]
     python federate.py --dataset folder --root data/photos     # then train on it like your own data
+    python benchmarks/photos.py --picture docs/photos.png       # the boxes and a few images
 
 Three photographs come with packages this project installs: a pagoda above a lake and a dahlia
 (`sklearn.datasets.load_sample_image`), and a portrait of Grace Hopper (matplotlib's sample data).
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import write_world  # noqa: E402
@@ -71,13 +72,44 @@ def write(out: Path, seed: int = 0, n_train: int = 600, n_test: int = 300) -> Pa
                        seed, n_train, n_test)
 
 
+def picture(path, seed: int = 0, n: int = 6):
+    """docs/photos.png: the three photographs with their boxes (training half blue, test half
+    orange), and n training and n test images of the world."""
+    photos, rng, height = load_photos(), np.random.default_rng(seed), 180
+    shown = []
+    for photo in PHOTOS:
+        image = Image.fromarray(photos[photo])
+        draw = ImageDraw.Draw(image)
+        for name in (c for c in NAMES if REGIONS[c][0] == photo):
+            for split, colour in (("train", (40, 90, 230)), ("test", (245, 140, 20))):
+                draw.rectangle(half_box(name, split), outline=colour, width=4)
+            draw.text((REGIONS[name][1][0] + 6, REGIONS[name][1][1] + 6), name, fill=(255, 255, 255))
+        shown.append(image.resize((image.width * height // image.height, height)))
+    samples = [compose(rng, photos, split, rng.choice(len(NAMES), 3, replace=False))
+               for split in ("train", "test") for _ in range(n)]
+    width = max(sum(s.width + 4 for s in shown), n * 100) + 4
+    canvas = Image.new("RGB", (width, height + 2 * 100 + 12), "white")
+    left = 4
+    for image in shown:
+        canvas.paste(image, (left, 4))
+        left += image.width + 4
+    for i, sample in enumerate(samples):
+        canvas.paste(sample, (4 + i % n * 100, height + 8 + i // n * 100))
+    canvas.save(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/photos")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--picture", metavar="PNG", help="draw the boxes and a few images there instead (docs/photos.png)")
     args = parser.parse_args(argv)
+    if args.picture:
+        picture(args.picture, args.seed)
+        print(f"wrote {args.picture}")
+        return 0
     out = write(Path(args.out), args.seed, args.train, args.test)
     print(f"wrote {args.train} training and {args.test} test images to {out} (labels.csv, classes.txt)")
     return 0
