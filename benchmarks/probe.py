@@ -7,7 +7,9 @@ the same frozen global image features, trained centrally on every training image
 upper reference for what those features hold. Its regularisation C is chosen on a validation
 split carved from the training images (seeded, --val of them); the test split is read once, to
 report. With --compare (a benchmarks/compare.py directory) each method's share of the probe's
-gain over the label prior is added: (method - prior) / (probe - prior).
+gain over the label prior is added: (method - prior) / (probe - prior). `--features patches`
+fits it on the region (patch) features instead, each normalised, all concatenated: what
+FedMPT and the region-pooling baselines read (N x D inputs: large for real CLIP).
 Writes OUT/probe.json and OUT/probe.md.
 """
 import argparse
@@ -30,13 +32,15 @@ from errors import FedMPTError  # noqa: E402
 C_GRID = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 
-def global_features(cfg, backbone, dataset) -> np.ndarray:
-    """The normalised global features v (n, D), from the feature store the runs share."""
-    key = data.store_key(backbone.fingerprint(), dataset, "v")
-    (v,), _ = data.encode_dataset(lambda x: backbone.encode_image_tokens(x)[:1], dataset, key, cfg.cache_dir,
-                                  workers=0)
-    v = torch.as_tensor(np.asarray(v), dtype=torch.float32)
-    return torch.nn.functional.normalize(v, dim=-1).numpy()
+def frozen_features(cfg, backbone, dataset, kind="global") -> np.ndarray:
+    """The normalised global features v (n, D), or the patch features P (n, N, D) normalised per
+    patch and concatenated (n, N * D) with kind "patches", from the feature store runs share."""
+    index = 0 if kind == "global" else 1
+    key = data.store_key(backbone.fingerprint(), dataset, "v" if kind == "global" else "P")
+    (x,), _ = data.encode_dataset(lambda images: backbone.encode_image_tokens(images)[index:index + 1], dataset, key,
+                                  cfg.cache_dir, workers=0)
+    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32), dim=-1)
+    return x.flatten(1).numpy()
 
 
 def fit_scores(x_train, y_train, x_eval, C, seed) -> np.ndarray:
@@ -54,12 +58,12 @@ def fit_scores(x_train, y_train, x_eval, C, seed) -> np.ndarray:
     return scores
 
 
-def probe(cfg, val_share=0.2) -> dict:
+def probe(cfg, val_share=0.2, features="global") -> dict:
     """The probe's test metrics, the validation sweep of C, the label prior and zero-shot."""
     train_set, test_set = experiment.load_data(cfg, cfg.root or str(ROOT / "data" / cfg.dataset))
     backbone = experiment.load_backbone(cfg)
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
-    x_train, x_test = global_features(cfg, backbone, train_set), global_features(cfg, backbone, test_set)
+    x_train, x_test = (frozen_features(cfg, backbone, split, features) for split in (train_set, test_set))
     y_train, y_test = train_set.targets.numpy(), test_set.targets
     order = np.random.default_rng(cfg.seed).permutation(len(x_train))
     n_val = max(1, int(round(val_share * len(x_train))))
@@ -71,10 +75,11 @@ def probe(cfg, val_share=0.2) -> dict:
         sweep[C] = metrics.multilabel_metrics(scores, train_set.targets[val], top_k=top_k)["mAP"]
     best = max(sweep, key=lambda C: (sweep[C], -C))
     test = metrics.multilabel_metrics(fit_scores(x_train, y_train, x_test, best, cfg.seed), y_test, top_k=top_k)
-    zero_shot = metrics.multilabel_metrics(experiment.zero_shot_scores(backbone, torch.as_tensor(x_test),
-                                                                       train_set.classes), y_test, top_k=top_k)
+    v_test = torch.as_tensor(frozen_features(cfg, backbone, test_set))
+    zero_shot = metrics.multilabel_metrics(experiment.zero_shot_scores(backbone, v_test, train_set.classes),
+                                           y_test, top_k=top_k)
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)), y_test, top_k=top_k)
-    return {"dataset": cfg.dataset, "clip": cfg.clip, "seed": cfg.seed, "C": best, "validation_mAP": sweep,
+    return {"dataset": cfg.dataset, "clip": cfg.clip, "seed": cfg.seed, "features": features, "C": best, "validation_mAP": sweep,
             "probe": {k: test[k] for k in ("mAP", "CF1", "OF1")}, "zero_shot_mAP": zero_shot["mAP"],
             "label_prior_mAP": prior["mAP"], "train_images": len(fit), "validation_images": len(val)}
 
@@ -97,6 +102,8 @@ def main(argv=None) -> int:
         parser.add_argument(flag, default=default)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val", type=float, default=0.2, help="share of the training images kept for choosing C")
+    parser.add_argument("--features", choices=["global", "patches"], default="global",
+                        help="global: the global image feature; patches: the region features, concatenated")
     args = parser.parse_args(argv)
     try:
         cfg = experiment.Config(dataset=args.dataset, root=args.root, clip=args.clip, clip_weights=args.clip_weights,
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
         experiment.validate(cfg, experiment.ModelConfig())
         if not 0 < args.val < 1:
             raise FedMPTError(f"--val {args.val}: must lie in (0, 1).")
-        result = probe(cfg, args.val)
+        result = probe(cfg, args.val, args.features)
         if args.compare:
             result["methods"] = gain_shares(result, Path(args.compare))
     except FedMPTError as error:
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(result, indent=1))
-    lines = [f"{args.dataset}, backbone {args.clip}: label prior {result['label_prior_mAP']:.2f}, zero-shot "
+    lines = [f"{args.dataset}, backbone {args.clip}, {args.features} features: label prior {result['label_prior_mAP']:.2f}, zero-shot "
              f"{result['zero_shot_mAP']:.2f}, linear probe {result['probe']['mAP']:.2f} mAP (C = {result['C']:g}, chosen on "
              f"{result['validation_images']} validation images: "
              + ", ".join(f"{C:g}: {m:.2f}" for C, m in result["validation_mAP"].items()) + ")."]

@@ -38,6 +38,13 @@ def test_probe_chooses_c_on_validation_and_reads_the_test_split_once(tmp_path, m
     assert np.isclose(shares["fedmpt"]["share"], (85.0 - prior) / (best - prior))
     assert probe.main(["--dataset", "folder", "--root", str(root), "--val", "1.5", "--out", str(tmp_path / "x")]) == 2
 
+    # the same probe on the region features, concatenated: N times the width, the same prior and zero-shot
+    assert probe.main(["--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "patches"), "--val", "0.25",
+                       "--features", "patches"]) == 0
+    patches = json.loads((tmp_path / "patches" / "probe.json").read_text())
+    assert patches["features"] == "patches" and patches["probe"]["mAP"] > patches["label_prior_mAP"] + 20
+    assert (patches["zero_shot_mAP"], patches["label_prior_mAP"]) == (result["zero_shot_mAP"], result["label_prior_mAP"])
+
 
 @pytest.mark.parametrize("world", ["digits", "photos"])
 def test_real_image_worlds_read_as_folder_datasets_with_skewed_sites_and_unseen_test_pixels(tmp_path, world):
