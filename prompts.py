@@ -13,9 +13,9 @@ placed after the shared ones:
     [SOS] ctx^s_k,1 ... ctx^s_k,M  cls^s_c,1 ... cls^s_c,Mc  <condition k> <class name c> . [EOT]
 
 This is not in the paper; it is for class names the text tower barely tells apart (the
-vocabulary check, data.py), whose prompts otherwise start, and stay, alike. Conditions are short phrases (colour,
-background, ...) that explain why labels co-occur; they come in as arguments (the shipped
-files and the LLM discovery live in conditions/).
+vocabulary check, experiment.similar_classes), whose prompts otherwise start, and stay, alike.
+Conditions are short phrases (colour, background, ...) that explain why labels co-occur; they
+come in as arguments (the shipped files and the LLM discovery live in conditions/).
 """
 import sys
 
@@ -42,7 +42,7 @@ class ConditionPrompts(nn.Module):
         except RuntimeError:
             raise FedMPTError(f"a condition prompt does not fit CLIP's {context_length} tokens "
                               f"with {M} context tokens; shorten the conditions or use a "
-                              "smaller --n-ctx.") from None
+                              "smaller --n-ctx or --class-ctx.") from None
         with torch.no_grad():
             tokens = tokens.to(token_embedding.weight.device)
             embedded = token_embedding(tokens).reshape(K, C, context_length, width)
