@@ -80,13 +80,18 @@ def write(out: Path, seed: int = 0, n_train: int = 600, n_test: int = 300) -> Pa
                        seed, n_train, n_test)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/digits")
+def world_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options of a folder-world writer: --out, --seed, --train, --test."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=out)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--test", type=int, default=300)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = world_parser(__doc__, "data/digits").parse_args(argv)
     out = write(Path(args.out), args.seed, args.train, args.test)
     print(f"wrote {args.train} training and {args.test} test images to {out} (labels.csv, classes.txt)")
     return 0

@@ -14,7 +14,6 @@ an image of site s always holds a class of its photograph. With the shapes CLIP 
 lies outside its vocabulary (the vocabulary check warns). This world is for measuring, never for
 choosing settings: nothing is tuned on it.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import write_world  # noqa: E402
+from digits import world_parser, write_world  # noqa: E402
 
 # class -> (photograph, box (left, top, right, bottom) in its pixels)
 REGIONS = {"sky": ("china", (350, 0, 640, 170)), "water": ("china", (340, 235, 550, 320)),
@@ -99,11 +98,7 @@ def picture(path, seed: int = 0, n: int = 6):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/photos")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=600)
-    parser.add_argument("--test", type=int, default=300)
+    parser = world_parser(__doc__, "data/photos")
     parser.add_argument("--picture", metavar="PNG", help="draw the boxes and a few images there instead (docs/photos.png)")
     args = parser.parse_args(argv)
     if args.picture:
