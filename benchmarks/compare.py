@@ -10,6 +10,7 @@ and OUT/compare.md. Runs that already finished under OUT are reused, so an inter
 comparison continues where it stopped.
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,6 +41,19 @@ def run_once(name, options, seed, out: Path, env=None):
         else:
             federate([*options, "--seed", str(seed), "--out", str(run_dir)], env)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def model_options(extra) -> list:
+    """The options after -- that shape the model (ModelConfig's fields, e.g. --class-ctx 4), which
+    the ViT-B/16 parameter count must see too; data and training options stay out (VOC classes)."""
+    sys.path.insert(0, str(ROOT))
+    from fedmpt import ModelConfig
+    flags = {"--" + field.name.replace("_", "-") for field in dataclasses.fields(ModelConfig)}
+    kept = []
+    for i, option in enumerate(extra):
+        if option.split("=")[0] in flags:
+            kept += [option] if "=" in option else extra[i:i + 2]
+    return kept
 
 
 def add_run_options(parser):
@@ -78,14 +92,14 @@ def main():
         options = ["--method", method, "--rounds", str(args.rounds), "--clients", str(args.clients), *extra]
         histories = [run_once(method, options, seed, out, env) for seed in args.seeds]
         config = json.loads((out / f"{method}-s{args.seeds[0]}" / "config.json").read_text())
-        vit = json.loads(federate(["--method", method, "--clip", "ViT-B/16", "--random-init", "--count-params"],
-                                  env).strip().splitlines()[-1])
+        vit = json.loads(federate(["--method", method, "--clip", "ViT-B/16", "--random-init", "--count-params",
+                                   *model_options(extra)], env).strip().splitlines()[-1])
         rows[method] = {"final": [h[-1] for h in histories], "zero": [h[0] for h in histories],
                         "seconds_per_round": float(np.mean([r["seconds"] for h in histories for r in h[1:]])),
                         "tunable": config["tunable_params"], "tunable_vit_b16": vit["tunable"]}
         print(f"{method}: mAP {mean_std([r['mAP'] for r in rows[method]['final']])}", flush=True)
     (out / "compare.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"| method | mAP | CF1 | OF1 | tunable (this backbone) | tunable (ViT-B/16, VOC) | s / round |",
+    lines = ["| method | mAP | CF1 | OF1 | tunable (this backbone) | tunable (ViT-B/16, VOC) | s / round |",
              "|---|---|---|---|---|---|---|"]
     for method, row in rows.items():
         cells = [mean_std([r[key] for r in row["final"]]) for key in ("mAP", "CF1", "OF1")]

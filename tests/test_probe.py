@@ -94,3 +94,11 @@ def test_sweep_chooses_on_validation_and_never_shows_the_test_split(tmp_path, mo
     assert "chosen: 0.1" in table and "| 0.1 **←** | 80.50 ± 0.50 |" in table and "| 50% |" in table
     assert "90.00" not in table and "60.00" not in table
     assert json.loads((tmp_path / "sweep.json").read_text())["fedmpt"]["0.1"]["val_mAP"] == [80.0, 81.0]
+
+
+def test_compare_counts_vit_parameters_with_the_model_options_it_was_given():
+    """compare.py's ViT-B/16 column: the model options after -- (e.g. --class-ctx) reach the
+    count, the data and training options do not (it counts for VOC's classes)."""
+    import compare
+    extra = ["--dataset", "folder", "--root", "data/photos", "--class-ctx", "4", "--lr=0.03", "--n-ctx=8", "--loss", "bce"]
+    assert compare.model_options(extra) == ["--class-ctx", "4", "--n-ctx=8"]
