@@ -87,13 +87,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env, extra = run_settings(args)
+    count_options = model_options(extra)  # the same for every method
     rows = {}
     for method in args.methods:
         options = ["--method", method, "--rounds", str(args.rounds), "--clients", str(args.clients), *extra]
         histories = [run_once(method, options, seed, out, env) for seed in args.seeds]
         config = json.loads((out / f"{method}-s{args.seeds[0]}" / "config.json").read_text())
         vit = json.loads(federate(["--method", method, "--clip", "ViT-B/16", "--random-init", "--count-params",
-                                   *model_options(extra)], env).strip().splitlines()[-1])
+                                   *count_options], env).strip().splitlines()[-1])
         rows[method] = {"final": [h[-1] for h in histories], "zero": [h[0] for h in histories],
                         "seconds_per_round": float(np.mean([r["seconds"] for h in histories for r in h[1:]])),
                         "tunable": config["tunable_params"], "tunable_vit_b16": vit["tunable"]}

@@ -75,7 +75,7 @@ def probe(cfg, val_share=0.2, features="global") -> dict:
         sweep[C] = metrics.multilabel_metrics(scores, train_set.targets[val], top_k=top_k)["mAP"]
     best = max(sweep, key=lambda C: (sweep[C], -C))
     test = metrics.multilabel_metrics(fit_scores(x_train, y_train, x_test, best, cfg.seed), y_test, top_k=top_k)
-    v_test = torch.as_tensor(frozen_features(cfg, backbone, test_set))
+    v_test = torch.as_tensor(x_test if features == "global" else frozen_features(cfg, backbone, test_set))
     zero_shot = metrics.multilabel_metrics(experiment.zero_shot_scores(backbone, v_test, train_set.classes),
                                            y_test, top_k=top_k)
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)), y_test, top_k=top_k)
