@@ -26,7 +26,7 @@ ARCHITECTURES = {
     "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
     "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
-    # The offline default: 64 px, 8 px patches -> N = 64 regions, seeded random weights.
+    # A small random CLIP for shape and cost checks: 64 px, 8 px patches -> N = 64 regions, seeded weights.
     "tiny": (128, 64, 2, 128, 8, 32, 49408, 128, 2, 2),
 }
 
@@ -76,12 +76,15 @@ class FrozenCLIP(nn.Module):
         self.context_length = model.context_length
 
     def fingerprint(self) -> str:
-        """sha256 of every weight: a saved run names the exact backbone it was trained on."""
-        digest = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()
+        """sha256 of every weight: a saved run names the exact backbone it was trained on
+        (computed once: the weights are frozen)."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256()
+            for name, tensor in self.model.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: BatchNorm statistics and dropout stay frozen
@@ -94,7 +97,7 @@ class FrozenCLIP(nn.Module):
         return self.resnet_head(self.resnet_grid(images))
 
     # The pieces of the image encoder, for the methods that prompt or adapt inside it
-    # (baselines.py); encode_image_tokens is them run straight through.
+    # (baselines/); encode_image_tokens is them run straight through.
     def vit_tokens(self, images, prompts=None):
         """ViT input tokens [CLS, patches, prompts] (B, 1+N+M, W), prompts (B or 1, M, W)
         appended after the position embedding (as in VPT and MaPLe)."""
@@ -142,7 +145,7 @@ class FrozenCLIP(nn.Module):
 
     def resnet_head(self, grid, prompts=None):
         """The attention pool gives v (B, D): its query is the mean token; prompt tokens
-        (B or 1, M, W), if given, join its keys and values (how baselines.py prompts a ResNet).
+        (B or 1, M, W), if given, join its keys and values (how baselines/maple.py prompts a ResNet).
         Each grid cell through the pool's value and output projections (its attention
         restricted to itself) gives a patch feature (as in MaskCLIP): P (B, N, D)."""
         pool = self.model.visual.attnpool

@@ -1,17 +1,14 @@
-"""An experiment: its options (`Config`), and `setup`, which builds a run as a pipeline:
+"""An experiment: its options (`Config`), and `build`, which makes a run as a straight pipeline:
 
-    data -> clients -> backbone -> model -> frozen features -> reference scores -> run directory
+    options -> data -> clients -> backbone -> model -> frozen features -> reference scores
 
-The plain FedAvg loop (federate.py), the Flower app (flower_app.py) and the finished-run tools
-(predict.py) all start from it. A run directory holds config.json (every resolved option),
-conditions.json, clients.png, metrics.json (a row per round), checkpoint.pt and state.pt.
+`setup` is `build` plus the run directory (store/runs.py): what the plain loop (federate.py)
+starts from. The Flower app (flower_app.py) calls the stages it needs: a SuperNode builds its own
+client's features only, the server the test set's. Evaluation is at the end of this file.
 """
 import dataclasses
-import json
 import os
-import pickle
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,50 +19,60 @@ import data
 import metrics
 import splits
 from backbone import ARCHITECTURES, FrozenCLIP, load_clip
-from baselines.fedmvp import load_attributes
 from conditions import load_conditions
 from errors import FedMPTError
-from fedmpt import ModelConfig, PromptModel
-from shapes import model as shapes_clip
-from tools import download
-
-METHODS = list(baselines.METHODS)  # fedmpt and the paper's comparison methods (baselines/)
-AGGREGATE_RULES = ["mean", "median", "trimmed-mean"]  # federate.AGGREGATORS
-
+from fedmpt import ModelConfig, PromptModel, option
+from store import features, runs
+from tools.options import field_problems
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # shapes (offline) | voc2007 | coco2014 | nuswide | multiscene | mlrsnet | folder
-    root: str = ""  # dataset directory; default data/<dataset>
-    method: str = "fedmpt"  # fedmpt | fedmvp | fed-dualcoop | fed-poscoop | fedtpg | fed-maple | fed-ram
-    clip: str = "shapes"  # shapes (pretrained offline, shapes/weights/) | tiny (random) | a clip.available_models() name
-    clip_weights: str = ""  # a local CLIP .pt file instead of the download
-    random_init: bool = False  # random weights for a named architecture (no download)
-    conditions: str = ""  # condition file; default the dataset's shipped one; 'none' = ablation
-    attributes: str = ""  # fedmvp: class descriptions; default baselines/attributes/<dataset>.json, else templates
-    clients: int = 4
-    rounds: int = 10
-    local_epochs: int = 1
-    client_fraction: float = 1.0
-    lr: float = 0.0  # 0: the method's own, baselines.LEARNING_RATES (chosen on a validation split)
-    grad_clip: float = 10.0  # a guard: clip a local step's gradient norm above this (0 = off)
-    batch_size: int = 32
-    heterogeneity: float = 1.0  # t in (0, 1]: fraction of a client's data from its own cluster
-    clients_by: str = "kmeans"  # kmeans (the paper's label clusters, with t) | scene (mlrsnet: scene folders grouped into sites)
-    min_labels: int = 0  # keep only images with at least this many labels, both splits (0 = every image)
-    label_mask: float = 0.0  # partial annotation: each training positive becomes unknown with this probability
-    validation: float = 0.0  # share of the training images held out (seeded) to choose settings on; 0 = none
-    loss: str = "asl"  # asl | bce
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    out: str = ""  # run directory; default runs/<dataset>-<method>-<timestamp>
-    aggregate: str = "mean"  # mean (FedAvg) | median | trimmed-mean
-    resume: str = ""  # a run directory to continue from its last checkpoint
-    download: bool = False  # download and extract VOC2007 into --root first
-    skip_unreadable: bool = False  # decode every image first; leave out and list unreadable ones
-    plot: bool = False  # fedmpt: save plans.png, the transport plans and gate of a few test images
-    cache_dir: str = ""  # the feature store; default $FEDMPT_CACHE, else ~/.cache/fedmpt
-    workers: int = -1  # DataLoader workers that decode images while encoding; -1: the CPU count, at most 8
+    dataset: str = option("shapes", "shapes is the offline world, generated on first use", choices=data.DATASETS)
+    root: str = option("", "dataset directory", shown="data/<dataset>")
+    method: str = option("fedmpt", "FedMPT or a comparison method (baselines/)", choices=tuple(baselines.METHODS))
+    clip: str = option("shapes", "the frozen CLIP: shapes (small, pretrained offline, shipped in shapes/weights/), "
+                                 "tiny (random weights) or a real one: " + ", ".join(a for a in ARCHITECTURES if a != "tiny"))
+    clip_weights: str = option("", "a local CLIP .pt file instead of the download", shown="none (download)")
+    random_init: bool = option(False, "random weights for a named architecture (no download)")
+    conditions: str = option("", "condition JSON file, or none (one generic condition: the ablation)",
+                             shown="conditions/<dataset>.json")
+    attributes: str = option("", "FedMVP's class descriptions (else templates)",
+                             shown="baselines/attributes/<dataset>.json")
+    clients: int = option(4, "clients: K-means clusters of the training label vectors", range="[1, inf)")
+    rounds: int = option(10, "communication rounds", range="[1, inf)")
+    local_epochs: int = option(1, "local epochs per round", range="[1, inf)")
+    client_fraction: float = option(1.0, "share of the clients sampled each round", range="(0, 1]")
+    lr: float = option(0.0, "SGD learning rate, cosine over the rounds; 0 = the method's own (its class's "
+                            f"learning_rate, chosen on a validation split: fedmpt {baselines.model_class('fedmpt').learning_rate})",
+                       range="[0, inf)", shown="0 (the method's own)")
+    grad_clip: float = option(10.0, "a guard: clip a local step's gradient norm above this (0 = off); "
+                                    "metrics.json records the share of clipped steps", range="[0, inf)")
+    batch_size: int = option(32, "images per local step", range="[1, inf)")
+    heterogeneity: float = option(1.0, "t: share of a client's images from its own K-means cluster "
+                                       "(1 = each client is its cluster, small t ~ IID)", range="(0, 1]")
+    clients_by: str = option("kmeans", "kmeans (the paper's label clusters, with t) or scene (mlrsnet's scene "
+                                       "folders dealt into --clients sites)", choices=("kmeans", "scene"))
+    min_labels: int = option(0, "keep only images with at least N labels, train and test (the authors' "
+                                "COCO/NUS-WIDE runs: 5, MLRSNet: 7; 0 = every image)", range="[0, inf)")
+    label_mask: float = option(0.0, "partial annotation: each training positive becomes unknown with this "
+                                    "probability (seeded; test labels are never masked)", range="[0, 1)")
+    validation: float = option(0.0, "share of the training images held out (seeded, before the client split); "
+                                    "metrics.json records val_mAP each round: choose settings on it", range="[0, 1)")
+    loss: str = option("asl", "asl (asymmetric loss) or bce", choices=("asl", "bce"))
+    seed: int = option(0, "seed of every initial value, the client split, client sampling and data order")
+    device: str = option("auto", "auto: cuda when visible", choices=("auto", "cpu", "cuda"))
+    threads: int = option(0, "torch CPU threads (0 = torch's default, one per core); give 1 when other "
+                             "work shares the cores (docs/usage.md)", range="[0, inf)")
+    out: str = option("", "run directory", shown="runs/<dataset>-<method>-<timestamp>")
+    aggregate: str = option("mean", "mean (FedAvg, weighted by samples), median or trimmed-mean (robust)",
+                            choices=("mean", "median", "trimmed-mean"))
+    resume: str = option("", "a run directory to continue from its last checkpoint, with its own options")
+    download: bool = option(False, "download and extract VOC2007 into --root first (voc2007 only)")
+    skip_unreadable: bool = option(False, "decode every image first; leave out (and list) the unreadable ones")
+    plot: bool = option(False, "fedmpt: save plans.png, the transport plans and gate of a few test images")
+    cache_dir: str = option("", "the feature store", shown="$FEDMPT_CACHE, else ~/.cache/fedmpt")
+    workers: int = option(-1, "DataLoader workers that decode images while encoding (-1: the CPU count, "
+                              "at most 8)", range="[-1, inf)")
 
 
 def config_from(config_class, values: dict):
@@ -74,84 +81,25 @@ def config_from(config_class, values: dict):
 
 
 def validate(cfg: Config, model_cfg: ModelConfig):
-    """Raises FedMPTError naming every bad option; fills in --lr 0 with the method's own rate."""
-    cfg.lr = cfg.lr or baselines.LEARNING_RATES.get(cfg.method, 0)
-    checks = [(cfg.dataset in data.DATASETS, f"--dataset {cfg.dataset}: choose one of {', '.join(data.DATASETS)}"),
-              (not cfg.download or cfg.dataset == "voc2007",
-               "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),
-              (cfg.method in METHODS, f"--method {cfg.method}: choose one of {', '.join(METHODS)}"),
-              (cfg.rounds > 0, f"--rounds {cfg.rounds}: must be positive"),
-              (cfg.clients > 0, f"--clients {cfg.clients}: must be positive"),
-              (cfg.local_epochs > 0, f"--local-epochs {cfg.local_epochs}: must be positive"),
-              (0 < cfg.client_fraction <= 1, f"--client-fraction {cfg.client_fraction}: must lie in (0, 1]"),
-              (0 < cfg.heterogeneity <= 1, f"--heterogeneity {cfg.heterogeneity}: must lie in (0, 1]"),
-              (cfg.clients_by in ("kmeans", "scene"), f"--clients-by {cfg.clients_by}: choose kmeans or scene"),
-              (cfg.min_labels >= 0, f"--min-labels {cfg.min_labels}: must be 0 (off) or positive"),
-              (0 <= cfg.label_mask < 1, f"--label-mask {cfg.label_mask}: must lie in [0, 1)"),
-              (0 <= cfg.validation < 1, f"--validation {cfg.validation}: must lie in [0, 1)"),
-              (cfg.lr > 0 and cfg.batch_size > 0, "--lr and --batch-size must be positive"),
-              (cfg.workers >= -1, f"--workers {cfg.workers}: -1 (automatic), 0 or more"),
-              (cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive"),
-              (cfg.loss in ("asl", "bce"), f"--loss {cfg.loss}: choose asl or bce"),
-              (cfg.aggregate in AGGREGATE_RULES, f"--aggregate {cfg.aggregate}: choose {', '.join(AGGREGATE_RULES)}"),
-              (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
-              (model_cfg.ot in ("sinkhorn", "uniform"), f"--ot {model_cfg.ot}: choose sinkhorn or uniform"),
-              (model_cfg.gate in ("mlp", "uniform"), f"--gate {model_cfg.gate}: choose mlp or uniform"),
-              (model_cfg.pooling in ("regions", "global"), f"--pooling {model_cfg.pooling}: choose regions or global"),
-              (model_cfg.ot_eps > 0, f"--ot-eps {model_cfg.ot_eps}: must be positive"),
-              (model_cfg.ot_iters > 0, f"--ot-iters {model_cfg.ot_iters}: must be positive"),
-              (model_cfg.ot_rho >= 0, f"--ot-rho {model_cfg.ot_rho}: must be 0 (exact) or positive"),
-              (model_cfg.n_ctx > 0, f"--n-ctx {model_cfg.n_ctx}: must be positive"),
-              (model_cfg.class_ctx >= 0 and (model_cfg.class_ctx == 0 or cfg.method == "fedmpt"),
-               f"--class-ctx {model_cfg.class_ctx}: FedMPT's option (--method fedmpt), 0 or positive"),
-              (model_cfg.adapter_reduction >= 1, f"--adapter-reduction {model_cfg.adapter_reduction}: must be at least 1"),
-              (0 <= model_cfg.adapter_alpha <= 1, f"--adapter-alpha {model_cfg.adapter_alpha}: must lie in [0, 1]"),
-              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]
-    problems = [message for ok, message in checks if not ok]
+    """Raises FedMPTError naming every bad option (and nothing else); fills in --lr 0 with the
+    method's own rate."""
+    problems = field_problems(cfg) + field_problems(model_cfg)
+    rules = [(not cfg.download or cfg.dataset == "voc2007",
+              "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),
+             (model_cfg.class_ctx == 0 or cfg.method == "fedmpt",
+              f"--class-ctx {model_cfg.class_ctx}: FedMPT's option (--method fedmpt)"),
+             (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]
+    problems += [message for ok, message in rules if not ok]
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
-
-
-# ---- Run directories ----------------------------------------------------------------------
-def default_out(cfg: Config) -> str:
-    return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def write_json_atomic(path: Path, obj):
-    """Write a temporary file beside `path`, then rename it: `path` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer process
-    temporary.write_text(json.dumps(obj, indent=1))
-    os.replace(temporary, path)
-
-
-def save_atomic(obj, path: Path):
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: Path, map_location=None, fix="restore it from a copy"):
-    """torch.load of a checkpoint or state file (tensors only, onto `map_location`: a run
-    trained on a GPU loads on a CPU), with an error that names the file and `fix`."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        # torch's own message advises weights_only=False, which would run code from the file
-        reason = "missing" if isinstance(error, FileNotFoundError) else "truncated or damaged"
-        raise FedMPTError(f"cannot load {path}: the file is {reason} ({type(error).__name__}); {fix}.") from None
+    cfg.lr = cfg.lr or baselines.model_class(cfg.method).learning_rate
 
 
 def read_config(run_dir: str):
     """The configuration a run was started with (from its config.json) and the whole file."""
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise FedMPTError(f"run {run_dir}: cannot read {path} ({error}).") from None
+    saved = runs.read_saved_config(run_dir)
     return config_from(Config, saved), config_from(ModelConfig, saved), saved
 
 
@@ -160,8 +108,6 @@ def resume_config(run_dir: str):
     must not change a resumed model)."""
     cfg, model_cfg, saved = read_config(run_dir)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
-    if "loss_over_images" not in saved:  # begun before the loss became a mean over images: say so
-        print("note: this run began with the loss summed over images; it continues with their mean.", file=sys.stderr)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         print("note: the run was trained with --device cuda; no CUDA device is visible here, so it "
               "continues on the CPU.", file=sys.stderr)
@@ -173,20 +119,62 @@ def resume_config(run_dir: str):
     return cfg, model_cfg
 
 
-# ---- The model ----------------------------------------------------------------------------
-def load_backbone(cfg: Config, device="cpu", random_init=None) -> FrozenCLIP:
+# ---- The stages ---------------------------------------------------------------------------
+def resolve(cfg: Config, model_cfg: ModelConfig):
+    """Checked options, the device and the dataset root."""
+    validate(cfg, model_cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return cfg, device, cfg.root or os.path.join("data", cfg.dataset)
+
+
+def load_data(cfg: Config, root: str):
+    """(train, test) datasets; with --min-labels both keep only images with that many labels."""
+    if cfg.download:
+        from tools import download
+        download.download_voc2007(root)
+    return tuple(data.keep_min_labels(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable),
+                                      cfg.min_labels) for split in ("train", "test"))
+
+
+@dataclass
+class Clients:
+    splits: list  # rows of the training set each client holds
+    names: list  # the sites' names where the dataset names them, else None
+    validation: list  # rows held out from every client (--validation)
+    pool: list  # the other rows
+
+
+def split_clients(cfg: Config, train_set):
+    """(cfg, Clients): the validation rows held out, the rest split into clients (splits.py)."""
+    validation, pool = splits.hold_out(len(train_set), cfg.validation, cfg.seed)
+    cfg, client_splits, names = splits.make_clients(cfg, train_set.subset(pool) if validation else train_set)
+    if validation:  # back to rows of the whole training set
+        client_splits = [[pool[i] for i in s] for s in client_splits]
+    print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=names))
+    return cfg, Clients(client_splits, names, validation, pool)
+
+
+def load_backbone(cfg: Config, device="cpu", random_init=None):
     """The frozen CLIP a run names: the shipped shapes CLIP, or `backbone.load_clip`."""
+    from shapes import model as shapes_clip
     random_init = cfg.random_init if random_init is None else random_init
     if cfg.clip == "shapes":
         model = shapes_clip.new_model(cfg.seed) if random_init else shapes_clip.load_shapes_clip(cfg.clip_weights or None)
     else:
         model = load_clip(cfg.clip, cfg.clip_weights or None, random_init, cfg.seed)
-    return FrozenCLIP(model).to(device)
+    backbone = FrozenCLIP(model).to(device)
+    if cfg.resume and runs.read_saved_config(cfg.resume).get("backbone_sha256") not in (None, backbone.fingerprint()):
+        raise FedMPTError(f"--resume {cfg.resume}: the run was trained on other {cfg.clip} weights "
+                          "than the ones found now; resume it with the same backbone file.")
+    return backbone
 
 
 def method_attributes(cfg: Config, classes):
     """FedMVP's class descriptions (baselines.fedmvp.load_attributes); None for every other method."""
-    return load_attributes(cfg.dataset, classes, cfg.attributes) if cfg.method == "fedmvp" else None
+    if cfg.method != "fedmvp":
+        return None
+    from baselines.fedmvp import load_attributes
+    return load_attributes(cfg.dataset, classes, cfg.attributes)
 
 
 def build_model(method, backbone, classes, conditions, model_cfg, attributes=None, *, seed: int) -> PromptModel:
@@ -197,60 +185,34 @@ def build_model(method, backbone, classes, conditions, model_cfg, attributes=Non
     return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences, seed=seed)
 
 
-def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
-    """Tunable and total parameters of a method, from the class list alone (no data, no
-    download: counts do not depend on weight values, so named architectures get random ones)."""
-    validate(cfg, model_cfg)
-    classes = data.known_classes(cfg.dataset)
-    if not classes:  # a folder dataset: read its class list
-        classes = data.load_dataset(cfg.dataset, cfg.root or os.path.join("data", cfg.dataset), "train").classes
-    random_init = not cfg.clip_weights and (cfg.clip in ARCHITECTURES or cfg.clip == "shapes")
-    backbone = load_backbone(cfg, random_init=random_init)
-    model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
-                        model_cfg, method_attributes(cfg, classes), seed=cfg.seed)
-    tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
-            "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}
+def frozen_inputs(encode, split_set, kind, backbone_sha256, cfg: Config, device):
+    """A split's frozen inputs from the feature store: (inputs, store key, images encoded now)."""
+    key = features.store_key(backbone_sha256, split_set, kind)
+    workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
+    inputs, n = features.encode_dataset(encode, split_set, key, cfg.cache_dir, device=device, workers=workers)
+    return inputs, key, n
 
 
-# ---- Setup: data -> clients -> backbone -> model -> frozen features -> references -> run dir
-@dataclass
-class Experiment:
-    """Everything a run needs, built once by `setup`: the plain loop, the Flower app and
-    `predict.py --evaluate` share it."""
-    cfg: Config  # as resolved: `clients` is the number of sites where the dataset names them
-    model_cfg: ModelConfig
-    out: Path
-    model: PromptModel
-    splits: list
-    train: tuple  # (inputs, targets) of the training images: inputs = model.encode_images' tuple
-    test: tuple  # the same for the test images
-    prior_mAP: float
-    resolved: dict
-    zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
-    biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
-    store_keys: dict  # {"train"/"test"/"zero-shot": key} of the frozen inputs in the feature store
-    validation: list = dataclasses.field(default_factory=list)  # rows of exp.train held out (--validation)
-
-
-def load_data(cfg: Config, root: str):
-    """(train, test) datasets; with --min-labels both keep only images with that many labels."""
-    if cfg.download:
-        download.download_voc2007(root)
-    return tuple(data.keep_min_labels(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable),
-                                      cfg.min_labels) for split in ("train", "test"))
-
-
-def zero_shot_scores(backbone: FrozenCLIP, v: torch.Tensor, classes) -> torch.Tensor:
-    """Cosines (n, C) of global features v with "a photo of a <class>.": a ranking, not probabilities."""
+def zero_shot_scores(backbone, v: torch.Tensor, classes) -> torch.Tensor:
+    """Cosines (n, C) of global image features v with "a photo of a <class>.": a ranking, not probabilities."""
     text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
     return torch.nn.functional.normalize(v, dim=-1) @ text.T
+
+
+def zero_shot_metrics(backbone, v, test_set, classes) -> dict:
+    """The frozen backbone alone on the test images (its bias metrics on the shapes world)."""
+    scores = zero_shot_scores(backbone, v.float(), classes)
+    result = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=min(3, len(classes)))["mAP"]}
+    if test_set.biased_pairs:
+        bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
+        result.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
+    return result
 
 
 SIMILAR_TEXT = 0.97  # the shapes CLIP: its own 12 shape words reach 0.85, words it never saw 0.977-0.999
 
 
-def similar_classes(backbone: FrozenCLIP, classes, threshold=SIMILAR_TEXT) -> list:
+def similar_classes(backbone, classes, threshold=SIMILAR_TEXT) -> list:
     """Class pairs the backbone's text side hardly tells apart, [(a, b, cosine)] of "a photo of a
     <class>." above `threshold`, with a printed warning: prompt tuning starts each such class
     alike (real CLIP: misspelled or exotic names; the shapes CLIP: any word outside its captions)."""
@@ -265,98 +227,183 @@ def similar_classes(backbone: FrozenCLIP, classes, threshold=SIMILAR_TEXT) -> li
     return pairs
 
 
-def setup(cfg: Config, model_cfg: ModelConfig, write: bool = True, record: dict = None,
-          client: int = None, train: bool = True, test: bool = True) -> Experiment:
-    """Validate the options, then build the run as a pipeline; with `write`, save the run
-    directory (config.json, with `record` added, conditions.json, clients.png). The frozen
-    inputs come from the feature store: every training image's, or with `client` only that
-    client's (a Flower SuperNode; exp.train then holds its images alone); without `train` or
-    `test` none of that split's (the Flower server trains no client, a SuperNode needs no test
-    set nor reference scores)."""
+# ---- The pipeline -------------------------------------------------------------------------
+@dataclass
+class Experiment:
+    """Everything a run needs, built once by `build`."""
+    cfg: Config  # as resolved: `clients` is the number of sites where the dataset names them
+    model_cfg: ModelConfig
+    out: Path
+    model: PromptModel
+    splits: list
+    train: tuple  # (inputs, targets) of the training images: inputs = model.encode_images' tuple
+    test: tuple  # the same for the test images
+    prior_mAP: float
+    resolved: dict  # what config.json holds
+    zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
+    biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
+    store_keys: dict  # {"train"/"test"/"zero-shot": key} of the frozen inputs in the feature store
+    validation: list = dataclasses.field(default_factory=list)  # rows of exp.train held out (--validation)
+    conditions: dict = None  # the condition set (conditions.json)
+    attributes: dict = None  # FedMVP's descriptions (attributes.json)
+    clients: Clients = None
+    train_set: object = None  # the datasets (their images, classes, targets)
+    test_set: object = None
+
+
+def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None) -> Experiment:
+    """The plain loop's start: `build`, then the run directory (config.json with `record`
+    added, conditions.json, clients.png); an --out that already holds a run is refused first."""
     validate(cfg, model_cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    root, out = cfg.root or os.path.join("data", cfg.dataset), Path(default_out(cfg))
-    if write and not cfg.resume and (out / "metrics.json").exists():  # never overwrite a run
+    exp = build(cfg, model_cfg, record, new_run_directory(cfg))
+    save_run_directory(exp)
+    return exp
+
+
+def new_run_directory(cfg: Config) -> Path:
+    """--out (or the default), refused when it already holds a run that is not being resumed."""
+    out = Path(runs.default_out(cfg))
+    if not cfg.resume and (out / "metrics.json").exists():  # never overwrite a run
         raise FedMPTError(f"--out {out} already holds a run; continue it with --resume {out} "
                           "or choose another --out.")
+    return out
+
+
+def save_run_directory(exp: Experiment):
+    if not exp.cfg.resume:
+        runs.write_run_files(exp.out, exp.resolved, exp.conditions, exp.attributes)
+    splits.plot_client_distributions(exp.train_set.targets, exp.splits, exp.train_set.classes,
+                                     exp.out / "clients.png", names=exp.clients.names)
+    print(f"options and sizes: {exp.out / 'config.json'}; conditions ({exp.conditions['source']}): "
+          f"{', '.join(map(repr, exp.conditions['conditions']))}")
+
+
+def build(cfg: Config, model_cfg: ModelConfig, record: dict = None, out=None) -> Experiment:
+    """Every stage, in order; writes nothing but the feature store."""
+    parts = prepare(cfg, model_cfg)
+    return assemble(parts, training_inputs(parts), out, record)
+
+
+@dataclass
+class Parts:
+    """What `prepare` builds: the checked options, the data, the clients, the model."""
+    cfg: Config
+    model_cfg: ModelConfig
+    device: str
+    root: str
+    conditions: dict
+    train_set: object
+    test_set: object
+    clients: Clients
+    similar: list  # class pairs the text side hardly tells apart
+    attributes: dict
+    model: PromptModel
+    train_targets: torch.Tensor  # the training labels the clients see (--label-mask applied)
+
+
+def prepare(cfg: Config, model_cfg: ModelConfig) -> Parts:
+    """options -> data -> clients -> backbone -> model."""
+    cfg, device, root = resolve(cfg, model_cfg)
     conditions = load_conditions(cfg.conditions, cfg.dataset)
-
     train_set, test_set = load_data(cfg, root)
-    validation, pool = splits.hold_out(len(train_set), cfg.validation, cfg.seed)
-    cfg, client_splits, client_names = splits.make_clients(cfg, train_set.subset(pool) if validation else train_set)
-    if validation:  # back to rows of the whole training set
-        client_splits = [[pool[i] for i in s] for s in client_splits]
-    print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=client_names))
-    if client is not None and not 0 <= client < len(client_splits):
-        raise FedMPTError(f"client {client}: this run has {len(client_splits)} clients, 0 to {len(client_splits) - 1}.")
-
+    cfg, clients = split_clients(cfg, train_set)
     backbone = load_backbone(cfg, device)
-    sha256 = backbone.fingerprint()
-    if cfg.resume and read_config(cfg.resume)[2].get("backbone_sha256") not in (None, sha256):
-        raise FedMPTError(f"--resume {cfg.resume}: the run was trained on other {cfg.clip} weights "
-                          "than the ones found now; resume it with the same backbone file.")
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
-
     attributes = method_attributes(cfg, train_set.classes)
     model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes,
                         seed=cfg.seed).to(device)  # its initial values follow --seed
-
-    workers = min(os.cpu_count() or 1, 8) if cfg.workers < 0 else cfg.workers
-    encoded, store_keys = [], {}
-
-    def store(name, encode, split_set, kind):
-        store_keys[name] = data.store_key(sha256, split_set, kind)
-        inputs, n = data.encode_dataset(encode, split_set, store_keys[name], cfg.cache_dir, device=device,
-                                        workers=workers)
-        encoded.append(n)
-        return inputs
-    train_part = train_set if client is None else train_set.subset(client_splits[client])
-    train = store("train", model.encode_images, train_part, model.input_kind()) if train else None
     # --label-mask: what the clients' annotators left out (after the split and the store key:
     # neither depends on it); the test labels stay whole
     train_targets = data.mask_positives(train_set.targets, cfg.label_mask, cfg.seed)
-    part_targets = train_targets if client is None else train_targets[client_splits[client]]
+    return Parts(cfg, model_cfg, device, root, conditions, train_set, test_set, clients, similar, attributes,
+                 model, train_targets)
 
-    top_k = min(3, len(train_set.classes))
-    prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_targets[pool], len(test_set)),
-                                       test_set.targets, top_k=top_k)
-    test_inputs, zero_shot = None, {}
-    if test:
-        test_inputs = store("test", model.encode_images, test_set, model.input_kind())
-        v = test_inputs[0] if model.inputs_start_with_v else store(
-            "zero-shot", lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v")[0]
-        scores = zero_shot_scores(backbone, v.float(), train_set.classes)
-        zero_shot = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)["mAP"]}
-        if test_set.biased_pairs:
-            bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
-            zero_shot.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
 
-    resolved = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg), "root": root,
-                "device_used": device, "out": str(out), "classes": train_set.classes,
-                "condition_set": conditions, "attribute_source": (attributes or {}).get("source"),
-                "tunable_params": sum(t.numel() for t in model.tunable_state().values()),
-                "backbone_sha256": sha256, "feature_cache": str(data.cache_root(cfg.cache_dir)), "loss_over_images": "mean",
-                "encoded_images": sum(encoded),
-                "client_sizes": [len(s) for s in client_splits], "client_names": client_names,
-                "label_skew": splits.label_skew(train_set.targets, client_splits),
-                "images": {"train": len(train_set) - len(validation), "validation": len(validation), "test": len(test_set)},
-                "similar_class_pairs": [[a, b, round(c, 4)] for a, b, c in similar[:50]],
-                "masked_positives": int((train_targets == -1).sum() - (train_set.targets == -1).sum()),
-                "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
-    print(json.dumps({k: v for k, v in resolved.items() if k != "classes"}, indent=1))
-    print(f"conditions ({conditions['source']}): {', '.join(map(repr, conditions['conditions']))}")
-    if write:
-        if not cfg.resume:
-            write_json_atomic(out / "config.json", resolved)
-            write_json_atomic(out / "conditions.json", conditions)  # what --resume reads back
-            if attributes:
-                write_json_atomic(out / "attributes.json", attributes)
-        splits.plot_client_distributions(train_set.targets, client_splits, train_set.classes,
-                                         out / "clients.png", names=client_names)
-    return Experiment(cfg, model_cfg, out, model, client_splits, (train, part_targets),
-                      (test_inputs, test_set.targets), prior["mAP"], resolved, zero_shot, test_set.biased_pairs,
-                      store_keys, validation)
+def training_inputs(parts: Parts, rows=None):
+    """The frozen inputs of the training images (or of their `rows`: one client's, on a
+    Flower SuperNode) from the feature store: (inputs, store key, images encoded now)."""
+    split_set = parts.train_set if rows is None else parts.train_set.subset(rows)
+    model = parts.model
+    return frozen_inputs(model.encode_images, split_set, model.input_kind(), model.backbone.fingerprint(),
+                         parts.cfg, parts.device)
+
+
+def client_part(parts: Parts, client: int):
+    """A Flower SuperNode's share of a run: one client's frozen inputs (from the feature store),
+    its training labels in split order, and the store key: (inputs, targets, key)."""
+    client_splits = parts.clients.splits
+    if not 0 <= client < len(client_splits):
+        raise FedMPTError(f"client {client}: this run has {len(client_splits)} clients, 0 to {len(client_splits) - 1}.")
+    inputs, key, _ = training_inputs(parts, client_splits[client])
+    return inputs, parts.train_targets[client_splits[client]], key
+
+
+def assemble(parts: Parts, train=None, out=None, record: dict = None) -> Experiment:
+    """frozen test features -> reference scores -> the run's description (config.json). `train`:
+    training_inputs' result, or None where no client trains here (the Flower server)."""
+    cfg, model, test_set, train_set = parts.cfg, parts.model, parts.test_set, parts.train_set
+    backbone, clients = model.backbone, parts.clients
+    out = Path(out or runs.default_out(cfg))
+    sha256, kind = backbone.fingerprint(), model.input_kind()
+    prior = label_prior_mAP(parts.train_targets[clients.pool], test_set, len(train_set.classes))
+    test, test_key, encoded = frozen_inputs(model.encode_images, test_set, kind, sha256, cfg, parts.device)
+    store_keys = {"test": test_key}
+    if train is not None:
+        store_keys["train"], encoded = train[1], encoded + train[2]
+    if model.inputs_start_with_v:
+        v = test[0]
+    else:
+        (v,), store_keys["zero-shot"], n = frozen_inputs(lambda x: backbone.encode_image_tokens(x)[:1], test_set,
+                                                         "v", sha256, cfg, parts.device)
+        encoded += n
+    zero_shot = zero_shot_metrics(backbone, v, test_set, train_set.classes)
+    resolved = describe(parts, out, sha256, encoded, record)
+    return Experiment(cfg, parts.model_cfg, out, model, clients.splits,
+                      (None if train is None else train[0], parts.train_targets), (test, test_set.targets),
+                      prior, resolved, zero_shot, test_set.biased_pairs, store_keys, clients.validation,
+                      parts.conditions, parts.attributes, clients, train_set, test_set)
+
+
+def label_prior_mAP(train_targets, test_set, n_classes) -> float:
+    """mAP of ranking every test image by the training label frequencies alone."""
+    scores = metrics.label_prior_scores(train_targets, len(test_set))
+    return metrics.multilabel_metrics(scores, test_set.targets, top_k=min(3, n_classes))["mAP"]
+
+
+def describe(parts: Parts, out, sha256, encoded, record=None) -> dict:
+    """config.json: every resolved option and what the run was built from."""
+    cfg, train_set, test_set, clients = parts.cfg, parts.train_set, parts.test_set, parts.clients
+    client_splits = clients.splits
+    return {**dataclasses.asdict(cfg), **dataclasses.asdict(parts.model_cfg), "root": parts.root,
+            "device_used": parts.device, "out": str(out), "classes": train_set.classes,
+            "condition_set": parts.conditions, "attribute_source": (parts.attributes or {}).get("source"),
+            "tunable_params": sum(t.numel() for t in parts.model.tunable_state().values()),
+            "backbone_sha256": sha256, "feature_cache": str(features.cache_root(cfg.cache_dir)),
+            "loss_over_images": "mean", "encoded_images": encoded,
+            "client_sizes": [len(s) for s in client_splits], "client_names": clients.names,
+            "label_skew": splits.label_skew(train_set.targets, client_splits),
+            "images": {"train": len(train_set) - len(clients.validation), "validation": len(clients.validation),
+                       "test": len(test_set)},
+            "similar_class_pairs": [[a, b, round(c, 4)] for a, b, c in parts.similar[:50]],
+            "masked_positives": int((parts.train_targets == -1).sum() - (train_set.targets == -1).sum()),
+            "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
+
+
+def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
+    """Tunable and total parameters of a method, from the class list alone (no data, no
+    download: counts do not depend on weight values, so named architectures get random ones)."""
+    validate(cfg, model_cfg)
+    classes = data.known_classes(cfg.dataset)
+    if not classes:  # a dataset whose classes are read from disk
+        classes = data.load_dataset(cfg.dataset, cfg.root or os.path.join("data", cfg.dataset), "train").classes
+    random_init = not cfg.clip_weights and (cfg.clip in ARCHITECTURES or cfg.clip == "shapes")
+    backbone = load_backbone(cfg, random_init=random_init)
+    model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
+                        model_cfg, method_attributes(cfg, classes), seed=cfg.seed)
+    tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
+            "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}
 
 
 # ---- Evaluation ---------------------------------------------------------------------------

@@ -17,8 +17,6 @@ clients they cost some accuracy on non-IID data because they ignore client sizes
 The experiment itself (options, data, model, frozen features) is built by experiment.setup;
 the same local training, sampling, aggregation and round record run on Flower (flower_app.py).
 """
-import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -30,58 +28,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
-from errors import FedMPTError, RunFailed
-from experiment import (AGGREGATE_RULES, Config, Experiment, config_from, count_params, evaluate_global, gather,
-                        load_checkpoint, reference_scores, resume_config, save_atomic, setup, write_json_atomic)
+from errors import Interrupted, RunFailed, exit_code
+from experiment import (Config, Experiment, config_from, count_params, evaluate_global, gather, reference_scores,
+                        resume_config, setup)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
-from tools import explain
-
-HELP = {"heterogeneity": "t in (0, 1]: 1 = each client holds its own K-means cluster, small t ~ IID",
-        "conditions": "condition JSON file (default: conditions/<dataset>.json) or 'none'",
-        "clip": "shapes (small CLIP pretrained on the shapes world, shipped), tiny (random weights), "
-                "or one of RN50 RN101 ViT-B/32 ViT-B/16 ViT-L/14 (real weights)",
-        "clients_by": "kmeans: the paper's K-means clusters of the label vectors (with --heterogeneity); "
-                      "scene: mlrsnet's scene folders dealt into --clients sites (natural clients)",
-        "min_labels": "keep only images with at least N labels, train and test (the authors' COCO/NUS-WIDE "
-                      "runs use 5, MLRSNet 7: not the standard benchmarks); 0 = every image",
-        "label_mask": "partial annotation: each training positive becomes unknown (ignored) with "
-                      "probability p, seeded by --seed; test labels are never masked",
-        "pooling": "fedtpg, fed-maple, fedmvp: regions (class-specific region aggregation, the paper's "
-                   "federated multi-label protocol) or global (the global image feature alone)",
-        "validation": "share of the training images held out (seeded by --seed, before the client split); "
-                      "metrics.json then records val_mAP, val_CF1, val_OF1 each round: choose settings on "
-                      "them, never on the test split",
-        "lr": "SGD learning rate (cosine over the rounds); 0 = the method's own, chosen on a validation "
-              "split of the offline world (baselines.LEARNING_RATES, docs/choices.md)",
-        "grad_clip": "a guard: clip a local step's gradient norm above this (0 = off); metrics.json "
-                     "records the share of clipped steps",
-        "download": "download and extract VOC2007 into --root first (voc2007 only)",
-        "skip_unreadable": "decode every image first; leave out (and list) the unreadable ones",
-        "ot_rho": "0: every image region is transported (exact marginal, the spec); > 0: its KL weight "
-                  "(semi-relaxed OT: a condition may leave background regions out)",
-        "class_ctx": "fedmpt: Mc class-specific context tokens per class and sign besides the shared "
-                     "ones (0 = the paper); for classes the vocabulary check says start alike (docs/results.md)",
-        "plot": "fedmpt: after training save plans.png (each condition's transport plan over the "
-                "regions of a few test images, and the gate's weights)"}
-
-
-def build_parser(config_classes=(Config, ModelConfig), prog=None):
-    """argparse from the dataclasses' fields: --field-name, typed, with the field's default."""
-    parser = argparse.ArgumentParser(prog=prog, description="Federated multi-label prompt tuning (FedMPT).")
-    for config_class in config_classes:
-        for field in dataclasses.fields(config_class):
-            flag = "--" + field.name.replace("_", "-")
-            if field.type is bool or isinstance(field.default, bool):
-                parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
-            else:
-                parser.add_argument(flag, type=type(field.default), default=field.default,
-                                    help=HELP.get(field.name, f"default {field.default}"))
-    return parser
+from store.runs import load_checkpoint, save_atomic, save_round
+from tools.options import build_parser
 
 
 def parse_config(argv):
-    parser = build_parser()
+    """(Config, ModelConfig) from the command line; every option is a field of one of the two
+    dataclasses, with its help, choices and range (tools/options.py makes the parser)."""
+    parser = build_parser((Config, ModelConfig), prog="federate.py",
+                          description="Federated multi-label prompt tuning (FedMPT) with a plain FedAvg loop.")
     parser.add_argument("--count-params", action="store_true",
                         help="print {method, tunable, total} as one JSON line and exit; builds the "
                              "model on seeded random weights (no download), for the classes of "
@@ -177,12 +136,8 @@ def aggregate_trimmed_mean(states, weights=None, trim=0.2):
     return result
 
 
-AGGREGATORS = dict(zip(AGGREGATE_RULES, [aggregate_weighted, aggregate_median, aggregate_trimmed_mean]))
-
-
-# ---- Rounds: what both engines record -----------------------------------------------------
-TABLE_HEADER = (f"{'round':>5} {'train loss':>10} {'clipped':>7} {'grad norm':>9} {'mAP':>7} {'CF1':>7} {'OF1':>7} "
-                f"{'seconds':>8}")
+# the --aggregate rules by name (Config.aggregate's choices; a test keeps the two alike)
+AGGREGATORS = {"mean": aggregate_weighted, "median": aggregate_median, "trimmed-mean": aggregate_trimmed_mean}
 
 
 def combine_stats(stats: list, sizes: list) -> dict:
@@ -194,6 +149,34 @@ def combine_stats(stats: list, sizes: list) -> dict:
     steps = [s["steps"] for s in stats]
     return {"loss": float(np.average([s["loss"] for s in stats], weights=sizes)),
             **{key: float(np.average([s[key] for s in stats], weights=steps)) for key in ("clip_share", "grad_norm")}}
+
+
+def accept_and_aggregate(round_index, updates, reference, rule, log):
+    """What both engines do with a round's updates. `updates`: (client, state, n_samples, stats,
+    problem) per sampled client, `problem` '' or why it sent nothing usable (no reply, its
+    training failed). Updates that do not fit `reference` (keys, shapes, dtypes, finiteness:
+    validate_update) are left out too, with a log line; the rest are combined by the rule
+    named `rule`. Returns (new state, or None when no update was accepted; combine_stats of the
+    accepted ones; their number; the left-out client ids, sorted)."""
+    states, sizes, stats, rejected = [], [], [], []
+    for client, state, n, client_stats, problem in updates:
+        if problem:
+            log(f"round {round_index}: client {client} {problem}; left out")
+        elif problem := validate_update(state, reference):
+            log(f"round {round_index}: client {client} update rejected: {problem}")
+        if problem:
+            rejected.append(client)
+            continue
+        states.append(state), sizes.append(n), stats.append(client_stats)
+    if not states:
+        log(f"round {round_index}: every client failed; the global state stays as it was")
+        return None, combine_stats([], []), 0, sorted(rejected)
+    return AGGREGATORS[rule](states, sizes), combine_stats(stats, sizes), len(states), sorted(rejected)
+
+
+# ---- Rounds: what both engines record -----------------------------------------------------
+TABLE_HEADER = (f"{'round':>5} {'train loss':>10} {'clipped':>7} {'grad norm':>9} {'mAP':>7} {'CF1':>7} {'OF1':>7} "
+                f"{'seconds':>8}")
 
 
 def training_columns(stats: dict, n_aggregated: int, rejected: list) -> dict:
@@ -208,10 +191,7 @@ def record_round(exp: Experiment, history: list, round_index, loss, seconds, ext
     history, the client-sampling generator's state): what `--resume` continues from."""
     row = {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp), **extra}
     history.append(row)
-    write_json_atomic(exp.out / "metrics.json", history)
-    if round_index > 0:
-        save_atomic({"global_state": exp.model.tunable_state(), "round": round_index, "history": history,
-                     "rng_state": rng.bit_generator.state}, exp.out / "checkpoint.pt")
+    save_round(exp.out, history, exp.model.tunable_state(), round_index, rng.bit_generator.state if rng else None)
     number = lambda key: float("nan") if row.get(key) is None else row[key]  # round 0 has no training
     tqdm.write(f"{round_index:>5} {number('loss'):>10.4f} {number('clip_share'):>7.0%} {number('grad_norm'):>9.2f} "
                f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {seconds:>8.1f}")
@@ -220,34 +200,25 @@ def record_round(exp: Experiment, history: list, round_index, loss, seconds, ext
 
 
 def run_round(round_index, model, global_state, features, client_splits, sampled, cfg, log):
-    """Train the sampled clients, leave out the ones that send a bad update (non-finite, wrong
-    keys or shapes: bad data), aggregate the rest. A client whose training raises (out of
-    memory, a bug) stops the run: RunFailed. Returns (new global state, combine_stats of the
-    aggregated clients, their number, rejected client ids)."""
+    """Train the sampled clients one after another, then accept_and_aggregate. A client whose
+    training raises (out of memory, a bug) stops the run: RunFailed. Returns (new global state,
+    combine_stats of the aggregated clients, their number, left-out client ids)."""
     inputs, targets = features
     lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
-    states, sizes, stats, rejected = [], [], [], []
+    updates = []
     for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
         generator = client_generator(cfg, round_index, client)
         try:
-            state, n, client_stats = local_train(model, global_state, inputs, targets, client_splits[client], cfg, lr,
-                                                 generator)
+            state, n, stats = local_train(model, global_state, inputs, targets, client_splits[client], cfg, lr, generator)
         except Exception as error:  # in one process a failing update is a failing run: stop it
             oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
                 or "can't allocate memory" in str(error)
             raise RunFailed(f"round {round_index}, client {client}: {type(error).__name__}: {error}"
                             + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
-        problem = validate_update(state, global_state)
-        if problem:
-            log(f"round {round_index}: client {client} update rejected: {problem}")
-            rejected.append(client)
-            continue
-        states.append(state), sizes.append(n), stats.append(client_stats)
-    if not states:
-        log(f"round {round_index}: every client failed; the global state stays as it was")
-        return global_state, combine_stats([], []), 0, rejected
-    new_state = AGGREGATORS[cfg.aggregate](states, sizes)
-    return new_state, combine_stats(stats, sizes), len(states), rejected
+        updates.append((client, state, n, stats, ""))
+    new_state, stats, n_aggregated, rejected = accept_and_aggregate(round_index, updates, global_state,
+                                                                    cfg.aggregate, log)
+    return (global_state if new_state is None else new_state), stats, n_aggregated, rejected
 
 
 # ---- The loop -----------------------------------------------------------------------------
@@ -259,6 +230,8 @@ def run(cfg: Config, model_cfg: ModelConfig):
         if path.exists():
             checkpoint = load_checkpoint(path, "cpu", "restore it, or delete it to train the run again "
                                          "from round 0 with --resume")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"})
     cfg, model, out = exp.cfg, exp.model, exp.out
     global_state, history, first_round = model.tunable_state(), [], 1
@@ -286,14 +259,19 @@ def run(cfg: Config, model_cfg: ModelConfig):
             kept = f"checkpoint.pt keeps round {round_index - 1}" if round_index > 1 else "no round finished"
             raise RunFailed(f"{failure} (traceback in {out / 'error.log'}; {kept}; fix the cause and "
                             f"continue with --resume {out})") from failure.__cause__
+        except KeyboardInterrupt:
+            kept = (f"{out / 'checkpoint.pt'} keeps round {round_index - 1}" if round_index > 1
+                    else "no round had finished")
+            raise Interrupted(f"interrupted in round {round_index}: {kept}; continue with "
+                              f"python federate.py --resume {out}") from None
         model.load_tunable_state(global_state)
         record_round(exp, history, round_index, stats["loss"], time.time() - start, rng=rng,
                      extra=training_columns(stats, n_aggregated, rejected))
     save_atomic(global_state, out / "state.pt")
     if cfg.plot:
-        test_set = data.load_dataset(cfg.dataset, exp.resolved["root"], "test", skip_unreadable=cfg.skip_unreadable)
-        explain.plot_transport(model, test_set, exp.test[0], exp.resolved["condition_set"]["conditions"],
-                               test_set.classes, out / "plans.png")
+        from tools import explain
+        explain.plot_transport(model, exp.test_set, exp.test[0], exp.conditions["conditions"],
+                               exp.test_set.classes, out / "plans.png")
         print(f"wrote {out / 'plans.png'}")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
@@ -319,35 +297,15 @@ def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
     return True
 
 
-MOVED = {"predict": "python predict.py --run DIR PATH... [--threshold 0.5] [--top-k K] [--out FILE]",
-         "evaluate": "python predict.py --run DIR --evaluate [--dataset NAME --root DIR]",
-         "--engine": "python flower_app.py [the options of federate.py] [--superlink HOST:PORT] "
-                     "(the plain loop is python federate.py, without --engine)"}
-
-
 def main(argv=None):
     """`federate.py [options]` trains (`--count-params`: prints the method's size and exits)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    moved = [MOVED[a] for a in argv[:1] if a in ("predict", "evaluate")]
-    moved += [MOVED["--engine"] for a in argv if a.split("=")[0] == "--engine"]
-    if moved:
-        print(f"error: this command moved: {moved[0]}", file=sys.stderr)
-        return 2
-    try:
-        cfg, model_cfg = parse_config(argv)
-        if "--count-params" in argv:
-            if "--dataset" not in argv and not any(a.startswith("--dataset=") for a in argv):
-                cfg = dataclasses.replace(cfg, dataset="voc2007")  # Table 5's setting
-            print(json.dumps(count_params(cfg, model_cfg)))
-            return 0
-        run(cfg, model_cfg)
-    except FedMPTError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    cfg, model_cfg = parse_config(argv)
+    if "--count-params" in argv:
+        if "--dataset" not in argv and not any(a.startswith("--dataset=") for a in argv):
+            cfg.dataset = "voc2007"  # Table 5's setting
+        return exit_code(lambda: print(json.dumps(count_params(cfg, model_cfg))))
+    return exit_code(run, cfg, model_cfg)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ For an image with global feature v (D,) and patch features P (N, D), class c and
 
 sigmoid(logit) is DualCoOp's two-way softmax over the positive and negative prompt. The row
 (region) marginal is a penalty rho KL(Q 1 | 1/N) rather than a constraint (`--ot-rho`, default
-0.1 = eps; 0 gives the specification's exact marginal). With an exact marginal every region must
+0.1 = eps; inf gives the specification's exact marginal). With an exact marginal every region must
 be transported, so with few objects most conditions are forced onto background and z is close to
 a mean over regions; on the shapes world that cost 8 mAP (docs/results.md, bias study). CLIP stays
 frozen; the contexts, the two adapters and the gate are all that trains and travels
@@ -20,7 +20,7 @@ frozen; the contexts, the two adapters and the gate are all that trains and trav
 """
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # raised inside clip
 import clip  # noqa: E402
@@ -49,18 +49,32 @@ class Adapter(nn.Module):
         return (1 - self.alpha) * x + self.alpha * self.up(F.relu(self.down(x)))
 
 
+def option(default, help: str, **rules):
+    """A config field with its help and rules (`choices`, `range` as "(0, 1]" or "[1, inf)",
+    `shown` for a default that is computed): argparse, validation and docs/usage.md's table are
+    made from them (tools/options.py)."""
+    return field(default=default, metadata={"help": help, **rules})
+
+
 @dataclass
 class ModelConfig:
-    n_ctx: int = 16  # M context tokens per condition and sign
-    class_ctx: int = 0  # Mc class-specific context tokens per class and sign (0: the paper's shared contexts)
-    ot_eps: float = 0.1  # entropic regularisation of the patch-condition transport
-    ot_iters: int = 100
-    ot: str = "sinkhorn"  # or "uniform": the independent plan (ablation)
-    ot_rho: float = 0.1  # region-marginal KL weight: > 0 semi-relaxed (regions may stay out); 0 = exact (the spec)
-    gate: str = "mlp"  # or "uniform": weights 1/K (ablation)
-    adapter_reduction: int = 4
-    adapter_alpha: float = 0.5  # 0.2 (CLIP-Adapter) learned too slowly offline; 0.8 diverged
-    pooling: str = "regions"  # fedtpg, fed-maple, fedmvp: class-specific region aggregation, or "global"
+    n_ctx: int = option(16, "M context tokens per condition and sign", range="[1, inf)")
+    class_ctx: int = option(0, "FedMPT: Mc context tokens of each class's own per sign, after the shared ones "
+                               "(CoOp's class-specific context; 0 = the paper's shared contexts)", range="[0, inf)")
+    ot_eps: float = option(0.1, "entropic regularisation eps of the region-condition transport", range="(0, inf)")
+    ot_iters: int = option(100, "Sinkhorn iterations at most", range="[1, inf)")
+    ot: str = option("sinkhorn", "the transport: sinkhorn, or uniform (the independent plan: ablation)",
+                     choices=("sinkhorn", "uniform"))
+    ot_rho: float = option(0.1, "KL weight rho of the region marginal: semi-relaxed transport (regions may "
+                                "stay out); inf = the exact marginal of the specification", range="(0, inf]")
+    gate: str = option("mlp", "the gate over conditions: mlp, or uniform (weights 1/K: ablation)",
+                       choices=("mlp", "uniform"))
+    adapter_reduction: int = option(4, "bottleneck reduction of the two adapters", range="[1, inf)")
+    adapter_alpha: float = option(0.5, "residual mix of the adapters (0.2, CLIP-Adapter's, learned too slowly "
+                                       "offline; 0.8 diverged)", range="[0, 1]")
+    pooling: str = option("regions", "fedtpg, fed-maple, fedmvp: regions (DualCoOp's class-specific region "
+                                     "aggregation, the paper's protocol) or global (the global feature alone)",
+                          choices=("regions", "global"))
 
 
 @contextmanager
@@ -87,13 +101,14 @@ class PromptModel(nn.Module):
     """
 
     inputs_start_with_v = True  # encode_images' first tensor is the frozen global feature v
+    learning_rate: float  # the method's SGD rate (--lr 0), chosen on a validation split (docs/sweeps.md)
 
     def encode_images(self, images):
         return self.backbone.encode_image_tokens(images)
 
     def input_kind(self) -> str:
         """Names what encode_images returns: methods that read the same frozen inputs share
-        them in the feature store (data.encode_dataset)."""
+        them in the feature store (store/features.py)."""
         return "v,P"
 
     def text_features(self):
@@ -119,6 +134,9 @@ class PromptModel(nn.Module):
 
 
 class FedMPT(PromptModel):
+    """The model of the module docstring: condition prompts, transport, gate."""
+    learning_rate = 0.1  # SGD rate: the best final validation mAP on the offline world (docs/sweeps.md)
+
     def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, seed: int):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
@@ -155,7 +173,7 @@ class FedMPT(PromptModel):
         if self.cfg.ot == "uniform":
             Q = ot.uniform_plan(S)
         else:
-            Q = ot.sinkhorn(1 - S.detach(), self.cfg.ot_eps, n_iters=self.cfg.ot_iters, rho=self.cfg.ot_rho or None)
+            Q = ot.sinkhorn(1 - S.detach(), self.cfg.ot_eps, n_iters=self.cfg.ot_iters, rho=self.cfg.ot_rho)
         z = K * (Q * S).sum(dim=-2)  # (B, 2, C, K)
         g = self.gate(v)  # (B, K)
         return self.backbone.logit_scale * torch.einsum("bk,bck->bc", g, z[:, 0] - z[:, 1]), Q, g

@@ -45,9 +45,10 @@ rho : float, optional. Semi-relaxed transport: the row marginal becomes a
     :math:`ab^\top` (POT's ``sinkhorn_unbalanced``, ``reg_type='kl'``). The f
     update is scaled, :math:`f_n \leftarrow \varepsilon \log a_n - \lambda
     \varepsilon \log \sum_k \exp((g_k - C_{nk})/\varepsilon)`,
-    :math:`\lambda = \rho / (\rho + \varepsilon)`. ``None`` (default): exact.
-    Small rho lets rows carry little mass: a column's mass goes where its
-    cost is low (rho -> 0: a softmax over rows per column).
+    :math:`\lambda = \rho / (\rho + \varepsilon)`. ``inf`` (default): the
+    exact row marginal (:math:`\lambda = 1`, the limit rho -> inf). Small rho
+    lets rows carry little mass: a column's mass goes where its cost is low
+    (rho -> 0: a softmax over rows per column).
 
 Dtypes: float32 / float64 are computed in their own dtype; float16 /
 bfloat16 (or integer) costs are computed in float32 and the plan is returned
@@ -69,6 +70,8 @@ NeurIPS 2013.
 G. Peyré, M. Cuturi. Computational optimal transport. Foundations and Trends
 in Machine Learning 11(5-6), 2019 (Sec. 4.4, log-domain stabilisation).
 """
+import math
+
 import torch
 
 __all__ = ["sinkhorn", "uniform_plan"]
@@ -97,38 +100,39 @@ def _marginals(cost, a, b):
     return C, a, b
 
 
-def sinkhorn(cost, eps, a=None, b=None, n_iters=100, tol=1e-6, check_every=10, rho=None):
+def sinkhorn(cost, eps, a=None, b=None, n_iters=100, tol=1e-6, check_every=10, rho=math.inf):
     """Entropic OT plans Q (..., N, K) for costs (..., N, K); see module docs."""
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     C, a, b = _marginals(cost, a, b)                   # (..., N, K), (..., N), (..., K)
     log_a, log_b = a.log(), b.log()                    # -inf where the mass is 0
-    # Scaled potentials u = f/eps, v = g/eps; the cost is stored as C^T/eps,
+    # f and g below hold the potentials divided by eps; the cost is stored as C^T/eps,
     # (..., K, N), so that the long axis N is contiguous (faster logsumexp on CPU).
     Ct = (C / eps).transpose(-1, -2).contiguous()                             # (..., K, N)
-    u = torch.zeros(C.shape[:-1], dtype=C.dtype, device=C.device)             # (..., N)
-    v = torch.zeros(C.shape[:-2] + C.shape[-1:], dtype=C.dtype, device=C.device)  # (..., K)
+    f = torch.zeros(C.shape[:-1], dtype=C.dtype, device=C.device)             # (..., N)
+    g = torch.zeros(C.shape[:-2] + C.shape[-1:], dtype=C.dtype, device=C.device)  # (..., K)
     neg_inf = torch.tensor(float("-inf"), dtype=C.dtype, device=C.device)
-    if rho is not None and not rho > 0:
-        raise ValueError(f"rho must be > 0 (or None for exact marginals), got {rho}")
-    scale = 1.0 if rho is None else rho / (rho + eps)  # lambda: 1 = the exact row marginal
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0 (math.inf for the exact row marginal), got {rho}")
+    exact = math.isinf(rho)
+    scale = 1.0 if exact else rho / (rho + eps)  # lambda: 1 = the exact row marginal
 
     for it in range(1, n_iters + 1):
         # f_n = eps log a_n - eps logsumexp_k((g_k - C_nk)/eps)
-        previous = u
-        u = torch.where(a > 0, log_a - scale * torch.logsumexp(v.unsqueeze(-1) - Ct, dim=-2), neg_inf)
+        previous = f
+        f = torch.where(a > 0, log_a - scale * torch.logsumexp(g.unsqueeze(-1) - Ct, dim=-2), neg_inf)
         # g_k = eps log b_k - eps logsumexp_n((f_n - C_nk)/eps)
-        v = torch.where(b > 0, log_b - torch.logsumexp(u.unsqueeze(-2) - Ct, dim=-1), neg_inf)
+        g = torch.where(b > 0, log_b - torch.logsumexp(f.unsqueeze(-2) - Ct, dim=-1), neg_inf)
         if tol > 0 and it % check_every == 0:
-            if rho is None:
-                rows = torch.exp(u.unsqueeze(-2) + v.unsqueeze(-1) - Ct).sum(-2)  # (..., N) = Q 1
+            if exact:
+                rows = torch.exp(f.unsqueeze(-2) + g.unsqueeze(-1) - Ct).sum(-2)  # (..., N) = Q 1
                 err = (rows - a).abs().sum(-1).max()    # worst row-marginal L1 error
             else:  # no row marginal to reach: stop when the potentials settle
-                err = torch.where(a > 0, u - previous, 0.0).abs().max()
+                err = torch.where(a > 0, f - previous, 0.0).abs().max()
             if err.item() < tol:                        # the only host sync
                 break
     # Q_nk = exp((f_n + g_k - C_nk)/eps)
-    return torch.exp(u.unsqueeze(-1) + v.unsqueeze(-2) - C / eps)             # (..., N, K)
+    return torch.exp(f.unsqueeze(-1) + g.unsqueeze(-2) - C / eps)             # (..., N, K)
 
 
 def uniform_plan(cost, a=None, b=None):

@@ -16,9 +16,11 @@ import torch
 
 import data
 import metrics
-from errors import FedMPTError
-from experiment import build_model, load_backbone, load_checkpoint, method_attributes, predict_scores, read_config
+from errors import FedMPTError, exit_code
+from experiment import build_model, load_backbone, method_attributes, predict_scores, read_config
 from loaders.base import UNREADABLE
+from store import features
+from store.runs import load_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -79,7 +81,7 @@ class ImageFiles(torch.utils.data.Dataset):
 def score_images(model, files, batch_size=64):
     """Probabilities (n_images, C), through the same frozen encoding as training."""
     dataset = ImageFiles(files, data.clip_transform(model.backbone.resolution))
-    inputs, _ = data.encode_dataset(model.encode_images, dataset, batch_size=batch_size, device=model.device)
+    inputs, _ = features.encode_dataset(model.encode_images, dataset, batch_size=batch_size, device=model.device)
     return predict_scores(model, inputs)
 
 
@@ -141,8 +143,8 @@ def evaluate(args):
         raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
                           f"{root} has {list(test_set.classes)}.")
     test_set.transform = data.clip_transform(model.backbone.resolution)
-    key = data.store_key(saved.get("backbone_sha256") or model.backbone.fingerprint(), test_set, model.input_kind())  # training's test features
-    inputs, _ = data.encode_dataset(model.encode_images, test_set, key, cfg.cache_dir, device=model.device)
+    key = features.store_key(saved.get("backbone_sha256") or model.backbone.fingerprint(), test_set, model.input_kind())  # training's test features
+    inputs, _ = features.encode_dataset(model.encode_images, test_set, key, cfg.cache_dir, device=model.device)
     result = metrics.multilabel_metrics(predict_scores(model, inputs), test_set.targets,
                                         top_k=min(3, len(test_set.classes)))
     summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}
@@ -154,12 +156,10 @@ def evaluate(args):
 
 
 def main(argv=None) -> int:
-    try:
+    def command():
         args = parse_options(sys.argv[1:] if argv is None else argv)
         return evaluate(args) if args.evaluate else label_images(args)
-    except FedMPTError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_code(command)
 
 
 if __name__ == "__main__":

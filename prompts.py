@@ -17,7 +17,6 @@ vocabulary check, experiment.similar_classes), whose prompts otherwise start, an
 Conditions are short phrases (colour, background, ...) that explain why labels co-occur; they
 come in as arguments (the shipped files and the LLM discovery live in conditions/).
 """
-import sys
 
 import torch
 import torch.nn as nn
@@ -27,7 +26,7 @@ from errors import FedMPTError
 
 class ConditionPrompts(nn.Module):
     """Learnable contexts for K conditions x {+, -}; fixed condition and class-name tokens.
-    With conditions [""] these are DualCoOp's prompts (CoOp's with signs=1; baselines.py)."""
+    With conditions [""] these are DualCoOp's prompts (CoOp's with signs=1; baselines/coop.py)."""
 
     def __init__(self, class_names, conditions, n_ctx, token_embedding, context_length, tokenize, signs=2,
                  class_ctx=0):
@@ -67,9 +66,3 @@ class ConditionPrompts(nn.Module):
         suffix = self.suffix.expand(self.signs, -1, -1, -1, -1)
         prompts = torch.cat([prefix, context, suffix], dim=3)  # (S, K, C, L, Dt)
         return prompts.flatten(0, 2), self.eot
-
-
-if __name__ == "__main__":  # this file used to hold the LLM discovery command
-    print("error: condition discovery moved: python -m conditions.discover --dataset D --base-url URL "
-          "--model NAME --out FILE", file=sys.stderr)
-    sys.exit(2)

@@ -16,28 +16,30 @@ adapt inside the image encoder (Fed-MaPLe, FedMVP, Fed-RAM) cache the encoder's 
 first layer they change and run the rest at every step, so their cost is real. A ResNet tower
 has no transformer layers: there visual prompts join the attention pool's keys and values, and
 adapters act on the last stage's grid.
+
+A method's module is imported when the method is named (`model_class`), so a run of one
+method loads no other. Each class states its own SGD rate, `learning_rate` (what `--lr 0`
+gives), chosen on a validation split of the offline world (docs/sweeps.md); on other data,
+sweep again (benchmarks/sweep.py).
 """
-from backbone import FrozenCLIP
-from baselines.coop import FedDualCoOp, FedPosCoOp
-from baselines.fedmvp import FedMVP
-from baselines.fedtpg import FedTPG
-from baselines.maple import FedMaPLe
-from baselines.ram import FedRAM
-from fedmpt import FedMPT, ModelConfig
+import importlib
 
-METHODS = {"fedmpt": FedMPT, "fedmvp": FedMVP, "fed-dualcoop": FedDualCoOp, "fed-poscoop": FedPosCoOp,
-           "fedtpg": FedTPG, "fed-maple": FedMaPLe, "fed-ram": FedRAM}
-# SGD rate per method (loss averaged over images): the best final validation mAP of
-# benchmarks/sweep.py on the offline world; the tables, and where the clip still sets most
-# steps (FedMVP, Fed-DualCoOp), are in docs/choices.md. On other data, sweep again.
-LEARNING_RATES = {"fedmpt": 1e-1, "fedmvp": 1e-3, "fed-dualcoop": 1e-3, "fed-poscoop": 3.0, "fedtpg": 1e-2,
-                  "fed-maple": 3e-3, "fed-ram": 3e-2}
+# method name -> "module:class"
+METHODS = {"fedmpt": "fedmpt:FedMPT", "fedmvp": "baselines.fedmvp:FedMVP",
+           "fed-dualcoop": "baselines.coop:FedDualCoOp", "fed-poscoop": "baselines.coop:FedPosCoOp",
+           "fedtpg": "baselines.fedtpg:FedTPG", "fed-maple": "baselines.maple:FedMaPLe",
+           "fed-ram": "baselines.ram:FedRAM"}
 
 
-def build(method: str, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, attributes=(), *,
-          seed: int):
+def model_class(method: str):
+    """The class of a method, its module imported now."""
+    module, name = METHODS[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build(method: str, backbone, class_names, conditions, cfg, attributes=(), *, seed: int):
     """The model of `method` on a frozen backbone (FedMPT takes the conditions, FedMVP the
     attribute descriptions); `seed` decides every initial value of its tunable tensors."""
     if method == "fedmpt":
-        return FedMPT(backbone, class_names, conditions, cfg, seed=seed)
-    return METHODS[method](backbone, class_names, conditions, cfg, attributes=attributes, seed=seed)
+        return model_class(method)(backbone, class_names, conditions, cfg, seed=seed)
+    return model_class(method)(backbone, class_names, conditions, cfg, attributes=attributes, seed=seed)

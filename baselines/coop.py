@@ -12,6 +12,7 @@ class FedPosCoOp(PromptModel):
     (M = 16, shared by the classes) makes the positive prompt only; the negative side of each
     class is a learned feature in CLIP's joint space, not a prompt. Regions are pooled as in
     DualCoOp. VOC2007 with ViT-B/16: 16*512 + 20*512 = 18,432 tunable (Table 5: 0.02M)."""
+    learning_rate = 3.0  # SGD rate chosen on the offline validation split (the top of its grid)
     n_ctx = 16
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
@@ -34,6 +35,7 @@ class FedDualCoOp(FedPosCoOp):
     """Fed-DualCoOp: DualCoOp (Sun et al., NeurIPS 2022) under FedAvg: a learned positive and
     negative context (M = 16 each, shared by the classes) and class-specific region
     aggregation. ViT-B/16: 2*16*512 = 16,384 tunable."""
+    learning_rate = 1e-3  # chosen on the offline validation split; the clip sets most steps (docs/choices.md)
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         PromptModel.__init__(self)

@@ -50,6 +50,7 @@ class FedMVP(PromptModel):
     1 - cos(v', v). ViT-B/16: 1,152,832 tunable
     (Table 5: 1.14M). Departures: the text side learns contexts (multi-label needs a negative
     side); one PromptFormer layer."""
+    learning_rate = 1e-3  # chosen on the offline validation split; the clip sets most steps (docs/choices.md)
     n_queries, bottleneck, n_ctx, consistency = 4, 64, 16, 1.0
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, attributes=(), *, seed, **_):

@@ -17,6 +17,7 @@ class FedTPG(PromptModel):
     classifies single-label images). ViT-B/16: 4,208,128 tunable (Table 5: 4.21M).
     Departure: the published generator sees the class names of each client's own task; here
     every client shares the label set, so it sees all of them."""
+    learning_rate = 1e-2  # SGD rate chosen on the offline validation split (docs/sweeps.md)
     n_ctx = 4
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):

@@ -16,6 +16,7 @@ class FedMaPLe(PromptModel):
     region aggregation (the paper's protocol; `--pooling global`: from the prompted global
     feature). ViT-B/16: 3,564,288 tunable (Table 5: 3.56M). On a ResNet tower only the first
     layer's visual prompt exists; it joins the attention pool."""
+    learning_rate = 3e-3  # SGD rate chosen on the offline validation split (docs/sweeps.md)
     n_ctx, depth, inputs_start_with_v = 2, 9, False
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):

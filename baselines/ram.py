@@ -51,6 +51,7 @@ class FedRAM(PromptModel):
     its knowledge constraint (frozen CLIP's prior on the marginals) is left out; the shared
     ASL replaces RAM's multi-matching loss. On a ResNet tower one local adapter acts on the
     last stage's grid."""
+    learning_rate = 3e-2  # SGD rate chosen on the offline validation split (docs/sweeps.md)
     depth, n_ctx, ot_eps, inputs_start_with_v = 3, 16, 0.1, False
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):

@@ -23,7 +23,7 @@ from compare import add_run_options, mean_std, run_once, run_settings  # noqa: E
 
 CONFIGS = {"Fed-PosCoOp": ["--method", "fed-poscoop"], "Fed-DualCoOp": ["--method", "fed-dualcoop"],
            "FedMVP": ["--method", "fedmvp"], "FedMPT": ["--method", "fedmpt"],
-           "FedMPT, --ot-rho 0 (exact OT)": ["--method", "fedmpt", "--ot-rho", "0"],
+           "FedMPT, --ot-rho inf (exact OT)": ["--method", "fedmpt", "--ot-rho", "inf"],
            "FedMPT, --ot uniform": ["--method", "fedmpt", "--ot", "uniform"],
            "FedMPT, --gate uniform": ["--method", "fedmpt", "--gate", "uniform"],
            "FedMPT, --conditions none": ["--method", "fedmpt", "--conditions", "none"]}

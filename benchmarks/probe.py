@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+from store import features  # noqa: E402
 import experiment  # noqa: E402
 import metrics  # noqa: E402
 from errors import FedMPTError  # noqa: E402
@@ -36,8 +37,8 @@ def frozen_features(cfg, backbone, dataset, kind="global") -> np.ndarray:
     """The normalised global features v (n, D), or the patch features P (n, N, D) normalised per
     patch and concatenated (n, N * D) with kind "patches", from the feature store runs share."""
     index = 0 if kind == "global" else 1
-    key = data.store_key(backbone.fingerprint(), dataset, "v" if kind == "global" else "P")
-    (x,), _ = data.encode_dataset(lambda images: backbone.encode_image_tokens(images)[index:index + 1], dataset, key,
+    key = features.store_key(backbone.fingerprint(), dataset, "v" if kind == "global" else "P")
+    (x,), _ = features.encode_dataset(lambda images: backbone.encode_image_tokens(images)[index:index + 1], dataset, key,
                                   cfg.cache_dir, workers=0)
     x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32), dim=-1)
     return x.flatten(1).numpy()

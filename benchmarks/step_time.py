@@ -25,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
+from loaders.voc import VOC_CLASSES  # noqa: E402
+from store import features  # noqa: E402
 import experiment  # noqa: E402
 from backbone import FrozenCLIP, load_clip  # noqa: E402
 from baselines.fedmvp import load_attributes  # noqa: E402
@@ -55,11 +56,11 @@ def time_steps(step, n_steps, device) -> float:
 
 def method_step(method, backbone, images, targets, device):
     """(tunable, total, step function, model) of a method on cached inputs of `images`."""
-    attributes = load_attributes("voc2007", data.VOC_CLASSES) if method == "fedmvp" else None
-    model = experiment.build_model(method, backbone, data.VOC_CLASSES, load_conditions("", "voc2007"),
+    attributes = load_attributes("voc2007", VOC_CLASSES) if method == "fedmvp" else None
+    model = experiment.build_model(method, backbone, VOC_CLASSES, load_conditions("", "voc2007"),
                                    ModelConfig(), attributes, seed=0).to(device)
     with torch.no_grad():  # as the store keeps them (float16, uint8 pixels), as a batch gathers them
-        inputs = experiment.gather([torch.from_numpy(x) for x in data.as_stored(model.encode_images(images))],
+        inputs = experiment.gather([torch.from_numpy(x) for x in features.as_stored(model.encode_images(images))],
                                    slice(None), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -116,7 +117,7 @@ def main(argv=None):
     torch.manual_seed(0)
     backbone = FrozenCLIP(load_clip(args.clip, random_init=True)).to(device)
     images = torch.randn(args.batch_size, 3, backbone.resolution, backbone.resolution, device=device)
-    targets = (torch.rand(args.batch_size, len(data.VOC_CLASSES), device=device) < 0.15).long()
+    targets = (torch.rand(args.batch_size, len(VOC_CLASSES), device=device) < 0.15).long()
 
     rows, seconds = [], {}
     for method in args.methods:

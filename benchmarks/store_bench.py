@@ -37,6 +37,7 @@ MEMORY_PROBE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import data, federate
+from store import features
 from backbone import FrozenCLIP, load_clip
 from experiment import Config
 from fedmpt import FedMPT, ModelConfig
@@ -53,8 +54,8 @@ dataset = VOCDataset(root, "trainval", SHAPES_CLASSES, name="shapes")
 backbone = FrozenCLIP(load_clip("tiny"))
 dataset.transform = data.clip_transform(backbone.resolution)
 model = FedMPT(backbone, SHAPES_CLASSES, ["color", "background"], ModelConfig(), seed=0)
-key = data.store_key(backbone.fingerprint(), dataset, model.input_kind()) if use_store else None
-inputs, _ = data.encode_dataset(model.encode_images, dataset, key, cache, workers=0, log=lambda m: None)
+key = features.store_key(backbone.fingerprint(), dataset, model.input_kind()) if use_store else None
+inputs, _ = features.encode_dataset(model.encode_images, dataset, key, cache, workers=0, log=lambda m: None)
 encoded = anon()
 federate.local_train(model, model.tunable_state(), inputs, dataset.targets, list(range(len(dataset))),
                      Config(batch_size=128), 1e-3, torch.Generator().manual_seed(0))
@@ -65,6 +66,7 @@ print(json.dumps({"start": start, "encoded": encoded, "trained": anon()}))
 def throughput(workers_list, n_images=300):
     import data
     from loaders.voc import VOC_CLASSES, VOCDataset
+    from store import features
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "voc_like.py"), tmp, "--trainval", str(n_images),
@@ -73,7 +75,7 @@ def throughput(workers_list, n_images=300):
         cheap = lambda x: (x.mean(dim=(2, 3)),)  # the pipeline, not the encoder
         for workers in workers_list:
             start = time.perf_counter()
-            data.encode_dataset(cheap, dataset, batch_size=32, workers=workers)
+            features.encode_dataset(cheap, dataset, batch_size=32, workers=workers)
             results[workers] = n_images / (time.perf_counter() - start)
     return results
 

@@ -30,8 +30,8 @@ import data
 from baselines.fedmvp import ATTRIBUTES_DIR
 from conditions import attributes as attribute_text
 from conditions import condition_problems
-from errors import FedMPTError
-from experiment import write_json_atomic
+from errors import FedMPTError, exit_code
+from store.runs import write_json_atomic
 
 # We call the chat-completions endpoint with urllib rather than the `openai` package: discovery
 # is a few POSTs, urllib adds no dependency, and it speaks to any OpenAI-compatible server
@@ -264,30 +264,24 @@ def main(argv=None) -> int:
                          help="--attributes: descriptions N per class")
     command.add_argument("--classes-per-request", type=int, default=20,
                          help="--attributes: classes asked for in one conversation (0: all)")
-    args = command.parse_args(argv)
-    try:
-        if args.k < 1 or args.timeout <= 0 or args.retries < 0:
-            raise FedMPTError("--k must be >= 1, --timeout > 0 and --retries >= 0.")
-        if args.sentences < 1 or args.classes_per_request < 0:
-            raise FedMPTError("--sentences must be >= 1 and --classes-per-request >= 0.")
-        if args.attributes:
-            result = discover_attributes(args.dataset, args.root, args.base_url, args.model,
-                                         args.sentences, args.out, args.timeout, args.retries,
-                                         args.context_length, args.classes_per_request)
-        else:
-            result = discover(args.dataset, args.root, args.base_url, args.model, args.k,
-                              args.out, args.timeout, args.retries, args.context_length,
-                              args.n_ctx)
-    except FedMPTError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_code(run_discovery, command.parse_args(argv))
+
+
+def run_discovery(args):
+    if args.k < 1 or args.timeout <= 0 or args.retries < 0:
+        raise FedMPTError("--k must be >= 1, --timeout > 0 and --retries >= 0.")
+    if args.sentences < 1 or args.classes_per_request < 0:
+        raise FedMPTError("--sentences must be >= 1 and --classes-per-request >= 0.")
     if args.attributes:
+        result = discover_attributes(args.dataset, args.root, args.base_url, args.model, args.sentences,
+                                     args.out, args.timeout, args.retries, args.context_length,
+                                     args.classes_per_request)
         print(f"attribute descriptions ({result['source']}): {args.sentences} for each of "
               f"{len(result['attributes'])} classes; wrote {args.out}")
     else:
-        print(f"conditions ({result['source']}): {', '.join(result['conditions'])}; "
-              f"wrote {args.out}")
-    return 0
+        result = discover(args.dataset, args.root, args.base_url, args.model, args.k, args.out, args.timeout,
+                          args.retries, args.context_length, args.n_ctx)
+        print(f"conditions ({result['source']}): {', '.join(result['conditions'])}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -58,4 +58,9 @@ def test_short_encoding_keeps_gradients_to_the_contexts():
     full = full_length_features(backbone, embeddings, eot)
     (grad_short,) = torch.autograd.grad(short.square().sum(), model.prompts.context)
     (grad_full,) = torch.autograd.grad(full.square().sum(), model.prompts.context)
-    assert torch.allclose(grad_short, grad_full, rtol=1e-4, atol=1e-6)
+    # float32 sums of gradients that reach ~900 round differently on different CPUs (an AVX-512
+    # machine put 64 of 20,480 entries outside atol 1e-6, by at most 5e-7 of the largest): the
+    # absolute tolerance is scaled to the gradient's size
+    scale = float(grad_full.abs().max())
+    assert scale > 100
+    assert torch.allclose(grad_short, grad_full, rtol=1e-4, atol=1e-5 * scale)

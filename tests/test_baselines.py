@@ -1,5 +1,6 @@
 """The comparison methods (baselines/): parameter counts against Table 5, what trains and
 travels, and that each one learns end to end on the offline dataset."""
+from loaders.voc import VOC_CLASSES
 import json
 import re
 import subprocess
@@ -33,11 +34,11 @@ def vit_b16():
     return FrozenCLIP(load_clip("ViT-B/16", random_init=True))
 
 
+@pytest.mark.slow
 def test_tunable_counts_are_within_ten_percent_of_table5(vit_b16):
-    import data
     counts = {}
     for method in [*TABLE5, "fedmpt", "fed-dualcoop"]:
-        model = build(method, vit_b16, data.VOC_CLASSES)
+        model = build(method, vit_b16, VOC_CLASSES)
         counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for method, millions in TABLE5.items():
         assert abs(counts[method] / 1e6 - millions) <= 0.1 * millions, (method, counts[method])
@@ -45,6 +46,7 @@ def test_tunable_counts_are_within_ten_percent_of_table5(vit_b16):
     assert counts["fed-dualcoop"] == 2 * 16 * 512  # two contexts of 16 tokens
 
 
+@pytest.mark.slow
 def test_count_params_prints_one_json_line_without_downloading():
     command = [sys.executable, "federate.py", "--method", "fed-maple", "--clip", "ViT-B/16",
                "--random-init", "--count-params"]
@@ -112,6 +114,7 @@ def test_every_tunable_tensor_gets_a_gradient_and_the_backbone_stays_frozen(tiny
     assert all(not torch.equal(state[k], v) for k, v in model.tunable_state().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", BASELINES)
 def test_each_method_learns_on_the_offline_dataset(shapes_root, tmp_path, method):
     cfg, model_cfg = federate.parse_config(["--root", str(shapes_root), "--out", str(tmp_path / method),

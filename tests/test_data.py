@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from loaders.voc import VOC_CLASSES
 import data
 from shapes import world as shapes
 from splits import client_splits, kmeans
@@ -35,7 +36,7 @@ def test_voc_targets_mark_difficult_only_classes_as_ignored(tmp_path):
         "000003": [("cat", 1), ("cat", 0), ("tvmonitor", 0)],  # one clear cat is enough -> 1
     })
     ds = data.load_dataset("voc2007", tmp_path, "train")
-    index = data.VOC_CLASSES.index
+    index = VOC_CLASSES.index
     expected = torch.zeros(3, 20, dtype=torch.long)
     expected[0, index("dog")] = expected[0, index("person")] = 1
     expected[1, index("cat")] = -1

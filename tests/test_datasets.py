@@ -13,6 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from loaders.base import check_images
+from loaders.coco import COCO_CLASSES
+from loaders.nuswide import NUSWIDE_CLASSES
+from loaders.voc import VOC_CLASSES
 import data
 from splits import client_splits, kmeans, label_shares, label_skew, plot_client_distributions, split_report
 from tools import download
@@ -30,7 +34,7 @@ def save_jpeg(path, size=(32, 24), colour=(120, 90, 60)):
 def write_coco(root, folder, images, annotations, categories=None):
     """instances_<folder>.json plus one JPEG per image; images are (id, file_name, width)."""
     categories = categories or [{"id": i, "name": n, "supercategory": "x"}
-                                for i, n in zip(COCO_IDS, data.COCO_CLASSES)]
+                                for i, n in zip(COCO_IDS, COCO_CLASSES)]
     coco = {"images": [{"id": i, "file_name": f, "width": w, "height": 24} for i, f, w in images],
             "annotations": [{"id": k, "image_id": i, "category_id": c, "iscrowd": crowd}
                             for k, (i, c, crowd) in enumerate(annotations)],
@@ -56,9 +60,9 @@ def coco_root(tmp_path):
 def test_coco_class_order_targets_and_splits(coco_root):
     train = data.load_dataset("coco2014", coco_root, "train")
     test = data.load_dataset("coco2014", coco_root, "test")
-    assert train.classes == data.COCO_CLASSES and len(data.COCO_CLASSES) == 80
+    assert train.classes == COCO_CLASSES and len(COCO_CLASSES) == 80
     assert (len(train), len(test)) == (4, 2)
-    person, dog, toothbrush = 0, data.COCO_CLASSES.index("dog"), 79
+    person, dog, toothbrush = 0, COCO_CLASSES.index("dog"), 79
     expected = torch.zeros(4, 80, dtype=torch.long)  # images in ascending id: 9, 12, 25, 30
     expected[0, person] = expected[0, dog] = 1  # two persons count once
     expected[2, toothbrush] = 1  # a crowd annotation counts
@@ -76,7 +80,7 @@ def test_coco_missing_files_and_wrong_categories_are_named(coco_root, tmp_path_f
     (coco_root / "annotations" / "instances_val2014.json").unlink()
     with pytest.raises(FedMPTError, match=r"missing \S*instances_val2014\.json\. To get it"):
         data.load_dataset("coco2014", coco_root, "test")
-    categories = [{"id": i, "name": n} for i, n in zip(COCO_IDS, data.VOC_CLASSES)]
+    categories = [{"id": i, "name": n} for i, n in zip(COCO_IDS, VOC_CLASSES)]
     write_coco(coco_root, "val2014", [(1, "a.jpg", 8)], [], categories=categories)
     with pytest.raises(FedMPTError, match=r"instances_val2014\.json: its categories"):
         data.load_dataset("coco2014", coco_root, "test")
@@ -90,12 +94,12 @@ NUS_LABELS = {"Train": {"person": [1, 0, 0], "beach": [0, 1, 0], "sky": [1, 1, 0
 
 def write_nuswide(root):
     """The official layout: Concepts81.txt, ImageList/, TrainTestLabels/, images/."""
-    (root / "Concepts81.txt").write_text("\n".join(data.NUSWIDE_CLASSES) + "\n")
+    (root / "Concepts81.txt").write_text("\n".join(NUSWIDE_CLASSES) + "\n")
     (root / "ImageList").mkdir(parents=True)
     (root / "TrainTestLabels").mkdir()
     for part, lines in NUS_IMAGES.items():
         (root / "ImageList" / f"{part}Imagelist.txt").write_text("\r\n".join(lines) + "\r\n")
-        for concept in data.NUSWIDE_CLASSES:
+        for concept in NUSWIDE_CLASSES:
             labels = NUS_LABELS[part].get(concept, [0] * len(lines))
             (root / "TrainTestLabels" / f"Labels_{concept}_{part}.txt").write_text(
                 "".join(f"{v}\n" for v in labels))
@@ -108,9 +112,9 @@ def test_nuswide_class_order_targets_and_splits(tmp_path):
     root = write_nuswide(tmp_path)
     train = data.load_dataset("nuswide", root, "train")
     test = data.load_dataset("nuswide", root, "test")
-    assert len(data.NUSWIDE_CLASSES) == 81 and data.NUSWIDE_CLASSES == sorted(data.NUSWIDE_CLASSES)
-    assert train.classes == data.NUSWIDE_CLASSES and (len(train), len(test)) == (3, 2)
-    index = data.NUSWIDE_CLASSES.index
+    assert len(NUSWIDE_CLASSES) == 81 and NUSWIDE_CLASSES == sorted(NUSWIDE_CLASSES)
+    assert train.classes == NUSWIDE_CLASSES and (len(train), len(test)) == (3, 2)
+    index = NUSWIDE_CLASSES.index
     expected = torch.zeros(3, 81, dtype=torch.long)
     expected[0, [index("person"), index("sky")]] = 1
     expected[1, [index("beach"), index("sky")]] = 1  # image 2 (no concept) stays, all zeros
@@ -145,7 +149,7 @@ def test_nuswide_bad_concepts_labels_and_paths_name_the_file(tmp_path):
     (root / "ImageList" / "TrainImagelist.txt").write_text("..\\secret.jpg\nb.jpg\nc.jpg\n")
     with pytest.raises(FedMPTError, match=r"TrainImagelist\.txt.*secret"):
         data.load_dataset("nuswide", root, "train")
-    (root / "Concepts81.txt").write_text("\n".join(["airplane"] + data.NUSWIDE_CLASSES[1:]))
+    (root / "Concepts81.txt").write_text("\n".join(["airplane"] + NUSWIDE_CLASSES[1:]))
     with pytest.raises(FedMPTError, match=r"Concepts81\.txt.*line 1: 'airplane'"):
         data.load_dataset("nuswide", root, "train")
 
@@ -165,7 +169,7 @@ def test_unreadable_images_raise_or_are_skipped_with_a_message(coco_root, capsys
     dataset = data.load_dataset("coco2014", coco_root, "train")
     assert len(dataset) == 4  # nothing is checked or dropped without the flag
     with pytest.raises(FedMPTError, match=r"000000000012\.jpg.*--skip-unreadable"):
-        data.check_images(dataset)
+        check_images(dataset)
     with pytest.raises(FedMPTError, match=r"000000000030\.jpg"):
         dataset[3]
     kept = data.load_dataset("coco2014", coco_root, "train", skip_unreadable=True)
@@ -175,7 +179,7 @@ def test_unreadable_images_raise_or_are_skipped_with_a_message(coco_root, capsys
     assert torch.equal(kept.targets, dataset.targets[[0, 2]])  # targets dropped with their images
     assert sorted(p.name for p in kept.skipped) == ["COCO_train2014_000000000012.jpg", "COCO_train2014_000000000030.jpg"]
     assert kept[1][0].size == (25, 24)
-    assert "all 2 images are readable" in data.check_images(kept)
+    assert "all 2 images are readable" in check_images(kept)
 
 
 # ---- Downloading VOC2007 -------------------------------------------------------------------
@@ -362,6 +366,7 @@ def test_split_report_and_plot(shapes_root, tmp_path):
         image.verify()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["coco2014", "nuswide"])
 def test_federate_runs_end_to_end_on_the_fixture_layout(name, coco_root, tmp_path):
     import federate

@@ -1,5 +1,5 @@
 """Your own data: `--dataset folder`, images under a folder plus labels.csv. Class order, targets,
-natural clients (one per site) in `federate.setup`, every problem of the file in one message,
+natural clients (one per site) in `experiment.setup`, every problem of the file in one message,
 the warning for a class without training positives, and a new user's whole path: build the
 folder, train, predict. Every fixture is written here."""
 import json
@@ -11,9 +11,11 @@ from PIL import Image
 
 import data
 import conditions
+import experiment
 import federate
 import predict
 from conditions import discover
+from errors import FedMPTError
 from shapes import world as shapes
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
@@ -107,7 +109,7 @@ def test_setup_trains_one_client_per_site_and_records_their_names(tmp_path, caps
     assert config["clients"] == 3
     err = capsys.readouterr().err
     assert "note: --clients 5 and --heterogeneity 0.5 not used" in err and "east, north, south" in err
-    federate.setup(*federate.parse_config(["--dataset", "folder", "--root", str(root)]), write=False)
+    experiment.build(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
     assert "note" not in capsys.readouterr().err  # defaults: nothing to say
 
 
@@ -201,7 +203,7 @@ def test_a_long_list_of_problems_is_cut_at_twenty(tmp_path):
     rows = ROWS + [(f"missing/{i}.png", "red", "train", "north") for i in range(30)]
     root = write_folder(tmp_path, ROWS)
     (root / "labels.csv").write_text("\n".join([HEADER] + [",".join(row) for row in rows]) + "\n")
-    with pytest.raises(data.FedMPTError) as error:
+    with pytest.raises(FedMPTError) as error:
         data.load_dataset("folder", root, "train")
     message = str(error.value)
     assert "has 30 problem(s)" in message and "missing/20.png" not in message
@@ -227,6 +229,7 @@ def write_shapes_folder(root, n_train=1500, n_test=300, n_new=3, seed=12345):
     return [root / f"new/{i:04d}.png" for i in range(n_train + n_test, n_train + n_test + n_new)]
 
 
+@pytest.mark.slow
 def test_a_new_user_trains_on_three_sites_and_labels_new_images(tmp_path, capsys):
     root, out = tmp_path / "my-data", tmp_path / "run"
     new_images = write_shapes_folder(root)
@@ -260,14 +263,14 @@ def test_classes_the_text_side_cannot_tell_apart_are_named_before_training(tmp_p
     digits = [(image, labels.replace("red", "one").replace("green", "two").replace("blue", "three"), *rest)
               for image, labels, *rest in ROWS]
     root = write_folder(tmp_path / "digits", rows=digits)
-    exp = federate.setup(*federate.parse_config(["--dataset", "folder", "--root", str(root)]), write=False)
+    exp = experiment.build(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
     err = capsys.readouterr().err
     assert "warning: the backbone's text side hardly tells 3 of the 3 class pairs apart" in err
     assert {tuple(sorted(p[:2])) for p in exp.resolved["similar_class_pairs"]} == {
         ("one", "three"), ("one", "two"), ("three", "two")}
     assert all(p[2] > 0.97 for p in exp.resolved["similar_class_pairs"])
-    colours = federate.setup(*federate.parse_config(["--dataset", "folder", "--root", str(write_folder(tmp_path / "c"))]),
-                             write=False)  # words the shapes CLIP learned
+    colours = experiment.build(*federate.parse_config(["--dataset", "folder", "--root",
+                                                       str(write_folder(tmp_path / "c"))]))  # words the shapes CLIP learned
     assert colours.resolved["similar_class_pairs"] == [] and "hardly tells" not in capsys.readouterr().err
 
 

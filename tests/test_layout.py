@@ -1,12 +1,15 @@
 """The house: the method files stand on torch and clip alone, no module imports itself back
-through others, and entry points import the loop, never the reverse."""
+through others, entry points import the loop (never the reverse), and the plain loop loads
+neither Flower, nor the process tools, nor a comparison method it was not asked for."""
 import ast
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD = {"ot", "gating", "prompts", "backbone", "fedmpt"}
-ROOMS = ["baselines", "conditions", "loaders", "shapes", "tools"]
+ROOMS = ["baselines", "conditions", "launcher", "loaders", "shapes", "store", "tools"]
 
 
 def project_modules() -> dict:
@@ -62,12 +65,31 @@ def test_entry_points_import_the_loop_never_the_reverse():
     modules = project_modules()
     assert "federate" in imports_of(modules["flower_app"], modules)
     assert "experiment" in imports_of(modules["predict"], modules)
-    for core in ["federate", "experiment"]:
+    for core in ["federate", "experiment", "data"]:
         assert not imports_of(modules[core], modules) & {"predict", "flower_app"}
+    for room in [name for name in modules if name.split(".")[0] in ("store", "launcher", "loaders", "baselines")]:
+        assert not imports_of(modules[room], modules) & {"federate", "flower_app", "predict"}, room
 
 
-def test_files_stay_short_and_the_root_small():
-    modules = project_modules()
-    long = {name: n for name, path in modules.items() if (n := len(path.read_text().splitlines())) > 400}
-    assert not long, long
-    assert len(list(REPO.glob("*.py"))) <= 13
+def modules_loaded_by(code: str) -> list:
+    """The modules a fresh interpreter holds after each step of `code` (steps split by '# --')."""
+    report = "import json, sys; print(json.dumps(sorted(sys.modules)))"
+    program = "\n".join(step + "\n" + report for step in code.split("# --"))
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [set(json.loads(line)) for line in result.stdout.splitlines() if line.startswith("[")]
+
+
+COMPARISON = {"baselines.coop", "baselines.fedmvp", "baselines.fedtpg", "baselines.maple", "baselines.ram",
+              "baselines.common"}
+
+
+def test_the_plain_loop_loads_no_flower_no_process_tools_and_no_method_it_was_not_asked_for():
+    loaded, asked = modules_loaded_by("import federate\nfederate.parse_config(['--rounds', '1'])\n"
+                                      "import baselines\nbaselines.model_class('fedmpt')\n# --\n"
+                                      "baselines.model_class('fed-dualcoop')")
+    assert not {m for m in loaded if m.split(".")[0] in ("flwr", "tomli_w", "launcher", "flower_app")}
+    assert not loaded & COMPARISON, sorted(loaded & COMPARISON)
+    assert not loaded & {"tools.download", "tools.explain", "loaders.coco", "loaders.nuswide", "loaders.folder",
+                         "loaders.mlrsnet", "loaders.multiscene"}
+    assert "baselines.coop" in asked and not asked & (COMPARISON - {"baselines.coop", "baselines.common"})

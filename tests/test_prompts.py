@@ -14,6 +14,7 @@ import pytest
 import torch.nn as nn
 
 import conditions
+from loaders.voc import VOC_CLASSES
 import data
 import prompts
 from baselines.fedmvp import load_attributes
@@ -163,6 +164,7 @@ def test_silent_server_times_out_in_bounded_time(server, out, capsys):
     assert out.read_bytes() == PREVIOUS
 
 
+@pytest.mark.slow
 def test_command_line_exits_2_without_traceback(server, out):
     server.replies.append(answer(["colour"]))
     result = subprocess.run([sys.executable, "-m", "conditions.discover", "--dataset", "shapes",
@@ -198,13 +200,13 @@ def test_bad_condition_file_names_the_file(tmp_path, content):
 
 
 def test_prompt_names_count_as_class_names():
-    assert "class name" in conditions.condition_problems(["Potted Plant"], data.VOC_CLASSES)[0]
+    assert "class name" in conditions.condition_problems(["Potted Plant"], VOC_CLASSES)[0]
 
 
 def test_token_budget_is_a_parameter():
     long_condition = "supercalifragilistic expialidocious antidisestablishment floccinaucinihilipilification"
-    assert conditions.condition_problems([long_condition], data.VOC_CLASSES) == []
-    assert "too long" in conditions.condition_problems([long_condition], data.VOC_CLASSES, context_length=32)[0]
+    assert conditions.condition_problems([long_condition], VOC_CLASSES) == []
+    assert "too long" in conditions.condition_problems([long_condition], VOC_CLASSES, context_length=32)[0]
 
 
 def test_token_count_agrees_with_condition_prompts():

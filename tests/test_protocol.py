@@ -50,14 +50,14 @@ def test_label_mask_reaches_training_only_and_every_engine_alike(tmp_path):
     root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)
     cfg = experiment.Config(dataset="mlrsnet", root=str(root), clients=2, label_mask=0.5, seed=3,
                             cache_dir=str(tmp_path / "cache"), workers=0)
-    whole = experiment.setup(cfg, ModelConfig(), write=False)
+    whole = experiment.build(cfg, ModelConfig())
     train, test = (data.load_dataset("mlrsnet", root, split) for split in ("train", "test"))
     assert torch.equal(whole.test[1], test.targets)  # test labels are never masked
     masked = whole.train[1] != train.targets
     assert masked.any() and (train.targets[masked] == 1).all() and (whole.train[1][masked] == -1).all()
     assert whole.resolved["masked_positives"] == int(masked.sum())
-    node = experiment.setup(cfg, ModelConfig(), write=False, client=1, test=False)  # a Flower SuperNode
-    assert torch.equal(node.train[1], whole.train[1][whole.splits[1]])
+    _, node_targets, _ = experiment.client_part(experiment.prepare(cfg, ModelConfig()), 1)  # a Flower SuperNode
+    assert torch.equal(node_targets, whole.train[1][whole.splits[1]])
 
 
 def test_clients_by_scene_runs_end_to_end_and_is_refused_without_scenes(tmp_path, capsys):
@@ -80,16 +80,16 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
     root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)  # 32 training images
     cfg = experiment.Config(dataset="mlrsnet", root=str(root), clients=2, validation=0.25, seed=1,
                             cache_dir=str(tmp_path / "cache"), workers=0)
-    exp = experiment.setup(cfg, ModelConfig(), write=False)
+    exp = experiment.build(cfg, ModelConfig())
     held_out = set(exp.validation)
     assert len(held_out) == 8 and exp.resolved["images"] == {"train": 24, "validation": 8, "test": 8}
     assert sorted(i for s in exp.splits for i in s) == sorted(set(range(32)) - held_out)
-    assert experiment.setup(cfg, ModelConfig(), write=False).validation == exp.validation  # seeded
+    assert experiment.build(cfg, ModelConfig()).validation == exp.validation  # seeded
     assert splits.hold_out(32, 0.25, 2)[0] != exp.validation
     row = experiment.evaluate_global(exp)
     assert {"val_mAP", "val_CF1", "val_OF1"} <= set(row) and 0 <= row["val_mAP"] <= 100
     assert "val_mAP" not in experiment.evaluate_global(
-        experiment.setup(dataclasses.replace(cfg, validation=0.0), ModelConfig(), write=False))
+        experiment.build(dataclasses.replace(cfg, validation=0.0), ModelConfig()))
     out = tmp_path / "run"
     assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients", "2", "--rounds", "1",
                           "--validation", "0.25", "--batch-size", "8", "--workers", "0", "--out", str(out)]) == 0
@@ -98,6 +98,6 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
 
 
 def test_flower_refuses_validation_before_starting_anything():
-    import flower_app
+    from launcher.flower import launch  # needs no Flower to refuse
     with pytest.raises(FedMPTError, match="--validation: only with the plain loop"):
-        flower_app.launch(experiment.Config(validation=0.2), ModelConfig())
+        launch(experiment.Config(validation=0.2), ModelConfig())

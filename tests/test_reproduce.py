@@ -29,6 +29,7 @@ def rows(out):
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path):
     data_dir, out = tmp_path / "data", tmp_path / "grid"
     write_folder(data_dir / "folder", rows=ROWS, header="image,labels,split")  # 24 training images, 6 test
@@ -75,12 +76,13 @@ def test_a_grid_stopped_by_ctrl_c_continues_where_it_stopped(tmp_path):
     assert f"| {mean:.2f} ± " in table5 and "| 2 |" in table5 and "ms/iter" in table5
 
 
+@pytest.mark.slow
 def test_a_failing_cell_stops_the_grid_with_its_log_and_bad_options_exit_2(tmp_path, capsys):
     out = tmp_path / "grid"
     assert reproduce.main(["table1", "--dataset", "shapes", "--methods", "fed-poscoop", "--t", "1", "--seeds", "0",
                            "--out", str(out), "--", "--lr", "-1"]) == 2
     error = capsys.readouterr().err
-    assert "failed (exit 2)" in error and "--lr and --batch-size must be positive" in error and "logs" in error
+    assert "failed (exit 2)" in error and "--lr -1.0: must lie in [0, inf)" in error and "logs" in error
     assert not (out / "results.csv").exists()
     assert reproduce.main(["table1", "--methods", "fedmpt,nope", "--out", str(out)]) == 2
     assert "--methods nope" in capsys.readouterr().err

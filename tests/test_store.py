@@ -9,6 +9,7 @@ import torch
 
 import data
 import federate
+from store import features
 
 
 class Images(torch.utils.data.Dataset):
@@ -43,8 +44,8 @@ class Encoder:
 
 
 def encode(dataset, encoder, cache, kind="v,P", batch_size=6):
-    key = data.store_key("backbone-sha", dataset, kind)
-    return data.encode_dataset(encoder, dataset, key, str(cache), batch_size=batch_size)
+    key = features.store_key("backbone-sha", dataset, kind)
+    return features.encode_dataset(encoder, dataset, key, str(cache), batch_size=batch_size)
 
 
 def test_a_split_is_encoded_once_per_key_and_read_back_in_float16(tmp_path):
@@ -77,8 +78,8 @@ def test_files_that_do_not_match_their_manifest_are_encoded_again(tmp_path, caps
     array = next(tmp_path.glob("features/*/input1.npy"))
     array.write_bytes(array.read_bytes()[:100])  # truncated
     messages = []
-    key = data.store_key("backbone-sha", dataset, "v,P")
-    (v, P), encoded = data.encode_dataset(Encoder(), dataset, key, str(tmp_path), batch_size=6, log=messages.append)
+    key = features.store_key("backbone-sha", dataset, "v,P")
+    (v, P), encoded = features.encode_dataset(Encoder(), dataset, key, str(tmp_path), batch_size=6, log=messages.append)
     assert encoded == 20 and "encoding again" in messages[0] and torch.equal(P[:, 0], dataset.pixels.half())
 
 
@@ -96,6 +97,7 @@ def test_two_writers_of_one_key_take_turns(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
 
 
+@pytest.mark.slow
 def test_a_second_run_with_another_seed_or_method_encodes_nothing(shapes_root, tmp_path):
     cache = tmp_path / "cache"
     common = ["--root", str(shapes_root), "--rounds", "1", "--clients", "2", "--batch-size", "128", "--cache-dir", str(cache)]

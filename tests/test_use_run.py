@@ -8,6 +8,8 @@ import experiment
 import federate
 import predict
 
+pytestmark = pytest.mark.slow  # every test uses a finished run, trained once
+
 
 @pytest.fixture(scope="module")
 def finished_run(shapes_root, tmp_path_factory):
@@ -20,7 +22,7 @@ def finished_run(shapes_root, tmp_path_factory):
 
 def test_predict_gives_the_evaluation_probabilities(finished_run, shapes_root, tmp_path, capsys):
     out, cfg, model_cfg, _ = finished_run
-    exp = federate.setup(cfg, model_cfg, write=False)
+    exp = experiment.build(cfg, model_cfg)
     exp.model.load_tunable_state(torch.load(out / "state.pt", weights_only=True))
     inputs, _ = exp.test
     expected = experiment.predict_scores(exp.model, [x[:12] for x in inputs])
@@ -75,8 +77,8 @@ def test_predict_refuses_a_run_on_another_backbone(finished_run, tmp_path, capsy
     assert "another backbone" in capsys.readouterr().err
 
 
-def test_the_old_subcommands_print_the_new_command_and_exit_2(capsys):
-    assert federate.main(["predict", "--run", "DIR", "x.jpg"]) == 2
-    assert "python predict.py --run DIR" in capsys.readouterr().err
-    assert federate.main(["evaluate", "--run", "DIR"]) == 2
-    assert "python predict.py --run DIR --evaluate" in capsys.readouterr().err
+def test_predicting_is_predict_pys_own_command_and_federate_refuses_it(capsys):
+    for argv in (["predict", "--run", "DIR", "x.jpg"], ["evaluate", "--run", "DIR"]):
+        with pytest.raises(SystemExit) as stop:
+            federate.main(argv)
+        assert stop.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

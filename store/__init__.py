@@ -1,0 +1,1 @@
+"""What runs keep on disk: the feature store (features.py) and run directories (runs.py)."""

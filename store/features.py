@@ -1,0 +1,173 @@
+"""The feature store: a split's frozen inputs, encoded once per key and kept on disk.
+
+`store_key` names what the inputs depend on (backbone weights, images, labels, preprocessing,
+input kind; not the seed or the method), `encode_dataset` encodes what the store lacks and
+returns the inputs memory-mapped from CACHE/features/<sha256 of the key>/ (`cache_root`).
+"""
+import fcntl
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from errors import FedMPTError
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    """--cache-dir, else $FEDMPT_CACHE, else ~/.cache/fedmpt."""
+    return Path(cache_dir or os.environ.get("FEDMPT_CACHE") or Path.home() / ".cache" / "fedmpt").expanduser()
+
+
+def images_digest(dataset) -> str:
+    """sha256 of a dataset's images (path, size, modification time) and targets: a key that
+    changes when an image file or a label does."""
+    files = [(str(Path(path).resolve()), *stat_of(path)) for path in dataset.images]
+    digest = hashlib.sha256(json.dumps(files).encode())
+    digest.update(dataset.targets.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stat_of(path) -> tuple:
+    try:
+        status = os.stat(path)
+        return status.st_size, status.st_mtime_ns
+    except OSError:  # not a file (a test's in-memory image) or missing: reading it will say so
+        return None, None
+
+
+def store_key(backbone_sha256, dataset, kind: str) -> dict:
+    """What the frozen inputs of a split depend on, and nothing else (not the seed or method)."""
+    return {"backbone_sha256": backbone_sha256, "dataset": dataset.name, "split": dataset.split,
+            "images": images_digest(dataset), "preprocessing": repr(dataset.transform), "inputs": kind}
+
+
+def as_stored(outputs) -> list:
+    """uint8 stays uint8 (pixels); everything else is kept in float16."""
+    return [x.detach().cpu().numpy() if x.dtype == torch.uint8 else x.detach().to("cpu", torch.float16).numpy()
+            for x in outputs]
+
+
+@torch.no_grad()
+def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, device="cpu", workers=0, log=print):
+    """`encode(images)` (a method's frozen inputs, e.g. FedMPT's v (B, D) and P (B, N, D)) of
+    every image, in float16 (uint8 pixels stay uint8). With a `key` (store_key) they live in the feature store:
+    CACHE/features/<sha256 of the key>/ holds one .npy per input, written chunk by chunk, and
+    manifest.json (the key, shapes, rows completed, file sizes); an interrupted encoding resumes
+    from its last chunk, a second run with the same key encodes nothing, two at once take turns
+    (a lock), and files that do not match their manifest are encoded again. Returns (tensors
+    (n_images, ...) memory-mapped from the store, or in memory without a key; images encoded now)."""
+    n = len(dataset)
+    progress = lambda start: tqdm(total=n, initial=start, unit="img", leave=False,
+                                  desc=f"encode {getattr(dataset, 'name', 'images')} {getattr(dataset, 'split', '')}")
+    if key is None:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        parts, bar = [], progress(0)
+        for images, _ in batches(loader):
+            parts.append(as_stored(encode(images.to(device))))
+            bar.update(len(images))
+        bar.close()
+        return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*parts)), n
+    directory = store_directory(key, cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run with this key waits, then reads
+        manifest = read_manifest(directory, key, n, log)
+        start = manifest["rows_completed"] if manifest else 0
+        arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="r+")
+                  for i in range(len(manifest["shapes"]))] if manifest else None
+        if start < n:
+            subset = torch.utils.data.Subset(dataset, range(start, n))
+            loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                                 pin_memory=str(device).startswith("cuda"))
+            bar = progress(start)
+            row = start
+            for images, _ in batches(loader):
+                outputs = as_stored(encode(images.to(device, non_blocking=True)))
+                if arrays is None:  # the first chunk says the shapes
+                    manifest = {"key": key, "shapes": [[n, *x.shape[1:]] for x in outputs],
+                                "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0}
+                    arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=x.dtype,
+                                                        shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
+                    files = [directory / f"input{i}.npy" for i in range(len(arrays))]
+                    for path in files:
+                        reserve(path)
+                    manifest["sizes"] = [path.stat().st_size for path in files]  # fixed from here on
+                for array, x in zip(arrays, outputs):
+                    array[row:row + len(x)] = x
+                row += len(outputs[0])
+                for array in arrays:
+                    array.flush()
+                manifest["rows_completed"] = row  # after the rows are on disk: a crash loses one chunk
+                write_manifest(directory, manifest)
+                bar.update(len(outputs[0]))
+            bar.close()
+        del arrays
+        inputs = open_store(key, cache_dir)
+    return inputs, n - start
+
+
+def store_directory(key, cache_dir="") -> Path:
+    return cache_root(cache_dir) / "features" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def open_store(key, cache_dir="") -> tuple:
+    """The finished store entry of `key`: read-only tensors memory-mapped from disk (pages the
+    kernel can drop: host memory does not grow with the dataset). Callers copy before changing."""
+    directory = store_directory(key, cache_dir)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    with warnings.catch_warnings():  # torch warns that the arrays are read-only; nothing writes them
+        warnings.simplefilter("ignore", UserWarning)
+        return tuple(torch.from_numpy(np.load(directory / f"input{i}.npy", mmap_mode="r"))
+                     for i in range(len(manifest["shapes"])))
+
+
+def reserve(path: Path):
+    """Allocate a new store file's blocks now: a disk that fills up later would kill the process
+    (SIGBUS on the memory map) with no message."""
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            raise FedMPTError(f"no room for the feature store: {path} needs {path.stat().st_size / 2 ** 30:.1f} GiB "
+                              f"({error.strerror}); free disk space or pass --cache-dir on a larger disk.") from None
+
+
+def batches(loader):
+    """The loader's batches; an error a worker raised keeps its own message (a DataLoader
+    worker's error arrives with the worker's traceback inside its message)."""
+    try:
+        yield from loader
+    except FedMPTError as error:
+        raise FedMPTError(str(error).rsplit("FedMPTError: ", 1)[-1].strip()) from None
+
+
+def read_manifest(directory: Path, key, n, log):
+    """The manifest if it and its files fit `key` (else None: start over, saying why)."""
+    path = directory / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = [directory / f"input{i}.npy" for i in range(len(manifest["shapes"]))]
+        problem = ("another key" if manifest["key"] != key else
+                   f"{manifest['shapes'][0][0]} rows, not {n}" if manifest["shapes"][0][0] != n else
+                   "a file is missing or has another size" if [f.stat().st_size if f.exists() else -1
+                                                               for f in files] != manifest["sizes"] else "")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        problem = f"unreadable manifest ({type(error).__name__})"
+    if problem:
+        log(f"note: feature store {directory} does not match its manifest ({problem}); encoding again.")
+        path.unlink(missing_ok=True)
+        return None
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict):
+    temporary = directory / f".manifest.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1))
+    os.replace(temporary, directory / "manifest.json")

@@ -1,0 +1,79 @@
+"""Run directories: what a run writes, and what `--resume` and `predict.py` read back.
+
+    config.json      every resolved option, the classes, the conditions, sizes and fingerprints
+    conditions.json  the condition set the run trained with (what --resume reads back)
+    attributes.json  FedMVP's class descriptions, when the method has them
+    clients.png      the client label distributions (splits.plot_client_distributions)
+    metrics.json     a row per round (round 0: before training, with the reference scores)
+    checkpoint.pt    after every round: global state, round, history, client-sampling RNG state
+    state.pt         the final global tunable state
+
+Every file is written to a temporary file beside it and renamed: none is ever half-written.
+Checkpoints load as tensors only (`weights_only=True`): a planted file cannot run code.
+"""
+import json
+import os
+import pickle
+import time
+from pathlib import Path
+
+import torch
+
+from errors import FedMPTError
+
+
+def default_out(cfg) -> str:
+    """--out, else runs/<dataset>-<method>-<timestamp>."""
+    return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_json_atomic(path: Path, obj):
+    """Write a temporary file beside `path`, then rename it: `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer process
+    temporary.write_text(json.dumps(obj, indent=1))
+    os.replace(temporary, path)
+
+
+def save_atomic(obj, path: Path):
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path, map_location=None, fix="restore it from a copy"):
+    """torch.load of a checkpoint or state file (tensors only, onto `map_location`: a run
+    trained on a GPU loads on a CPU), with an error that names the file and `fix`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        # torch's own message advises weights_only=False, which would run code from the file
+        reason = "missing" if isinstance(error, FileNotFoundError) else "truncated or damaged"
+        raise FedMPTError(f"cannot load {path}: the file is {reason} ({type(error).__name__}); {fix}.") from None
+
+
+def read_saved_config(run_dir) -> dict:
+    """The whole config.json of a run."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise FedMPTError(f"run {run_dir}: cannot read {path} ({error}).") from None
+
+
+def write_run_files(out: Path, resolved: dict, conditions: dict, attributes=None):
+    """A new run's config.json, conditions.json and attributes.json (FedMVP)."""
+    write_json_atomic(out / "config.json", resolved)
+    write_json_atomic(out / "conditions.json", conditions)
+    if attributes:
+        write_json_atomic(out / "attributes.json", attributes)
+
+
+def save_round(out: Path, history: list, global_state: dict, round_index: int, rng_state=None):
+    """After a round: metrics.json, and after a training round checkpoint.pt (what --resume
+    continues from)."""
+    write_json_atomic(out / "metrics.json", history)
+    if round_index > 0:
+        save_atomic({"global_state": global_state, "round": round_index, "history": history,
+                     "rng_state": rng_state}, out / "checkpoint.pt")

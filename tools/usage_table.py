@@ -1,0 +1,39 @@
+"""docs/usage.md's table of every option, made from the config dataclasses (tools/options.py).
+
+    python -m tools.usage_table            # print it
+    python -m tools.usage_table --write    # rewrite it in docs/usage.md (a test checks it is current)
+"""
+import sys
+from pathlib import Path
+
+from experiment import Config
+from fedmpt import ModelConfig
+from launcher.flower import FlowerConfig
+from tools.options import BEGIN, END, options_table
+
+USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
+
+
+def sections() -> list:
+    return [("Data, clients and training (`experiment.Config`)", Config),
+            ("The model (`fedmpt.ModelConfig`)", ModelConfig),
+            ("Flower only: `python flower_app.py` (`launcher.flower.FlowerConfig`)", FlowerConfig)]
+
+
+def usage_with_table(text: str, table: str) -> str:
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    return text[:start] + table + text[end:]
+
+
+def main(argv=None) -> int:
+    table = options_table(sections())
+    if "--write" in (sys.argv[1:] if argv is None else argv):
+        USAGE.write_text(usage_with_table(USAGE.read_text(), table))
+        print(f"wrote the options table in {USAGE}")
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
