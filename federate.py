@@ -19,6 +19,7 @@ the same local training, sampling, aggregation and round record run on Flower (f
 """
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -230,8 +231,7 @@ def run(cfg: Config, model_cfg: ModelConfig):
         if path.exists():
             checkpoint = load_checkpoint(path, "cpu", "restore it, or delete it to train the run again "
                                          "from round 0 with --resume")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"})
     cfg, model, out = exp.cfg, exp.model, exp.out
     global_state, history, first_round = model.tunable_state(), [], 1
@@ -277,6 +277,18 @@ def run(cfg: Config, model_cfg: ModelConfig):
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
     warn_if_untrained(history, cfg.lr)
     return history
+
+
+def use_threads(threads: int):
+    """--threads N sets torch's CPU threads; with 0 (torch's default, one per core) a run that
+    starts on busy cores says that one thread would be faster there (docs/usage.md)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if cores > 1 and load >= 0.75 * cores:
+        print(f"note: the CPUs are busy (load {load:.1f} on {cores} cores); a run that shares them is faster "
+              "with --threads 1 (docs/usage.md).", file=sys.stderr)
 
 
 def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
