@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from errors import Interrupted, RunFailed, exit_code
 from experiment import (Config, Experiment, config_from, count_params, evaluate_global, gather, reference_scores,
-                        resume_config, setup)
+                        resume_config, setup, validate)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
 from store.runs import load_checkpoint, save_atomic, save_round
 from tools.options import build_parser
@@ -231,6 +231,7 @@ def run(cfg: Config, model_cfg: ModelConfig):
         if path.exists():
             checkpoint = load_checkpoint(path, "cpu", "restore it, or delete it to train the run again "
                                          "from round 0 with --resume")
+    validate(cfg, model_cfg)  # bad options first, before anything else is said or built
     use_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"})
     cfg, model, out = exp.cfg, exp.model, exp.out
