@@ -15,7 +15,7 @@ server checks each update and combines the accepted ones (`--aggregate`):
 The robust rules bound what one poisoned client can do to the global model; with honest
 clients they cost some accuracy on non-IID data because they ignore client sizes.
 The experiment itself (options, data, model, frozen features) is built by experiment.setup;
-the same local training, sampling, aggregation and round record run on Flower (flower_app.py).
+the same local training, sampling, accept_and_aggregate and round record run on Flower (flower_app.py).
 """
 import json
 import math

@@ -3,6 +3,7 @@ through others, entry points import the loop (never the reverse), and the plain 
 neither Flower, nor the process tools, nor a comparison method it was not asked for."""
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,12 @@ def test_the_plain_loop_loads_no_flower_no_process_tools_and_no_method_it_was_no
     assert not loaded & {"tools.download", "tools.explain", "loaders.coco", "loaders.nuswide", "loaders.folder",
                          "loaders.mlrsnet", "loaders.multiscene"}
     assert "baselines.coop" in asked and not asked & (COMPARISON - {"baselines.coop", "baselines.common"})
+
+
+def test_the_readme_gives_the_method_files_true_sizes():
+    readme = (REPO / "README.md").read_text()
+    sizes = {name: len((REPO / f"{name}.py").read_text().splitlines()) for name in ("ot", "gating", "prompts",
+                                                                                   "backbone", "fedmpt")}
+    assert f"**The method is five files, {sum(sizes.values())} lines:**" in readme
+    for name, n in sizes.items():
+        assert re.search(rf"`{name}\.py` \([^)]*, {n}\)", readme), f"README: {name}.py has {n} lines"

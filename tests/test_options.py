@@ -1,7 +1,9 @@
 """Options from one source: the command line, the checks and docs/usage.md's table are made from
 the config fields; the command line tells a newcomer what was wrong and where a run went."""
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,11 @@ import experiment
 import federate
 from fedmpt import ModelConfig
 from launcher.flower import FlowerConfig
-from tools import options, usage_table
+from tools import options
+
+usage_table = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
+    "options_table", Path(__file__).resolve().parents[1] / "docs" / "options_table.py"))
+spec.loader.exec_module(usage_table)  # docs/options_table.py, the script that writes the table
 
 
 def test_the_usage_table_is_made_from_the_fields_and_is_current():
@@ -18,7 +24,7 @@ def test_the_usage_table_is_made_from_the_fields_and_is_current():
     for config_class in (experiment.Config, ModelConfig, FlowerConfig):
         for field in dataclasses.fields(config_class):
             assert f"| `{options.flag(field)}` |" in table, field.name
-    assert table in usage_table.USAGE.read_text(), "docs/usage.md is stale: python -m tools.usage_table --write"
+    assert table in usage_table.USAGE.read_text(), "docs/usage.md is stale: python docs/options_table.py --write"
 
 
 def test_help_lists_every_option_its_choices_and_its_real_default():

@@ -1,6 +1,6 @@
 """Options from one source: each option is a config dataclass field (`fedmpt.option`) with its
 help, its choices or its range; the command line, the range checks and docs/usage.md's table are
-made from those fields here (the table: python -m tools.usage_table --write).
+made from those fields here (the table: python docs/options_table.py --write).
 """
 import argparse
 import dataclasses
@@ -9,7 +9,7 @@ import re
 
 from errors import FedMPTError
 
-BEGIN, END = "<!-- options: made by python -m tools.usage_table --write -->", "<!-- end of options -->"
+BEGIN, END = "<!-- options: made by python docs/options_table.py --write -->", "<!-- end of options -->"
 
 
 def flag(field) -> str:

@@ -1,15 +1,17 @@
 """docs/usage.md's table of every option, made from the config dataclasses (tools/options.py).
 
-    python -m tools.usage_table            # print it
-    python -m tools.usage_table --write    # rewrite it in docs/usage.md (a test checks it is current)
+    python docs/options_table.py            # print it
+    python docs/options_table.py --write    # rewrite it in docs/usage.md (a test checks it is current)
 """
 import sys
 from pathlib import Path
 
-from experiment import Config
-from fedmpt import ModelConfig
-from launcher.flower import FlowerConfig
-from tools.options import BEGIN, END, options_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from experiment import Config  # noqa: E402
+from fedmpt import ModelConfig  # noqa: E402
+from launcher.flower import FlowerConfig  # noqa: E402
+from tools.options import BEGIN, END, options_table  # noqa: E402
 
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
