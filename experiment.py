@@ -23,7 +23,7 @@ from conditions import load_conditions
 from errors import FedMPTError
 from fedmpt import ModelConfig, PromptModel, option
 from store import features, runs
-from tools.options import field_problems
+from tools.options import field_problems, flag
 
 @dataclass
 class Config:
@@ -60,9 +60,9 @@ class Config:
                                     "metrics.json records val_mAP each round: choose settings on it", range="[0, 1)")
     loss: str = option("asl", "asl (asymmetric loss) or bce", choices=("asl", "bce"))
     seed: int = option(0, "seed of every initial value, the client split, client sampling and data order")
-    device: str = option("auto", "auto: cuda when visible", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "auto: cuda when visible", choices=("auto", "cpu", "cuda"), execution=True)
     threads: int = option(0, "torch CPU threads (0 = torch's default, one per core); give 1 when other "
-                             "work shares the cores (docs/usage.md)", range="[0, inf)")
+                             "work shares the cores (docs/usage.md)", range="[0, inf)", execution=True)
     out: str = option("", "run directory", shown="runs/<dataset>-<method>-<timestamp>")
     aggregate: str = option("mean", "mean (FedAvg, weighted by samples), median or trimmed-mean (robust)",
                             choices=("mean", "median", "trimmed-mean"))
@@ -70,9 +70,9 @@ class Config:
     download: bool = option(False, "download and extract VOC2007 into --root first (voc2007 only)")
     skip_unreadable: bool = option(False, "decode every image first; leave out (and list) the unreadable ones")
     plot: bool = option(False, "fedmpt: save plans.png, the transport plans and gate of a few test images")
-    cache_dir: str = option("", "the feature store", shown="$FEDMPT_CACHE, else ~/.cache/fedmpt")
+    cache_dir: str = option("", "the feature store", shown="$FEDMPT_CACHE, else ~/.cache/fedmpt", execution=True)
     workers: int = option(-1, "DataLoader workers that decode images while encoding (-1: the CPU count, "
-                              "at most 8)", range="[-1, inf)")
+                              "at most 8)", range="[-1, inf)", execution=True)
 
 
 def config_from(config_class, values: dict):
@@ -97,16 +97,52 @@ def validate(cfg: Config, model_cfg: ModelConfig):
     cfg.lr = cfg.lr or baselines.model_class(cfg.method).learning_rate
 
 
+# What config.json holds besides the options (describe(), the engines' records, resume's notes).
+RUN_RECORD = ("root", "device_used", "out", "classes", "condition_set", "attribute_source", "tunable_params",
+              "backbone_sha256", "feature_cache", "loss_over_images", "encoded_images", "client_sizes", "client_names",
+              "label_skew", "images", "similar_class_pairs", "masked_positives", "skipped_images", "engine",
+              "superlink", "round_timeout", "min_nodes", "extended")
+
+
 def read_config(run_dir: str):
-    """The configuration a run was started with (from its config.json) and the whole file."""
+    """The configuration a run was started with, checked against the options' own definition:
+    (Config, ModelConfig, the whole config.json). Every option must be there (those that only
+    say how a run is executed may be missing) and within its type, choices and range, and
+    nothing may be there that no option or run record names."""
+    path = Path(run_dir) / "config.json"
     saved = runs.read_saved_config(run_dir)
-    return config_from(Config, saved), config_from(ModelConfig, saved), saved
+    if not isinstance(saved, dict):
+        raise FedMPTError(f"{path} holds a JSON {type(saved).__name__}, not a run's configuration; restore the "
+                          "run's own config.json, or train the run again with another --out.")
+    fields = [f for config_class in (Config, ModelConfig) for f in dataclasses.fields(config_class)]
+    missing = [flag(f) for f in fields if f.name not in saved and not f.metadata.get("execution")]
+    unknown = sorted(set(saved) - {f.name for f in fields} - set(RUN_RECORD))
+    cfg, model_cfg = config_from(Config, saved), config_from(ModelConfig, saved)
+    problems = ([f"it lacks {', '.join(missing)}"] if missing else []) + field_problems(cfg) + field_problems(model_cfg)
+    problems += [f"no option or run record is called {', '.join(unknown)}"] if unknown else []
+    if problems:
+        raise FedMPTError(f"{path} is not a configuration this code can continue: {'; '.join(problems)}. Restore the "
+                          "run's own config.json, or train the run again with another --out.")
+    return cfg, model_cfg, saved
 
 
-def resume_config(run_dir: str):
+def resume_config(run_dir: str, given: dict = None):
     """The run's own options; its conditions from the copy it saved (an edited source file
-    must not change a resumed model)."""
+    must not change a resumed model). `given`: options named beside --resume, {name: value}.
+    Those that only say how the run is executed (--device, --threads, --workers, --cache-dir)
+    apply, and --rounds may extend the run; any other is refused: it would change what the
+    saved rounds were trained with."""
     cfg, model_cfg, saved = read_config(run_dir)
+    given = {name: value for name, value in (given or {}).items() if name != "resume"}
+    execution = {f.name for f in dataclasses.fields(Config) if f.metadata.get("execution")}
+    refused = ["--" + name.replace("_", "-") for name in given if name not in execution | {"rounds"}]
+    if refused:
+        raise FedMPTError(f"--resume {run_dir} continues the run with its own options; {', '.join(refused)} would change "
+                          "what its saved rounds were trained with. Start a new run (another --out) to change them; "
+                          "beside --resume only --rounds (to extend it), --device, --threads, --workers and "
+                          "--cache-dir apply.")
+    for name, value in given.items():
+        setattr(cfg, name, value)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         print("note: the run was trained with --device cuda; no CUDA device is visible here, so it "
@@ -117,6 +153,22 @@ def resume_config(run_dir: str):
     if (Path(run_dir) / "attributes.json").exists():
         cfg.attributes = str(Path(run_dir) / "attributes.json")
     return cfg, model_cfg
+
+
+def extend_rounds(run_dir: str, rounds: int, done: int):
+    """--rounds beside --resume: a run extended past its own rounds (recorded in its config.json);
+    its learning rate follows the cosine over the new total from here on."""
+    saved = runs.read_saved_config(run_dir)
+    if rounds == saved["rounds"]:
+        return
+    if rounds < saved["rounds"] or rounds <= done:
+        raise FedMPTError(f"--rounds {rounds} beside --resume extends a run: give more than its {saved['rounds']} rounds "
+                          f"({done} done).")
+    print(f"note: --rounds {rounds} extends the run from {saved['rounds']} rounds; from round {done + 1} on the learning "
+          f"rate follows the cosine over {rounds} rounds, so the result is not that of a run begun with --rounds "
+          f"{rounds}.", file=sys.stderr)
+    extended = saved.get("extended", []) + [{"after_round": done, "rounds_before": saved["rounds"], "rounds": rounds}]
+    runs.write_json_atomic(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
 
 
 # ---- The stages ---------------------------------------------------------------------------
@@ -251,11 +303,12 @@ class Experiment:
     test_set: object = None
 
 
-def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None) -> Experiment:
-    """The plain loop's start: `build`, then the run directory (config.json with `record`
-    added, conditions.json, clients.png); an --out that already holds a run is refused first."""
+def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None) -> Experiment:
+    """The plain loop's start: `build` (from `state` when resuming), then the run directory
+    (config.json with `record` added, conditions.json, clients.png); an --out that already
+    holds a run is refused first."""
     validate(cfg, model_cfg)
-    exp = build(cfg, model_cfg, record, new_run_directory(cfg))
+    exp = build(cfg, model_cfg, record, new_run_directory(cfg), state)
     save_run_directory(exp)
     return exp
 
@@ -278,9 +331,17 @@ def save_run_directory(exp: Experiment):
           f"{', '.join(map(repr, exp.conditions['conditions']))}")
 
 
-def build(cfg: Config, model_cfg: ModelConfig, record: dict = None, out=None) -> Experiment:
-    """Every stage, in order; writes nothing but the feature store."""
+def build(cfg: Config, model_cfg: ModelConfig, record: dict = None, out=None, state: dict = None) -> Experiment:
+    """Every stage, in order; writes nothing but the feature store. `state`: a saved tunable
+    state to continue from, loaded as soon as the model is built (one that does not fit fails
+    before any image is encoded)."""
     parts = prepare(cfg, model_cfg)
+    if state is not None:
+        try:
+            parts.model.load_tunable_state(state)
+        except FedMPTError as error:
+            raise FedMPTError(f"--resume {cfg.resume}: checkpoint.pt does not fit the model its config.json builds "
+                              f"({error}) Restore the run's own files, or train it again with another --out.") from None
     return assemble(parts, training_inputs(parts), out, record)
 
 

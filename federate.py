@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from errors import Interrupted, RunFailed, exit_code
-from experiment import (Config, Experiment, config_from, count_params, evaluate_global, gather, reference_scores,
-                        resume_config, setup, validate)
+from experiment import (Config, Experiment, config_from, count_params, evaluate_global, extend_rounds, gather,
+                        reference_scores, resume_config, setup, validate)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
-from store.runs import load_checkpoint, save_atomic, save_round
-from tools.options import build_parser
+from store.runs import read_checkpoint, save_atomic, save_round
+from tools.options import build_parser, given_options
 
 
 def parse_config(argv):
@@ -223,25 +223,27 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
 
 
 # ---- The loop -----------------------------------------------------------------------------
-def run(cfg: Config, model_cfg: ModelConfig):
+def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
+    """Train (or with --resume continue) a run; `given`: the options named on the command line."""
     checkpoint = None
-    if cfg.resume:
-        cfg, model_cfg = resume_config(cfg.resume)
-        path = Path(cfg.resume) / "checkpoint.pt"  # read before the long setup: a damaged one fails fast
+    if cfg.resume:  # the run's own options and checkpoint, checked before the long setup
+        run_dir = cfg.resume
+        cfg, model_cfg = resume_config(run_dir, given)
+        path = Path(run_dir) / "checkpoint.pt"
         if path.exists():
-            checkpoint = load_checkpoint(path, "cpu", "restore it, or delete it to train the run again "
-                                         "from round 0 with --resume")
+            checkpoint = read_checkpoint(path, "restore it, or delete it to train the run again from round 0 "
+                                         "with --resume")
+        if "rounds" in (given or {}):
+            extend_rounds(run_dir, cfg.rounds, checkpoint["round"] if checkpoint else 0)
     validate(cfg, model_cfg)  # bad options first, before anything else is said or built
     use_threads(cfg.threads)
-    exp = setup(cfg, model_cfg, record={"engine": "plain"})
+    exp = setup(cfg, model_cfg, record={"engine": "plain"}, state=checkpoint and checkpoint["global_state"])
     cfg, model, out = exp.cfg, exp.model, exp.out
     global_state, history, first_round = model.tunable_state(), [], 1
     rng = np.random.default_rng(cfg.seed)
-    if checkpoint is not None:
-        model.load_tunable_state(checkpoint["global_state"])
-        global_state, history = model.tunable_state(), checkpoint["history"]
+    if checkpoint is not None:  # setup loaded its global state into the model
+        history, first_round = checkpoint["history"], checkpoint["round"] + 1
         rng.bit_generator.state = checkpoint["rng_state"]
-        first_round = checkpoint["round"] + 1
         print(f"resuming {out} after round {checkpoint['round']}")
 
     print(f"label prior mAP {exp.prior_mAP:.2f}; zero-shot mAP {exp.zero_shot['mAP']:.2f}; "
@@ -318,7 +320,7 @@ def main(argv=None):
         if "--dataset" not in argv and not any(a.startswith("--dataset=") for a in argv):
             cfg.dataset = "voc2007"  # Table 5's setting
         return exit_code(lambda: print(json.dumps(count_params(cfg, model_cfg))))
-    return exit_code(run, cfg, model_cfg)
+    return exit_code(run, cfg, model_cfg, given_options(argv, cfg, model_cfg))
 
 
 if __name__ == "__main__":

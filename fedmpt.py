@@ -51,8 +51,9 @@ class Adapter(nn.Module):
 
 def option(default, help: str, **rules):
     """A config field with its help and rules (`choices`, `range` as "(0, 1]" or "[1, inf)",
-    `shown` for a default that is computed): argparse, validation and docs/usage.md's table are
-    made from them (tools/options.py)."""
+    `shown` for a default that is computed, `execution=True` for how a run is executed rather
+    than what it computes): argparse, validation and docs/usage.md's table are made from them
+    (tools/options.py)."""
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -126,10 +127,15 @@ class PromptModel(nn.Module):
         return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_tunable_state(self, state: dict):
-        expected = {name for name, p in self.named_parameters() if p.requires_grad}
-        if set(state) != expected:
+        """Load a tunable state; one that does not fit this model (keys, shapes) is a FedMPTError."""
+        expected = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        if set(state) != set(expected):
             raise FedMPTError(f"tunable state does not match this model: missing "
-                              f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}.")
+                              f"{sorted(set(expected) - set(state))}, unexpected {sorted(set(state) - set(expected))}.")
+        for name, p in expected.items():
+            if not isinstance(state[name], torch.Tensor) or state[name].shape != p.shape:
+                raise FedMPTError(f"tunable state does not match this model: {name} has shape "
+                                  f"{tuple(getattr(state[name], 'shape', ()))}, the model's is {tuple(p.shape)}.")
         self.load_state_dict(state, strict=False)
 
 

@@ -20,7 +20,7 @@ from errors import FedMPTError, exit_code
 from experiment import build_model, load_backbone, method_attributes, predict_scores, read_config
 from loaders.base import UNREADABLE
 from store import features
-from store.runs import load_checkpoint
+from store.runs import read_checkpoint, read_state
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -39,11 +39,16 @@ def load_run(run_dir: str, device: str = "cpu"):
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
-    path = state_path if state_path.exists() else checkpoint_path
-    state = load_checkpoint(path, device, "train the run again, or continue an unfinished one with "
-                            f"`python federate.py --resume {run_dir}`")  # a GPU-trained run loads on a CPU too
-    state = state if path == state_path else state["global_state"]
-    model.load_tunable_state(state)
+    fix = f"train the run again, or continue an unfinished one with `python federate.py --resume {run_dir}`"
+    if state_path.exists():  # both load onto the CPU: a GPU-trained run loads anywhere
+        state = read_state(state_path, fix)
+    else:
+        state = read_checkpoint(checkpoint_path, fix)["global_state"]
+    try:
+        model.load_tunable_state(state)
+    except FedMPTError as error:
+        raise FedMPTError(f"run {run_dir}: {state_path if state_path.exists() else checkpoint_path} does not fit "
+                          f"the model its config.json builds ({error}) {fix[0].upper() + fix[1:]}.") from None
     return cfg, saved, model
 
 

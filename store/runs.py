@@ -53,6 +53,30 @@ def load_checkpoint(path: Path, map_location=None, fix="restore it from a copy")
         raise FedMPTError(f"cannot load {path}: the file is {reason} ({type(error).__name__}); {fix}.") from None
 
 
+def read_checkpoint(path: Path, fix: str) -> dict:
+    """checkpoint.pt, checked for its format: {global_state: {name: tensor}, round, history
+    (a row per round so far), rng_state}; anything else is a FedMPTError naming the file."""
+    checkpoint = load_checkpoint(path, "cpu", fix)
+    state = checkpoint.get("global_state") if isinstance(checkpoint, dict) else None
+    history = checkpoint.get("history") if isinstance(checkpoint, dict) else None
+    fits = (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())
+            and isinstance(checkpoint.get("round"), int) and isinstance(checkpoint.get("rng_state"), dict)
+            and isinstance(history, list) and len(history) == checkpoint["round"] + 1
+            and all(isinstance(row, dict) for row in history))
+    if not fits:
+        raise FedMPTError(f"{path} is not a checkpoint this code wrote (it needs global_state, round, history and "
+                          f"rng_state, one history row per round); {fix}.")
+    return checkpoint
+
+
+def read_state(path: Path, fix: str) -> dict:
+    """state.pt, checked for its format: {name: tensor}."""
+    state = load_checkpoint(path, "cpu", fix)
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise FedMPTError(f"{path} is not a tunable state (a dict of tensors); {fix}.")
+    return state
+
+
 def read_saved_config(run_dir) -> dict:
     """The whole config.json of a run."""
     path = Path(run_dir) / "config.json"

@@ -39,7 +39,7 @@ def help_text(field) -> str:
 
 def build_parser(config_classes, prog=None, description=None) -> argparse.ArgumentParser:
     """argparse from the dataclasses' fields: --field-name, typed, with the field's default and help."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     for config_class in config_classes:
         for field in dataclasses.fields(config_class):
             if isinstance(field.default, bool):
@@ -49,6 +49,12 @@ def build_parser(config_classes, prog=None, description=None) -> argparse.Argume
                 parser.add_argument(flag(field), type=type(field.default), default=field.default,
                                     metavar=metavar, help=help_text(field))
     return parser
+
+
+def given_options(argv, *configs) -> dict:
+    """{field name: parsed value} of the options named on the command line `argv`."""
+    named = {argument.split("=")[0] for argument in argv if argument.startswith("--")}
+    return {f.name: getattr(config, f.name) for config in configs for f in dataclasses.fields(config) if flag(f) in named}
 
 
 def in_range(value, spec: str) -> bool:

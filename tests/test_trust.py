@@ -1,0 +1,112 @@
+"""Resume refuses what it cannot honour (#27, item 2): a config.json that is not a run's
+configuration, options beside --resume that would change what the saved rounds were trained
+with, and checkpoints of another format or shape all end with exit 2 before the long setup."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+import experiment
+import federate
+import predict
+from fedmpt import ModelConfig
+
+
+def valid_config() -> dict:
+    return {**dataclasses.asdict(experiment.Config()), **dataclasses.asdict(ModelConfig())}
+
+
+@pytest.fixture
+def no_setup(monkeypatch):
+    """Fail the test if a run gets as far as its setup."""
+    def reached(*args, **kwargs):
+        raise AssertionError("setup was reached")
+    monkeypatch.setattr(federate, "setup", reached)
+    monkeypatch.setattr(experiment, "training_inputs", reached)
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({}, "it lacks --dataset, --root, --method"),
+    ([], "holds a JSON list, not a run's configuration"),
+    ({**valid_config(), "rounds": "3"}, "--rounds '3': must be a number"),
+    ({**valid_config(), "ot_rho": 0.0}, "--ot-rho 0.0: must lie in (0, inf]"),
+    ({**valid_config(), "learning_rate": 0.1}, "no option or run record is called learning_rate"),
+])
+def test_a_config_json_that_is_not_a_runs_configuration_is_refused_before_setup(tmp_path, capsys, no_setup, saved,
+                                                                                message):
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert federate.main(["--resume", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and str(tmp_path / "config.json") in error and "Traceback" not in error
+    assert predict.main(["--run", str(tmp_path), "x.jpg"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_execution_fields_may_be_missing_and_the_run_record_is_known(tmp_path):
+    saved = {k: v for k, v in valid_config().items() if k not in ("threads", "workers")}
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "engine": "plain", "classes": ["a"]}))
+    cfg, _, _ = experiment.read_config(str(tmp_path))
+    assert cfg.threads == 0 and cfg.workers == -1
+
+
+def test_options_that_would_change_the_trained_rounds_are_refused_beside_resume(tmp_path, capsys, no_setup):
+    (tmp_path / "config.json").write_text(json.dumps(valid_config()))
+    assert federate.main(["--resume", str(tmp_path), "--method", "fedtpg", "--lr=0.5", "--threads", "1"]) == 2
+    error = capsys.readouterr().err
+    refused = error.split("own options; ", 1)[1].split(" would change", 1)[0]
+    assert refused == "--method, --lr"  # --threads applies
+    with pytest.raises(SystemExit):  # no abbreviation can slip past the check as another option
+        federate.main(["--resume", str(tmp_path), "--round", "3"])
+
+
+@pytest.fixture(scope="module")
+def finished(shapes_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust") / "run"
+    assert federate.main(["--root", str(shapes_root), "--out", str(out), "--rounds", "1", "--clients", "2",
+                          "--batch-size", "128"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_rounds_beside_resume_extend_a_run_and_execution_options_apply(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    threads = torch.get_num_threads()
+    try:
+        assert federate.main(["--resume", str(run), "--rounds", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "extends the run from 1 rounds" in capsys.readouterr().err
+    assert [row["round"] for row in json.loads((run / "metrics.json").read_text())] == [0, 1, 2]
+    config = json.loads((run / "config.json").read_text())
+    assert config["rounds"] == 2 and config["extended"] == [{"after_round": 1, "rounds_before": 1, "rounds": 2}]
+    assert federate.main(["--resume", str(run), "--rounds", "1"]) == 2  # fewer than the run has done
+    assert "--rounds 1 beside --resume extends a run" in capsys.readouterr().err
+    assert experiment.read_config(str(run))[0].rounds == 2  # resumable again, with its new length
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_format_or_shape_is_refused_before_any_image_is_encoded(finished, tmp_path, capsys,
+                                                                                        monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({"round": 1}, run / "checkpoint.pt")
+    assert federate.main(["--resume", str(run)]) == 2
+    assert "checkpoint.pt is not a checkpoint this code wrote" in capsys.readouterr().err
+
+    name = next(iter(checkpoint["global_state"]))
+    checkpoint["global_state"][name] = torch.zeros(3)
+    torch.save(checkpoint, run / "checkpoint.pt")
+    torch.save(checkpoint["global_state"], run / "state.pt")
+    encoded = []
+    real = experiment.training_inputs
+    monkeypatch.setattr(experiment, "training_inputs", lambda *a: encoded.append(1) or real(*a))
+    assert federate.main(["--resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert f"{name} has shape (3,)" in error and "does not fit the model" in error and not encoded
+    assert predict.main(["--run", str(run), "--evaluate"]) == 2
+    assert f"{name} has shape (3,)" in capsys.readouterr().err
