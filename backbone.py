@@ -7,6 +7,7 @@ transformer run on prompt embeddings (learned context tokens in place of words).
 """
 import hashlib
 import os
+import pickle
 import socket
 import warnings
 
@@ -39,7 +40,11 @@ def load_clip(name: str, weights: str = None, random_init: bool = False, seed: i
     if weights:
         if not os.path.isfile(weights):
             raise FedMPTError(f"--clip-weights {weights}: no such file.")
-        return clip.load(weights, device="cpu", jit=False)[0].float().eval()
+        try:
+            return clip.load(weights, device="cpu", jit=False)[0].float().eval()
+        except (RuntimeError, KeyError, ValueError, EOFError, AttributeError, pickle.UnpicklingError) as error:
+            raise FedMPTError(f"--clip-weights {weights}: not a CLIP checkpoint ({type(error).__name__}); pass the "
+                              ".pt file clip.load downloads (e.g. ~/.cache/clip/ViT-B-16.pt).") from None
     if name == "tiny" or random_init:
         if name not in ARCHITECTURES:
             raise FedMPTError(f"--clip {name}: no random-init architecture for it; choose one of "

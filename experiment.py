@@ -180,12 +180,19 @@ def resolve(cfg: Config, model_cfg: ModelConfig):
 
 
 def load_data(cfg: Config, root: str):
-    """(train, test) datasets; with --min-labels both keep only images with that many labels."""
+    """(train, test) datasets; with --min-labels both keep only images with that many labels.
+    A test split without a single positive label has nothing to evaluate: FedMPTError."""
     if cfg.download:
         from tools import download
         download.download_voc2007(root)
-    return tuple(data.keep_min_labels(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable),
-                                      cfg.min_labels) for split in ("train", "test"))
+    train_set, test_set = (data.keep_min_labels(data.load_dataset(cfg.dataset, root, split,
+                                                                  skip_unreadable=cfg.skip_unreadable), cfg.min_labels)
+                           for split in ("train", "test"))
+    if not (test_set.targets == 1).any():
+        raise FedMPTError(f"the test split of {cfg.dataset} at {root} has {len(test_set)} images and not one positive "
+                          "label: there is nothing to evaluate. Check its labels (for a folder dataset, the labels "
+                          "and split columns of labels.csv).")
+    return train_set, test_set
 
 
 @dataclass

@@ -10,7 +10,8 @@ from tqdm import tqdm
 from errors import FedMPTError
 
 
-UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for missing or broken files
+# what PIL raises for missing or broken files, and for an image too large to decode safely
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def missing_files_error(name, root, missing, how) -> FedMPTError:

@@ -70,7 +70,12 @@ def read_folder_labels(root: Path, check_images: bool = True):
     problems, listed = [], None
     if classes_path.is_file():
         listed = []
-        for number, line in enumerate(classes_path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        try:
+            text = classes_path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise FedMPTError(f"{classes_path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as "
+                              "UTF-8, one class name a line.") from None
+        for number, line in enumerate(text.splitlines(), 1):
             name = line.strip()
             if name in listed:
                 problems.append(f"classes.txt line {number}: '{name}' is listed twice")

@@ -59,7 +59,7 @@ def load_shapes_clip(path=None) -> clip.model.CLIP:
         raise FedMPTError(f"{path} has sha256 {digest}, but {record} records {expected}: the file is "
                           "damaged or from another run. Restore both from the repository, or run "
                           "`python -m shapes.pretrain` again.")
-    saved = torch.load(path, map_location="cpu")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     model = new_model(saved["seed"])
     state = {name: t.float() if t.is_floating_point() else t for name, t in saved["state"].items()}
     embedding = model.token_embedding.weight.detach().clone()

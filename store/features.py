@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tokenize
 import warnings
 from pathlib import Path
 
@@ -119,11 +120,15 @@ def open_store(key, cache_dir="") -> tuple:
     """The finished store entry of `key`: read-only tensors memory-mapped from disk (pages the
     kernel can drop: host memory does not grow with the dataset). Callers copy before changing."""
     directory = store_directory(key, cache_dir)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        arrays = [np.load(directory / f"input{i}.npy", mmap_mode="r") for i in range(len(manifest["shapes"]))]
+    except (OSError, KeyError, *HEADER_ERRORS) as error:
+        raise FedMPTError(f"feature store entry {directory} is damaged ({type(error).__name__}: {error}); delete that "
+                          "directory and run again: it is encoded again.") from None
     with warnings.catch_warnings():  # torch warns that the arrays are read-only; nothing writes them
         warnings.simplefilter("ignore", UserWarning)
-        return tuple(torch.from_numpy(np.load(directory / f"input{i}.npy", mmap_mode="r"))
-                     for i in range(len(manifest["shapes"])))
+        return tuple(torch.from_numpy(array) for array in arrays)
 
 
 def reserve(path: Path):
@@ -157,7 +162,8 @@ def read_manifest(directory: Path, key, n, log):
         problem = ("another key" if manifest["key"] != key else
                    f"{manifest['shapes'][0][0]} rows, not {n}" if manifest["shapes"][0][0] != n else
                    "a file is missing or has another size" if [f.stat().st_size if f.exists() else -1
-                                                               for f in files] != manifest["sizes"] else "")
+                                                               for f in files] != manifest["sizes"] else
+                   header_problem(files, manifest))
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         problem = f"unreadable manifest ({type(error).__name__})"
     if problem:
@@ -165,6 +171,21 @@ def read_manifest(directory: Path, key, n, log):
         path.unlink(missing_ok=True)
         return None
     return manifest
+
+
+HEADER_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)  # what np.load raises for a damaged header
+
+
+def header_problem(files, manifest) -> str:
+    """'' when every file's .npy header reads and says the manifest's shape and dtype."""
+    for path, shape, dtype in zip(files, manifest["shapes"], manifest["dtypes"]):
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, *HEADER_ERRORS) as error:
+            return f"the header of {path.name} is damaged ({type(error).__name__})"
+        if list(array.shape) != list(shape) or str(array.dtype) != dtype:
+            return f"{path.name} holds {tuple(array.shape)} {array.dtype}, the manifest says {tuple(shape)} {dtype}"
+    return ""
 
 
 def write_manifest(directory: Path, manifest: dict):

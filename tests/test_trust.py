@@ -4,6 +4,7 @@ with, and checkpoints of another format or shape all end with exit 2 before the 
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,70 @@ def test_a_checkpoint_of_another_format_or_shape_is_refused_before_any_image_is_
     assert f"{name} has shape (3,)" in error and "does not fit the model" in error and not encoded
     assert predict.main(["--run", str(run), "--evaluate"]) == 2
     assert f"{name} has shape (3,)" in capsys.readouterr().err
+
+
+# ---- #27 item 7: what used to end in a traceback ends in an `error:` line -----------------
+def test_an_image_too_large_to_decode_safely_is_unreadable_not_a_crash(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    import data
+    from tests.test_folder import write_folder
+    root = write_folder(tmp_path / "folder")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses above twice this: the 16 x 16 images
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the 8 x 16 ones only warn
+    with pytest.raises(experiment.FedMPTError, match="b.png cannot be read .*decompression bomb"):
+        data.load_dataset("folder", root, "train")
+    kept = data.load_dataset("folder", root, "train", skip_unreadable=True)  # --skip-unreadable
+    assert len(kept) == 5 and sorted(p.name for p in map(Path, kept.skipped)) == ["b.png", "e.png", "g.png"]
+
+
+def test_a_classes_txt_that_is_not_utf8_names_the_file(tmp_path):
+    import data
+    from tests.test_folder import write_folder
+    root = write_folder(tmp_path / "folder")
+    (root / "classes.txt").write_bytes("red\ngr\u00fcn\n".encode("latin-1"))
+    with pytest.raises(experiment.FedMPTError, match="classes.txt is not UTF-8 text .* save it as UTF-8"):
+        data.load_dataset("folder", root, "train")
+
+
+def test_a_test_split_without_one_label_is_refused_before_training(tmp_path, capsys):
+    from tests.test_folder import HEADER, ROWS, write_folder
+    rows = [(image, "" if split == "test" else labels, split, client) for image, labels, split, client in ROWS]
+    root = write_folder(tmp_path / "folder", rows=rows, header=HEADER)
+    assert federate.main(["--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "run")]) == 2
+    assert "not one positive label: there is nothing to evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "tensors"])
+def test_clip_weights_that_are_not_a_clip_checkpoint_name_the_file(tmp_path, content):
+    from backbone import load_clip
+    path = tmp_path / "weights.pt"
+    if content == "tensors":
+        torch.save({"a": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(experiment.FedMPTError, match=f"--clip-weights {path}: not a CLIP checkpoint"):
+        load_clip("ViT-B/16", str(path))
+
+
+def test_a_damaged_npy_header_in_the_store_is_encoded_again_and_open_store_names_the_entry(tmp_path):
+    import numpy as np
+
+    from store import features
+    from tests.test_store import Encoder, Images
+    dataset, messages = Images(), []
+    key = features.store_key("backbone-sha", dataset, "v,P")
+    (v, P), _ = features.encode_dataset(Encoder(), dataset, key, str(tmp_path), batch_size=6)
+    expected = v.clone()
+    directory = features.store_directory(key, str(tmp_path))
+    header = bytearray((directory / "input0.npy").read_bytes())
+    header[10:40] = b"\x00" * 30  # the dict that says dtype and shape; the size stays
+    (directory / "input0.npy").write_bytes(bytes(header))
+    with pytest.raises(experiment.FedMPTError, match=f"feature store entry {directory} is damaged.*delete"):
+        features.open_store(key, str(tmp_path))
+    encoder = Encoder()
+    (v, _), encoded = features.encode_dataset(encoder, dataset, key, str(tmp_path), batch_size=6, log=messages.append)
+    assert encoded == len(dataset) and torch.equal(v, expected) and np.isfinite(v.numpy()).all()
+    assert "the header of input0.npy is damaged" in messages[0]
