@@ -3,6 +3,10 @@
 `store_key` names what the inputs depend on (backbone weights, images, labels, preprocessing,
 input kind; not the seed or the method), `encode_dataset` encodes what the store lacks and
 returns the inputs memory-mapped from CACHE/features/<sha256 of the key>/ (`cache_root`).
+What it serves is checked first: every file's .npy header against the manifest, and every
+chunk's bytes against the CRC-32 the manifest recorded when it was written (a full read of the
+entry: docs/scale.md gives the cost); an entry that fails is encoded again, with a note. A
+chunk the encoder gave non-finite values is never stored.
 """
 import fcntl
 import hashlib
@@ -10,6 +14,7 @@ import json
 import os
 import tokenize
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +30,11 @@ def cache_root(cache_dir: str = "") -> Path:
 
 
 def images_digest(dataset) -> str:
-    """sha256 of a dataset's images (path, size, modification time) and targets: a key that
-    changes when an image file or a label does."""
+    """sha256 of a dataset's images (path, size, modification time, status-change time, inode)
+    and targets: a key that changes when an image file or a label does. Replacing a file, or
+    writing into it, changes its status-change time (and a replacement its inode) even when its
+    size and modification time are kept; the bytes themselves are not hashed (a dataset's
+    images can be many gigabytes)."""
     files = [(str(Path(path).resolve()), *stat_of(path)) for path in dataset.images]
     digest = hashlib.sha256(json.dumps(files).encode())
     digest.update(dataset.targets.numpy().tobytes())
@@ -36,9 +44,9 @@ def images_digest(dataset) -> str:
 def stat_of(path) -> tuple:
     try:
         status = os.stat(path)
-        return status.st_size, status.st_mtime_ns
+        return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
     except OSError:  # not a file (a test's in-memory image) or missing: reading it will say so
-        return None, None
+        return None, None, None, None
 
 
 def store_key(backbone_sha256, dataset, kind: str) -> dict:
@@ -58,9 +66,10 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
     """`encode(images)` (a method's frozen inputs, e.g. FedMPT's v (B, D) and P (B, N, D)) of
     every image, in float16 (uint8 pixels stay uint8). With a `key` (store_key) they live in the feature store:
     CACHE/features/<sha256 of the key>/ holds one .npy per input, written chunk by chunk, and
-    manifest.json (the key, shapes, rows completed, file sizes); an interrupted encoding resumes
-    from its last chunk, a second run with the same key encodes nothing, two at once take turns
-    (a lock), and files that do not match their manifest are encoded again. Returns (tensors
+    manifest.json (the key, shapes, rows completed, file sizes, each chunk's CRC-32); an
+    interrupted encoding resumes from its last chunk, a second run with the same key encodes
+    nothing, two at once take turns (a lock; the waiting one says so), and files that do not
+    match their manifest (sizes, headers, checksums) are encoded again. Returns (tensors
     (n_images, ...) memory-mapped from the store, or in memory without a key; images encoded now)."""
     n = len(dataset)
     progress = lambda start: tqdm(total=n, initial=start, unit="img", leave=False,
@@ -76,7 +85,11 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
     directory = store_directory(key, cache_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run with this key waits, then reads
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a second run with this key waits, then reads
+            log(f"waiting for another run that encodes the same inputs (it holds {directory / '.lock'})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = read_manifest(directory, key, n, log)
         start = manifest["rows_completed"] if manifest else 0
         arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="r+")
@@ -89,9 +102,14 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
             row = start
             for images, _ in batches(loader):
                 outputs = as_stored(encode(images.to(device, non_blocking=True)))
+                if not all(x.dtype == np.uint8 or np.isfinite(x).all() for x in outputs):
+                    raise FedMPTError(f"the frozen encoder gave non-finite values for images {row} to "
+                                      f"{row + len(outputs[0]) - 1} of {getattr(dataset, 'name', 'the dataset')} "
+                                      "(a broken backbone file, or values beyond float16's range); nothing of them "
+                                      "was stored.")
                 if arrays is None:  # the first chunk says the shapes
                     manifest = {"key": key, "shapes": [[n, *x.shape[1:]] for x in outputs],
-                                "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0}
+                                "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0, "chunks": []}
                     arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=x.dtype,
                                                         shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
                     files = [directory / f"input{i}.npy" for i in range(len(arrays))]
@@ -100,6 +118,7 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
                     manifest["sizes"] = [path.stat().st_size for path in files]  # fixed from here on
                 for array, x in zip(arrays, outputs):
                     array[row:row + len(x)] = x
+                manifest["chunks"].append([row, row + len(outputs[0]), [checksum(x) for x in outputs]])
                 row += len(outputs[0])
                 for array in arrays:
                     array.flush()
@@ -163,7 +182,7 @@ def read_manifest(directory: Path, key, n, log):
                    f"{manifest['shapes'][0][0]} rows, not {n}" if manifest["shapes"][0][0] != n else
                    "a file is missing or has another size" if [f.stat().st_size if f.exists() else -1
                                                                for f in files] != manifest["sizes"] else
-                   header_problem(files, manifest))
+                   header_problem(files, manifest) or checksum_problem(files, manifest))
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         problem = f"unreadable manifest ({type(error).__name__})"
     if problem:
@@ -186,6 +205,26 @@ def header_problem(files, manifest) -> str:
         if list(array.shape) != list(shape) or str(array.dtype) != dtype:
             return f"{path.name} holds {tuple(array.shape)} {array.dtype}, the manifest says {tuple(shape)} {dtype}"
     return ""
+
+
+def checksum(rows: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(rows))
+
+
+def checksum_problem(files, manifest) -> str:
+    """'' when the recorded chunks cover the rows completed and every chunk's bytes have the
+    CRC-32 recorded when it was written (the whole entry is read)."""
+    if "chunks" not in manifest:
+        return "it was written before chunks had checksums"
+    arrays, covered = [np.load(path, mmap_mode="r") for path in files], 0
+    for start, end, crcs in manifest["chunks"]:
+        if start != covered:
+            return f"its chunks skip rows {covered} to {start - 1}"
+        for path, array, crc in zip(files, arrays, crcs):
+            if checksum(array[start:end]) != crc:
+                return f"rows {start} to {end - 1} of {path.name} fail their checksum"
+        covered = end
+    return "" if covered == manifest["rows_completed"] else f"its chunks cover {covered} of {manifest['rows_completed']} rows"
 
 
 def write_manifest(directory: Path, manifest: dict):

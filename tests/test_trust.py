@@ -1,6 +1,6 @@
-"""Resume refuses what it cannot honour (#27, item 2): a config.json that is not a run's
-configuration, options beside --resume that would change what the saved rounds were trained
-with, and checkpoints of another format or shape all end with exit 2 before the long setup."""
+"""Nothing trusted that should not be (#27): resume refuses what it cannot honour (item 2), what
+used to end in a traceback ends in an `error:` line (item 7, in part), and the feature store
+checks what it serves (item 1). Each test failed on the code before its fix."""
 import dataclasses
 import json
 import shutil
@@ -178,3 +178,83 @@ def test_a_damaged_npy_header_in_the_store_is_encoded_again_and_open_store_names
     (v, _), encoded = features.encode_dataset(encoder, dataset, key, str(tmp_path), batch_size=6, log=messages.append)
     assert encoded == len(dataset) and torch.equal(v, expected) and np.isfinite(v.numpy()).all()
     assert "the header of input0.npy is damaged" in messages[0]
+
+
+# ---- #27 item 1: a store that checks what it serves ---------------------------------------
+def stored(tmp_path, encoder=None, log=None):
+    from store import features
+    from tests.test_store import Encoder, Images
+    dataset = Images()
+    key = features.store_key("backbone-sha", dataset, "v,P")
+    inputs, encoded = features.encode_dataset(encoder or Encoder(), dataset, key, str(tmp_path), batch_size=6,
+                                              log=log or print)
+    return inputs, encoded, features.store_directory(key, str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "lowest bit of every value"])
+def test_damaged_store_bytes_with_headers_and_sizes_intact_are_encoded_again(tmp_path, damage):
+    import numpy as np
+    (v, P), _, directory = stored(tmp_path)
+    expected = P.clone()
+    array = np.load(directory / "input1.npy", mmap_mode="r+")
+    if damage == "flipped bytes":
+        raw = array.reshape(-1).view(np.uint8)
+        raw[100:164] ^= 0xFF
+    else:
+        array.view(np.uint16)[...] ^= 1  # every float16 moves by one unit in the last place
+    array.flush()
+    del array
+    messages = []
+    (v, P), encoded, _ = stored(tmp_path, log=messages.append)
+    assert encoded == 20 and torch.equal(P, expected)
+    assert "input1.npy fail their checksum" in messages[0] and "encoding again" in messages[0]
+    assert stored(tmp_path)[1] == 0  # and then it is served as it is
+
+
+def test_a_replaced_image_with_its_size_and_mtime_kept_changes_the_key(tmp_path):
+    import os
+
+    from store import features
+    from tests.test_store import Images
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(b"A" * 100)
+    second.write_bytes(b"B" * 100)
+    dataset = Images(1)
+    dataset.images = [first]
+    before = features.store_key("sha", dataset, "v,P")
+    status = os.stat(first)
+    os.replace(second, first)  # other pictures, same size ...
+    os.utime(first, ns=(status.st_atime_ns, status.st_mtime_ns))  # ... and the same modification time
+    assert os.stat(first).st_size == status.st_size and os.stat(first).st_mtime_ns == status.st_mtime_ns
+    assert features.store_key("sha", dataset, "v,P") != before
+
+
+def test_non_finite_encoder_output_is_never_stored(tmp_path):
+    from tests.test_store import Encoder
+
+    class Broken(Encoder):
+        def __call__(self, x):
+            v, P = super().__call__(x)
+            return v * 1e6, P  # beyond float16's range: inf once stored
+    with pytest.raises(experiment.FedMPTError, match="non-finite values for images 0 to 5"):
+        stored(tmp_path, Broken())
+    (v, _), encoded, _ = stored(tmp_path)
+    assert encoded == 20 and torch.isfinite(v).all()
+
+
+def test_a_run_waiting_for_anothers_lock_says_so(tmp_path):
+    import fcntl
+    import threading
+    _, _, directory = stored(tmp_path)
+    messages, holder = [], open(directory / ".lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=lambda: stored(tmp_path, log=messages.append), daemon=True)
+    try:
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and "waiting for another run that encodes the same inputs" in " ".join(messages)
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
