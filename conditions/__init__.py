@@ -1,6 +1,7 @@
 """Conditions: the shipped condition files (conditions/<dataset>.json), loading and validating
 them. `python -m conditions.discover` asks an LLM for a dataset's conditions (discover.py).
 """
+import collections
 import json
 import warnings
 from pathlib import Path
@@ -55,11 +56,11 @@ def condition_problems(conditions, class_names, k=None, context_length=77, n_ctx
         return ["'conditions' must be a non-empty list of strings"]
     if not all(isinstance(c, str) for c in conditions):
         return [f"every condition must be a string, got {conditions!r}"]
+    if k is not None and len(conditions) != k:  # and nothing else is checked: a long list costs nothing
+        return [f"expected exactly {k} conditions, got {len(conditions)}"]
     problems = []
-    if k is not None and len(conditions) != k:
-        problems.append(f"expected exactly {k} conditions, got {len(conditions)}")
-    lowered = [" ".join(c.lower().split()) for c in conditions]
-    duplicates = sorted({c for c in lowered if lowered.count(c) > 1})
+    counts = collections.Counter(" ".join(c.lower().split()) for c in conditions)
+    duplicates = sorted(c for c, n in counts.items() if n > 1)
     if duplicates:
         problems.append(f"conditions repeat (ignoring case): {', '.join(map(repr, duplicates))}")
     names = {n.lower() for n in class_names} | {data.prompt_name(n).lower() for n in class_names}

@@ -13,15 +13,19 @@ attributes prompt asks for N sentences per class (`conditions.attributes`), in c
 and it is asked again; --out is written only when every answer is valid.
 """
 import argparse
+import contextlib
 import datetime
 import http.client
+import io
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -33,9 +37,11 @@ from conditions import condition_problems
 from errors import FedMPTError, exit_code
 from store.runs import write_json_atomic
 
-# We call the chat-completions endpoint with urllib rather than the `openai` package: discovery
-# is a few POSTs, urllib adds no dependency, and it speaks to any OpenAI-compatible server
-# (a hosted API, llama.cpp's llama-server, vLLM) with nothing but a base URL.
+# We call the chat-completions endpoint with the standard library's http.client rather than the
+# `openai` package: discovery is a few POSTs, it adds no dependency, and it speaks to any
+# OpenAI-compatible server (a hosted API, llama.cpp's llama-server, vLLM) with nothing but a base
+# URL. http.client follows no redirect (the key goes to --base-url alone), and chat_completion
+# bounds the whole exchange by --timeout and the reply by MAX_ANSWER_BYTES.
 API_KEY_VARIABLES = ("FEDMPT_LLM_API_KEY", "OPENAI_API_KEY")
 
 
@@ -65,6 +71,17 @@ def build_prompt(dataset: str, class_names, cooccurrences, k: int) -> str:
     return "\n".join(lines)
 
 
+MAX_ANSWER_BYTES = 4 * 2 ** 20  # a chat completion of K conditions is a few KB; more is not an answer
+SHOWN_CHARACTERS = 2000  # what of an answer an error message quotes
+
+
+def shown(text: str) -> str:
+    """An answer as a message may quote it: non-printable characters (terminal escapes too)
+    written as escapes, at most SHOWN_CHARACTERS of them."""
+    safe = "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text[:SHOWN_CHARACTERS])
+    return safe + (f" ... ({len(text) - SHOWN_CHARACTERS} more characters)" if len(text) > SHOWN_CHARACTERS else "")
+
+
 def parse_answer(answer: str, key: str = "conditions"):
     """The value of `key` in an answer's JSON object (a ```json fence is tolerated), or a
     problem sentence."""
@@ -73,24 +90,79 @@ def parse_answer(answer: str, key: str = "conditions"):
         content = json.loads(fenced.group(1) if fenced else answer)
     except json.JSONDecodeError as error:
         return None, f"the answer is not valid JSON ({error})"
+    except RecursionError:
+        return None, "the answer's JSON nests deeper than Python's parser goes"
     if not isinstance(content, dict) or key not in content:
         return None, f'the answer must be a JSON object with the key "{key}"'
     return content[key], None
 
 
+class Refused(OSError):
+    """A reply this client will not take: too large, too slow as a whole, or a redirect."""
+
+
 def chat_completion(base_url: str, model: str, messages, api_key: str, timeout: float) -> str:
-    """One POST {base_url}/chat/completions at temperature 0; returns the answer's text."""
+    """One POST {base_url}/chat/completions at temperature 0; returns the answer's text.
+    `timeout` bounds the whole exchange, not each read (a server that drips bytes is cut off);
+    the reply may hold MAX_ANSWER_BYTES at most; a redirect is not followed (the API key is
+    never sent anywhere but --base-url)."""
+    url = urllib.parse.urlsplit(f"{base_url.rstrip('/')}/chat/completions")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise FedMPTError(f"--base-url {base_url}: give an http:// or https:// address.")
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     body = json.dumps({"model": model, "messages": messages, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{base_url.rstrip('/')}/chat/completions", data=body,
-                                     headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        answer = json.loads(response.read())["choices"][0]["message"]["content"]
+    deadline = time.monotonic() + timeout
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    connection = kind(url.hostname, url.port, timeout=timeout)
+    watchdog = threading.Timer(timeout, cut_off, args=(connection,))  # headers dripped byte by byte too
+    watchdog.start()
+    try:
+        connection.request("POST", url.path + (f"?{url.query}" if url.query else ""), body=body, headers=headers)
+        sock = connection.sock  # the response keeps reading from it after the connection lets go
+        response = connection.getresponse()
+        if 300 <= response.status < 400:
+            said = (f"a redirect to {response.getheader('Location')}, not followed (the key goes to --base-url "
+                    "alone): point --base-url at the server itself")
+            raise urllib.error.HTTPError(url.geturl(), response.status, said, response.headers,
+                                         io.BytesIO(said.encode()))
+        chunks, size = [], 0
+        while chunk := read_before(response, sock, deadline):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise Refused(f"the reply is over {MAX_ANSWER_BYTES // 2 ** 20} MiB: not a chat completion")
+            chunks.append(chunk)
+        payload = b"".join(chunks)
+        if response.status >= 400:
+            raise urllib.error.HTTPError(url.geturl(), response.status, payload.decode(errors="replace"),
+                                         response.headers, io.BytesIO(payload))
+    except (OSError, http.client.HTTPException) as error:
+        if time.monotonic() >= deadline and not isinstance(error, (Refused, urllib.error.HTTPError)):
+            raise TimeoutError("the whole reply took longer than --timeout") from None
+        raise
+    finally:
+        watchdog.cancel()
+        connection.close()
+    answer = json.loads(payload)["choices"][0]["message"]["content"]
     if not isinstance(answer, str):
-        raise TypeError(f"message content is {answer!r}, not text")
+        raise TypeError(f"message content is {shown(repr(answer))}, not text")
     return answer
+
+
+def cut_off(connection):
+    """The watchdog: end a connection whose whole exchange ran past its deadline."""
+    with contextlib.suppress(OSError, AttributeError):
+        connection.sock.shutdown(socket.SHUT_RDWR)
+
+
+def read_before(response, sock, deadline) -> bytes:
+    """The next piece of the reply, or TimeoutError once the deadline has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the whole reply took longer than --timeout")
+    sock.settimeout(left)
+    return response.read1(65536)
 
 
 def ask(prompt, check, again, base_url, model, api_key, timeout=60.0, retries=3,
@@ -107,26 +179,28 @@ def ask(prompt, check, again, base_url, model, api_key, timeout=60.0, retries=3,
         try:
             answer = chat_completion(base_url, model, messages, api_key, timeout)
         except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:300]
+            detail = shown(error.read().decode(errors="replace")[:300])
             if error.code < 500 and error.code != 429:
                 raise FedMPTError(f"{base_url} answered HTTP {error.code}: {detail}. Check "
                                   "--base-url (usually ending in /v1), --model and the API key "
                                   f"in ${API_KEY_VARIABLES[0]}.") from None
             failure, fix = f"HTTP {error.code}: {detail}", "retry later or raise --retries"
+        except Refused as error:
+            failure, fix = str(error), "check that --base-url is an OpenAI-compatible API"
         except (OSError, http.client.HTTPException) as error:  # timeouts, refused connections
             if isinstance(getattr(error, "reason", error), TimeoutError):
-                failure, fix = f"no answer within --timeout {timeout:g} s", "raise --timeout"
+                failure, fix = f"no whole answer within --timeout {timeout:g} s", "raise --timeout"
             else:
                 failure = f"cannot connect ({getattr(error, 'reason', error)})"
                 fix = "check that an OpenAI-compatible server listens at --base-url"
         except (ValueError, LookupError, TypeError) as error:
-            failure = f"the reply is not a chat completion ({error!r})"
+            failure = f"the reply is not a chat completion ({shown(repr(error))})"
             fix = "check that --base-url is an OpenAI-compatible API"
         else:
             value, problems = check(answer)
             if not problems:
                 return value
-            failure = f"invalid answer: {'; '.join(problems)}. The answer was:\n{answer}\n"
+            failure = f"invalid answer: {shown('; '.join(problems))}. The answer was:\n{shown(answer)}\n"
             fix = "raise --retries or try another --model"
             messages += [{"role": "assistant", "content": answer},
                          {"role": "user", "content": f"That answer is invalid: "

@@ -258,3 +258,111 @@ def test_a_run_waiting_for_anothers_lock_says_so(tmp_path):
         holder.close()
     waiter.join(timeout=30)
     assert not waiter.is_alive()
+
+
+# ---- #27 item 5: an LLM client that gives nothing away ------------------------------------
+class HostileServer:
+    """A chat-completions server on 127.0.0.1 that answers every POST with `behaviour`, and
+    records every request it gets (path, headers)."""
+
+    def __init__(self, behaviour):
+        import http.server
+        import threading
+        self.requests, server = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests.append((self.path, dict(self.headers)))
+                try:
+                    behaviour(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up, as it should
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def chat_reply(handler, content, code=200):
+    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+def endless(handler):
+    handler.send_response(200)
+    handler.end_headers()  # no length: the body runs until the server stops
+    for _ in range(200):  # 12.8 MB, more than the client takes
+        handler.wfile.write(b"x" * 65536)
+
+
+def dripping(handler):
+    import time
+    handler.send_response(200)
+    handler.end_headers()
+    for _ in range(100):
+        handler.wfile.write(b" ")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+def ask_hostile(behaviour, tmp_path, *options, monkeypatch=None):
+    import time
+
+    from conditions import discover
+    server = HostileServer(behaviour)
+    out = tmp_path / "conditions.json"
+    try:
+        start = time.monotonic()
+        code = discover.main(["--dataset", "shapes", "--base-url", server.base_url, "--model", "m", "--out", str(out),
+                              "--retries", "0", *options])
+        return code, time.monotonic() - start, server.requests, out
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("behaviour, options, message, seconds", [
+    (endless, ["--timeout", "30"], "the reply is over 4 MiB", 10),
+    (dripping, ["--timeout", "1"], "no whole answer within --timeout 1 s", 4),
+    (lambda h: chat_reply(h, "[" * 200_000 + "]" * 200_000), [], "nests deeper than Python's parser goes", 10),
+    (lambda h: chat_reply(h, json.dumps({"conditions": [f"c{i}" for i in range(40_000)]})), [],
+     "expected exactly 5 conditions, got 40000", 10),
+])
+def test_hostile_answers_end_in_bounded_time_and_memory(tmp_path, capsys, behaviour, options, message, seconds):
+    code, took, _, out = ask_hostile(behaviour, tmp_path, *options)
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and took < seconds and not out.exists()
+    assert len(error) < 10_000  # no answer is echoed whole
+
+
+def test_an_answer_with_terminal_escapes_is_shown_escaped(tmp_path, capsys):
+    code, _, _, _ = ask_hostile(lambda h: chat_reply(h, "\x1b[2J\x1b]0;owned\x07 not json"), tmp_path)
+    error = capsys.readouterr().err
+    assert code == 2 and "\x1b" not in error and "\x07" not in error and "\\x1b[2J" in error
+
+
+def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(tmp_path, capsys, monkeypatch):
+    thief = HostileServer(lambda h: chat_reply(h, json.dumps({"conditions": ["a", "b", "c", "d", "e"]})))
+
+    def redirect(handler):
+        handler.send_response(302)
+        handler.send_header("Location", f"{thief.base_url}/chat/completions")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    monkeypatch.setenv("FEDMPT_LLM_API_KEY", "the-secret")
+    try:
+        code, _, requests, _ = ask_hostile(redirect, tmp_path)
+    finally:
+        thief.close()
+    assert code == 2 and "redirect" in capsys.readouterr().err
+    assert requests[0][1].get("Authorization") == "Bearer the-secret" and thief.requests == []
