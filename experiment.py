@@ -75,11 +75,6 @@ class Config:
                               "at most 8)", range="[-1, inf)", execution=True)
 
 
-def config_from(config_class, values: dict):
-    """A config dataclass from a dict that may hold more (parsed options, a saved config.json)."""
-    return config_class(**{f.name: values[f.name] for f in dataclasses.fields(config_class) if f.name in values})
-
-
 def validate(cfg: Config, model_cfg: ModelConfig):
     """Raises FedMPTError naming every bad option (and nothing else); fills in --lr 0 with the
     method's own rate."""
@@ -105,25 +100,8 @@ RUN_RECORD = ("root", "device_used", "out", "classes", "condition_set", "attribu
 
 
 def read_config(run_dir: str):
-    """The configuration a run was started with, checked against the options' own definition:
-    (Config, ModelConfig, the whole config.json). Every option must be there (those that only
-    say how a run is executed may be missing) and within its type, choices and range, and
-    nothing may be there that no option or run record names."""
-    path = Path(run_dir) / "config.json"
-    saved = runs.read_saved_config(run_dir)
-    if not isinstance(saved, dict):
-        raise FedMPTError(f"{path} holds a JSON {type(saved).__name__}, not a run's configuration; restore the "
-                          "run's own config.json, or train the run again with another --out.")
-    fields = [f for config_class in (Config, ModelConfig) for f in dataclasses.fields(config_class)]
-    missing = [flag(f) for f in fields if f.name not in saved and not f.metadata.get("execution")]
-    unknown = sorted(set(saved) - {f.name for f in fields} - set(RUN_RECORD))
-    cfg, model_cfg = config_from(Config, saved), config_from(ModelConfig, saved)
-    problems = ([f"it lacks {', '.join(missing)}"] if missing else []) + field_problems(cfg) + field_problems(model_cfg)
-    problems += [f"no option or run record is called {', '.join(unknown)}"] if unknown else []
-    if problems:
-        raise FedMPTError(f"{path} is not a configuration this code can continue: {'; '.join(problems)}. Restore the "
-                          "run's own config.json, or train the run again with another --out.")
-    return cfg, model_cfg, saved
+    """(Config, ModelConfig, the whole config.json) of a run, checked (store.runs.read_run_config)."""
+    return runs.read_run_config(run_dir, (Config, ModelConfig), RUN_RECORD)
 
 
 def resume_config(run_dir: str, given: dict = None):
@@ -132,10 +110,10 @@ def resume_config(run_dir: str, given: dict = None):
     Those that only say how the run is executed (--device, --threads, --workers, --cache-dir)
     apply, and --rounds may extend the run; any other is refused: it would change what the
     saved rounds were trained with."""
-    cfg, model_cfg, saved = read_config(run_dir)
+    cfg, model_cfg, _ = read_config(run_dir)
     given = {name: value for name, value in (given or {}).items() if name != "resume"}
     execution = {f.name for f in dataclasses.fields(Config) if f.metadata.get("execution")}
-    refused = ["--" + name.replace("_", "-") for name in given if name not in execution | {"rounds"}]
+    refused = [flag(name) for name in given if name not in execution | {"rounds"}]
     if refused:
         raise FedMPTError(f"--resume {run_dir} continues the run with its own options; {', '.join(refused)} would change "
                           "what its saved rounds were trained with. Start a new run (another --out) to change them; "
@@ -153,22 +131,6 @@ def resume_config(run_dir: str, given: dict = None):
     if (Path(run_dir) / "attributes.json").exists():
         cfg.attributes = str(Path(run_dir) / "attributes.json")
     return cfg, model_cfg
-
-
-def extend_rounds(run_dir: str, rounds: int, done: int):
-    """--rounds beside --resume: a run extended past its own rounds (recorded in its config.json);
-    its learning rate follows the cosine over the new total from here on."""
-    saved = runs.read_saved_config(run_dir)
-    if rounds == saved["rounds"]:
-        return
-    if rounds < saved["rounds"] or rounds <= done:
-        raise FedMPTError(f"--rounds {rounds} beside --resume extends a run: give more than its {saved['rounds']} rounds "
-                          f"({done} done).")
-    print(f"note: --rounds {rounds} extends the run from {saved['rounds']} rounds; from round {done + 1} on the learning "
-          f"rate follows the cosine over {rounds} rounds, so the result is not that of a run begun with --rounds "
-          f"{rounds}.", file=sys.stderr)
-    extended = saved.get("extended", []) + [{"after_round": done, "rounds_before": saved["rounds"], "rounds": rounds}]
-    runs.write_json_atomic(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
 
 
 # ---- The stages ---------------------------------------------------------------------------
@@ -294,27 +256,35 @@ class Experiment:
     model_cfg: ModelConfig
     out: Path
     model: PromptModel
-    splits: list
     train: tuple  # (inputs, targets) of the training images: inputs = model.encode_images' tuple
     test: tuple  # the same for the test images
     prior_mAP: float
     resolved: dict  # what config.json holds
     zero_shot: dict  # metrics of the frozen backbone alone, "a photo of a <class>."
-    biased_pairs: list  # class index pairs for the bias metrics (the shapes world); [] elsewhere
     store_keys: dict  # {"train"/"test"/"zero-shot": key} of the frozen inputs in the feature store
-    validation: list = dataclasses.field(default_factory=list)  # rows of exp.train held out (--validation)
-    conditions: dict = None  # the condition set (conditions.json)
-    attributes: dict = None  # FedMVP's descriptions (attributes.json)
-    clients: Clients = None
-    train_set: object = None  # the datasets (their images, classes, targets)
-    test_set: object = None
+    conditions: dict  # the condition set (conditions.json)
+    attributes: dict  # FedMVP's descriptions (attributes.json), else None
+    clients: Clients
+    train_set: object  # the datasets (their images, classes, targets)
+    test_set: object
+
+    @property
+    def splits(self) -> list:  # rows of exp.train each client holds
+        return self.clients.splits
+
+    @property
+    def validation(self) -> list:  # rows of exp.train held out (--validation)
+        return self.clients.validation
+
+    @property
+    def biased_pairs(self) -> list:  # class index pairs for the bias metrics (the shapes world); [] elsewhere
+        return self.test_set.biased_pairs
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None) -> Experiment:
     """The plain loop's start: `build` (from `state` when resuming), then the run directory
     (config.json with `record` added, conditions.json, clients.png); an --out that already
     holds a run is refused first."""
-    validate(cfg, model_cfg)
     exp = build(cfg, model_cfg, record, new_run_directory(cfg), state)
     save_run_directory(exp)
     return exp
@@ -427,10 +397,9 @@ def assemble(parts: Parts, train=None, out=None, record: dict = None) -> Experim
         encoded += n
     zero_shot = zero_shot_metrics(backbone, v, test_set, train_set.classes)
     resolved = describe(parts, out, sha256, encoded, record)
-    return Experiment(cfg, parts.model_cfg, out, model, clients.splits,
-                      (None if train is None else train[0], parts.train_targets), (test, test_set.targets),
-                      prior, resolved, zero_shot, test_set.biased_pairs, store_keys, clients.validation,
-                      parts.conditions, parts.attributes, clients, train_set, test_set)
+    return Experiment(cfg, parts.model_cfg, out, model, (None if train is None else train[0], parts.train_targets),
+                      (test, test_set.targets), prior, resolved, zero_shot, store_keys, parts.conditions,
+                      parts.attributes, clients, train_set, test_set)
 
 
 def label_prior_mAP(train_targets, test_set, n_classes) -> float:

@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from errors import Interrupted, RunFailed, exit_code
-from experiment import (Config, Experiment, config_from, count_params, evaluate_global, extend_rounds, gather,
-                        reference_scores, resume_config, setup, validate)
+from experiment import (Config, Experiment, count_params, evaluate_global, gather, reference_scores, resume_config,
+                        setup, validate)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
-from store.runs import read_checkpoint, save_atomic, save_round
-from tools.options import build_parser, given_options
+from store.runs import extend_rounds, read_checkpoint, save_atomic, save_round
+from tools.options import build_parser, config_from, given_options
 
 
 def parse_config(argv):
@@ -316,11 +316,12 @@ def main(argv=None):
     """`federate.py [options]` trains (`--count-params`: prints the method's size and exits)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, model_cfg = parse_config(argv)
+    given = given_options(argv, cfg, model_cfg)
     if "--count-params" in argv:
-        if "--dataset" not in argv and not any(a.startswith("--dataset=") for a in argv):
+        if "dataset" not in given:
             cfg.dataset = "voc2007"  # Table 5's setting
         return exit_code(lambda: print(json.dumps(count_params(cfg, model_cfg))))
-    return exit_code(run, cfg, model_cfg, given_options(argv, cfg, model_cfg))
+    return exit_code(run, cfg, model_cfg, given)
 
 
 if __name__ == "__main__":

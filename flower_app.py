@@ -38,12 +38,12 @@ import torch
 import experiment
 import federate
 from errors import FedMPTError, exit_code
-from experiment import Config, Experiment, config_from
+from experiment import Config, Experiment
 from fedmpt import ModelConfig
 from launcher.flower import FlowerConfig, launch
 from store import features
 from store.runs import save_atomic
-from tools.options import build_parser
+from tools.options import build_parser, config_from
 
 try:
     from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict

@@ -182,7 +182,7 @@ def read_manifest(directory: Path, key, n, log):
                    f"{manifest['shapes'][0][0]} rows, not {n}" if manifest["shapes"][0][0] != n else
                    "a file is missing or has another size" if [f.stat().st_size if f.exists() else -1
                                                                for f in files] != manifest["sizes"] else
-                   header_problem(files, manifest) or checksum_problem(files, manifest))
+                   content_problem(files, manifest))
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         problem = f"unreadable manifest ({type(error).__name__})"
     if problem:
@@ -195,28 +195,22 @@ def read_manifest(directory: Path, key, n, log):
 HEADER_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)  # what np.load raises for a damaged header
 
 
-def header_problem(files, manifest) -> str:
-    """'' when every file's .npy header reads and says the manifest's shape and dtype."""
+def content_problem(files, manifest) -> str:
+    """'' when every file's .npy header reads and says the manifest's shape and dtype, the
+    recorded chunks cover the rows completed, and every chunk's bytes have the CRC-32 recorded
+    when it was written (the whole entry is read, each file opened once)."""
+    arrays = []
     for path, shape, dtype in zip(files, manifest["shapes"], manifest["dtypes"]):
         try:
-            array = np.load(path, mmap_mode="r")
+            arrays.append(np.load(path, mmap_mode="r"))
         except (OSError, *HEADER_ERRORS) as error:
             return f"the header of {path.name} is damaged ({type(error).__name__})"
-        if list(array.shape) != list(shape) or str(array.dtype) != dtype:
-            return f"{path.name} holds {tuple(array.shape)} {array.dtype}, the manifest says {tuple(shape)} {dtype}"
-    return ""
-
-
-def checksum(rows: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(rows))
-
-
-def checksum_problem(files, manifest) -> str:
-    """'' when the recorded chunks cover the rows completed and every chunk's bytes have the
-    CRC-32 recorded when it was written (the whole entry is read)."""
+        found = arrays[-1]
+        if list(found.shape) != list(shape) or str(found.dtype) != dtype:
+            return f"{path.name} holds {tuple(found.shape)} {found.dtype}, the manifest says {tuple(shape)} {dtype}"
     if "chunks" not in manifest:
         return "it was written before chunks had checksums"
-    arrays, covered = [np.load(path, mmap_mode="r") for path in files], 0
+    covered = 0
     for start, end, crcs in manifest["chunks"]:
         if start != covered:
             return f"its chunks skip rows {covered} to {start - 1}"
@@ -225,6 +219,10 @@ def checksum_problem(files, manifest) -> str:
                 return f"rows {start} to {end - 1} of {path.name} fail their checksum"
         covered = end
     return "" if covered == manifest["rows_completed"] else f"its chunks cover {covered} of {manifest['rows_completed']} rows"
+
+
+def checksum(rows: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(rows))
 
 
 def write_manifest(directory: Path, manifest: dict):

@@ -11,15 +11,18 @@
 Every file is written to a temporary file beside it and renamed: none is ever half-written.
 Checkpoints load as tensors only (`weights_only=True`): a planted file cannot run code.
 """
+import dataclasses
 import json
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from errors import FedMPTError
+from tools.options import config_from, field_problems, flag
 
 
 def default_out(cfg) -> str:
@@ -42,11 +45,11 @@ def save_atomic(obj, path: Path):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path, map_location=None, fix="restore it from a copy"):
-    """torch.load of a checkpoint or state file (tensors only, onto `map_location`: a run
-    trained on a GPU loads on a CPU), with an error that names the file and `fix`."""
+def load_checkpoint(path: Path, fix: str) -> object:
+    """torch.load of a checkpoint or state file (tensors only, onto the CPU: a run trained on a
+    GPU loads anywhere), with an error that names the file and `fix`."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         # torch's own message advises weights_only=False, which would run code from the file
         reason = "missing" if isinstance(error, FileNotFoundError) else "truncated or damaged"
@@ -56,7 +59,7 @@ def load_checkpoint(path: Path, map_location=None, fix="restore it from a copy")
 def read_checkpoint(path: Path, fix: str) -> dict:
     """checkpoint.pt, checked for its format: {global_state: {name: tensor}, round, history
     (a row per round so far), rng_state}; anything else is a FedMPTError naming the file."""
-    checkpoint = load_checkpoint(path, "cpu", fix)
+    checkpoint = load_checkpoint(path, fix)
     state = checkpoint.get("global_state") if isinstance(checkpoint, dict) else None
     history = checkpoint.get("history") if isinstance(checkpoint, dict) else None
     fits = (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())
@@ -71,7 +74,7 @@ def read_checkpoint(path: Path, fix: str) -> dict:
 
 def read_state(path: Path, fix: str) -> dict:
     """state.pt, checked for its format: {name: tensor}."""
-    state = load_checkpoint(path, "cpu", fix)
+    state = load_checkpoint(path, fix)
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise FedMPTError(f"{path} is not a tunable state (a dict of tensors); {fix}.")
     return state
@@ -84,6 +87,45 @@ def read_saved_config(run_dir) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise FedMPTError(f"run {run_dir}: cannot read {path} ({error}).") from None
+
+
+def read_run_config(run_dir, config_classes, record_keys) -> tuple:
+    """The options a run was started with, checked against their own definition: one config
+    per class of `config_classes`, then the whole config.json. Every option must be there (those
+    marked `execution`, which only say how a run is executed, may be missing) and within its
+    type, choices and range, and nothing may be there but options and `record_keys`."""
+    path = Path(run_dir) / "config.json"
+    saved = read_saved_config(run_dir)
+    if not isinstance(saved, dict):
+        raise FedMPTError(f"{path} holds a JSON {type(saved).__name__}, not a run's configuration; restore the "
+                          "run's own config.json, or train the run again with another --out.")
+    fields = [f for config_class in config_classes for f in dataclasses.fields(config_class)]
+    missing = [flag(f.name) for f in fields if f.name not in saved and not f.metadata.get("execution")]
+    unknown = sorted(set(saved) - {f.name for f in fields} - set(record_keys))
+    configs = [config_from(config_class, saved) for config_class in config_classes]
+    problems = [f"it lacks {', '.join(missing)}"] if missing else []
+    problems += [problem for config in configs for problem in field_problems(config)]
+    problems += [f"no option or run record is called {', '.join(unknown)}"] if unknown else []
+    if problems:
+        raise FedMPTError(f"{path} is not a configuration this code can continue: {'; '.join(problems)}. Restore the "
+                          "run's own config.json, or train the run again with another --out.")
+    return (*configs, saved)
+
+
+def extend_rounds(run_dir, rounds: int, done: int):
+    """--rounds beside --resume: a run extended past its own rounds (recorded in its config.json);
+    its learning rate follows the cosine over the new total from here on."""
+    saved = read_saved_config(run_dir)
+    if rounds == saved["rounds"]:
+        return
+    if rounds < saved["rounds"] or rounds <= done:
+        raise FedMPTError(f"--rounds {rounds} beside --resume extends a run: give more than its {saved['rounds']} rounds "
+                          f"({done} done).")
+    print(f"note: --rounds {rounds} extends the run from {saved['rounds']} rounds; from round {done + 1} on the learning "
+          f"rate follows the cosine over {rounds} rounds, so the result is not that of a run begun with --rounds "
+          f"{rounds}.", file=sys.stderr)
+    extended = saved.get("extended", []) + [{"after_round": done, "rounds_before": saved["rounds"], "rounds": rounds}]
+    write_json_atomic(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
 
 
 def write_run_files(out: Path, resolved: dict, conditions: dict, attributes=None):

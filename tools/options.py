@@ -12,8 +12,14 @@ from errors import FedMPTError
 BEGIN, END = "<!-- options: made by python docs/options_table.py --write -->", "<!-- end of options -->"
 
 
-def flag(field) -> str:
-    return "--" + field.name.replace("_", "-")
+def flag(name: str) -> str:
+    """The command-line flag of a field name: class_ctx -> --class-ctx."""
+    return "--" + name.replace("_", "-")
+
+
+def config_from(config_class, values: dict):
+    """A config dataclass from a dict that may hold more (parsed options, a saved config.json)."""
+    return config_class(**{f.name: values[f.name] for f in dataclasses.fields(config_class) if f.name in values})
 
 
 def shown_default(field) -> str:
@@ -43,10 +49,10 @@ def build_parser(config_classes, prog=None, description=None) -> argparse.Argume
     for config_class in config_classes:
         for field in dataclasses.fields(config_class):
             if isinstance(field.default, bool):
-                parser.add_argument(flag(field), action="store_true", help=help_text(field))
+                parser.add_argument(flag(field.name), action="store_true", help=help_text(field))
             else:
                 metavar = {int: "N", float: "X"}.get(type(field.default), "TEXT")
-                parser.add_argument(flag(field), type=type(field.default), default=field.default,
+                parser.add_argument(flag(field.name), type=type(field.default), default=field.default,
                                     metavar=metavar, help=help_text(field))
     return parser
 
@@ -54,7 +60,7 @@ def build_parser(config_classes, prog=None, description=None) -> argparse.Argume
 def given_options(argv, *configs) -> dict:
     """{field name: parsed value} of the options named on the command line `argv`."""
     named = {argument.split("=")[0] for argument in argv if argument.startswith("--")}
-    return {f.name: getattr(config, f.name) for config in configs for f in dataclasses.fields(config) if flag(f) in named}
+    return {f.name: getattr(config, f.name) for config in configs for f in dataclasses.fields(config) if flag(f.name) in named}
 
 
 def in_range(value, spec: str) -> bool:
@@ -75,11 +81,11 @@ def field_problems(config) -> list:
         value, rules, kind = getattr(config, field.name), field.metadata, type(field.default)
         number = kind in (int, float) and isinstance(value, int if kind is int else (int, float))
         if not (isinstance(value, kind) or number) or isinstance(value, bool) != (kind is bool):
-            problems.append(f"{flag(field)} {value!r}: must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
+            problems.append(f"{flag(field.name)} {value!r}: must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
         elif "choices" in rules and value not in rules["choices"]:
-            problems.append(f"{flag(field)} {value}: choose one of {', '.join(map(str, rules['choices']))}")
+            problems.append(f"{flag(field.name)} {value}: choose one of {', '.join(map(str, rules['choices']))}")
         elif "range" in rules and not in_range(value, rules["range"]):
-            problems.append(f"{flag(field)} {value}: must lie in {rules['range']}")
+            problems.append(f"{flag(field.name)} {value}: must lie in {rules['range']}")
     return problems
 
 
@@ -102,5 +108,5 @@ def options_table(sections) -> str:
                 meaning += f" (choices: {', '.join(f'`{c}`' for c in rules['choices'])})"
             if "range" in rules:
                 meaning += f" (range {rules['range']})"
-            lines.append(f"| `{flag(field)}` | {shown_default(field)} | {meaning.replace('|', '/')} |")
+            lines.append(f"| `{flag(field.name)}` | {shown_default(field)} | {meaning.replace('|', '/')} |")
     return "\n".join(lines + ["", END])
