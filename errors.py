@@ -1,9 +1,18 @@
 """The errors users see, each a message that names the thing and the fix, and `exit_code`,
 which every entry point's main() uses to turn them into one `error:` line and an exit code:
 `FedMPTError` (bad input) 2, `RunFailed` (training broke) 1, `Interrupted` (Ctrl-C) 130;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Every entry point imports it, so an
+interpreter older than the one this code is tested on (MINIMUM_PYTHON, also pyproject.toml's
+requires-python) stops here with one line.
 """
+import platform
 import sys
+
+MINIMUM_PYTHON = (3, 11)  # CI's and this project's machines run 3.11; the lent GPU machine 3.12
+if sys.version_info < MINIMUM_PYTHON:
+    print(f"error: fedmpt needs Python {'.'.join(map(str, MINIMUM_PYTHON))} or newer; this is "
+          f"{platform.python_version()} ({sys.executable}).", file=sys.stderr)
+    sys.exit(2)
 
 
 class FedMPTError(Exception):

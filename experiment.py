@@ -471,11 +471,27 @@ def evaluate_global(exp: Experiment) -> dict:
         bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
         result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
     if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
-        inputs, y = exp.train
-        held_out = metrics.multilabel_metrics(predict_scores(exp.model, inputs, rows=exp.validation),
-                                              y[exp.validation], top_k=min(3, y.shape[1]))
+        val_scores, val_y = validation_scores(exp)
+        held_out = metrics.multilabel_metrics(val_scores, val_y, top_k=min(3, y.shape[1]))
         result.update({f"val_{k}": held_out[k] for k in ("mAP", "CF1", "OF1")})
+        chosen = metrics.multilabel_metrics(scores, y, metrics.f1_thresholds(val_scores, val_y), min(3, y.shape[1]))
+        result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
     return result
+
+
+def validation_scores(exp: Experiment) -> tuple:
+    """Probabilities and labels of the held-out training images (--validation), never the test's."""
+    inputs, y = exp.train
+    return predict_scores(exp.model, inputs, rows=exp.validation), y[exp.validation]
+
+
+def thresholds_record(exp: Experiment, round_index: int) -> dict:
+    """thresholds.json: per-class F1-optimal thresholds of the model's current state, chosen on
+    the held-out training images (what predict.py labels with)."""
+    val_scores, val_y = validation_scores(exp)
+    return {"round": round_index, "chosen_on": f"{len(exp.validation)} held-out training images (--validation)",
+            "rule": "per class, the threshold that maximises F1 of probability >= threshold (metrics.f1_thresholds)",
+            "thresholds": dict(zip(exp.train_set.classes, metrics.f1_thresholds(val_scores, val_y).tolist()))}
 
 
 def reference_scores(exp: Experiment) -> dict:

@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from errors import Interrupted, RunFailed, exit_code
 from experiment import (Config, Experiment, count_params, evaluate_global, gather, reference_scores, resume_config,
-                        setup, validate)
+                        setup, thresholds_record, validate)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
-from store.runs import extend_rounds, read_checkpoint, save_atomic, save_round
+from store.files import save_tensors, write_json
+from store.runs import extend_rounds, read_checkpoint, save_round
 from tools.options import build_parser, config_from, given_options
 
 
@@ -245,6 +246,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         history, first_round = checkpoint["history"], checkpoint["round"] + 1
         rng.bit_generator.state = checkpoint["rng_state"]
         print(f"resuming {out} after round {checkpoint['round']}")
+        write_json(out / "metrics.json", history)  # a run stopped between the two writes: metrics.json catches up
 
     print(f"label prior mAP {exp.prior_mAP:.2f}; zero-shot mAP {exp.zero_shot['mAP']:.2f}; "
           f"client sizes {[len(s) for s in exp.splits]}")
@@ -270,7 +272,9 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         model.load_tunable_state(global_state)
         record_round(exp, history, round_index, stats["loss"], time.time() - start, rng=rng,
                      extra=training_columns(stats, n_aggregated, rejected))
-    save_atomic(global_state, out / "state.pt")
+    save_tensors(global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")
+    if exp.validation:  # what predict.py labels with: thresholds chosen on held-out training images
+        write_json(out / "thresholds.json", thresholds_record(exp, history[-1]["round"]))
     if cfg.plot:
         from tools import explain
         explain.plot_transport(model, exp.test_set, exp.test[0], exp.conditions["conditions"],
@@ -278,7 +282,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         print(f"wrote {out / 'plans.png'}")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
-    warn_if_untrained(history, cfg.lr)
+    warn_if_untrained(history, cfg.lr) or warn_if_stalled(history, cfg.lr)
     return history
 
 
@@ -309,6 +313,24 @@ def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
              if collapsed else
              "It never rose above it: check the labels, and the vocabulary warning above if any."),
           file=sys.stderr)
+    return True
+
+
+def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0) -> bool:
+    """After the last round: a run whose training loss and gradient norm stayed flat over its
+    `last` rounds (loss within 2%, gradient norm within half its mean) while its final mAP is
+    within `margin` of the label prior stopped learning early; say so, with what to try."""
+    rows = [row for row in history[1:] if row.get("loss") is not None and not row.get("failed")][-last:]
+    if len(rows) < last or history[-1]["mAP"] > history[0]["label_prior_mAP"] + margin:
+        return False
+    spread = lambda key: np.ptp([row[key] for row in rows]) / max(abs(np.mean([row[key] for row in rows])), 1e-12)
+    if spread("loss") > 0.02 or spread("grad_norm") > 0.5:
+        return False
+    print(f"warning: training stopped learning: over rounds {rows[0]['round']}-{rows[-1]['round']} the loss stayed at "
+          f"{rows[-1]['loss']:.4g} and the gradient norm at {rows[-1]['grad_norm']:.3g}, and the final mAP "
+          f"{history[-1]['mAP']:.2f} is within {margin:g} of the label prior {history[0]['label_prior_mAP']:.2f}. "
+          f"Try --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md), another "
+          f"--lr than {lr:g}, or for FedMPT --class-ctx 4; compare the choices on --validation.", file=sys.stderr)
     return True
 
 

@@ -1,4 +1,5 @@
-"""Multi-label evaluation metrics (mAP, CP/CR/CF1, OP/OR/OF1, top-k variants).
+"""Multi-label evaluation metrics (mAP, CP/CR/CF1, OP/OR/OF1, top-k variants) and F1-optimal
+per-class thresholds.
 
 Conventions (ML-GCN / ASL / DualCoOp):
   * targets are in {1, 0, -1}; -1 means "ignore this (image, class) pair"
@@ -99,7 +100,8 @@ def multilabel_metrics(scores, targets, threshold=0.5, top_k=3):
 
     scores: (n_images, C) probabilities (higher = more likely).
     targets: (n_images, C) in {1, 0, -1}; -1 pairs are ignored everywhere.
-    Threshold metrics: predicted positive iff score >= threshold.
+    Threshold metrics: predicted positive iff score >= threshold (one number, or one per class:
+    f1_thresholds).
     Top-k metrics (keys suffixed f"_top{top_k}"): each image's predicted
     positives are its top_k scores (ties -> lower class index); a top-k slot
     that falls on a -1 pair is simply dropped (not refilled).
@@ -126,6 +128,27 @@ def multilabel_metrics(scores, targets, threshold=0.5, top_k=3):
     out["per_class_AP"] = per_class
     out["excluded_classes"] = excluded
     return out
+
+
+def f1_thresholds(scores, targets, default=0.5):
+    """Per-class thresholds (C,) that maximise each class's F1 of `score >= threshold` on these
+    images (-1 pairs ignored): each lies halfway between the lowest score predicted positive at
+    the best cut and the next lower score (the highest threshold wins a tie in F1). A class
+    without a positive here keeps `default`. Choose them on held-out training images only."""
+    s, t = _validate(scores, targets)
+    thresholds = np.full(s.shape[1], float(default))
+    for c in range(s.shape[1]):
+        keep = t[:, c] != -1
+        scores_c, y = s[keep, c], t[keep, c]
+        if y.sum() == 0:
+            continue
+        order = np.argsort(-scores_c, kind="stable")
+        ranked, hits = scores_c[order], y[order]
+        cuts = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # last image of each tie group
+        f1 = 2 * np.cumsum(hits)[cuts] / (cuts + 1 + y.sum())
+        cut = cuts[np.argmax(f1)]
+        thresholds[c] = (ranked[cut] + ranked[cut + 1]) / 2 if cut + 1 < len(ranked) else ranked[cut]
+    return thresholds
 
 
 def label_prior_scores(train_targets, n_images):

@@ -1,17 +1,22 @@
 """Use a finished run: label new images, or evaluate its global model on a test split.
 
-    python predict.py --run DIR PATH... [--threshold 0.5] [--top-k K] [--out FILE.csv|.json]
+    python predict.py --run DIR PATH... [--threshold T] [--top-k K] [--out FILE.csv|.json]
     python predict.py --run DIR --evaluate [--dataset NAME --root DIR]
 
 Both rebuild the model from the run directory alone: config.json (backbone, classes,
-conditions, model options) and state.pt (or the last checkpoint of an unfinished run).
+conditions, model options) and state.pt (or the last checkpoint of an unfinished run). Labels
+are the classes whose probability reaches their threshold: the run's thresholds.json (chosen
+per class on its held-out training images: a run trained with --validation) when it has one,
+else 0.5; `--threshold T` sets one for every class.
 """
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
@@ -20,6 +25,7 @@ from errors import FedMPTError, exit_code
 from experiment import build_model, load_backbone, method_attributes, predict_scores, read_config
 from loaders.base import UNREADABLE
 from store import features
+from store.files import write_atomic, write_json
 from store.runs import read_checkpoint, read_state
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -95,7 +101,8 @@ def parse_options(argv):
                                      "evaluate its global model (--evaluate).")
     parser.add_argument("--run", required=True, help="run directory (config.json + state.pt)")
     parser.add_argument("paths", nargs="*", help="image files or folders to label")
-    parser.add_argument("--threshold", type=float, default=0.5, help="label if probability >= this")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="label if probability >= this (default: the run's thresholds.json, else 0.5)")
     parser.add_argument("--top-k", type=int, default=0, help="instead: the K most probable labels")
     parser.add_argument("--out", default="", help="write results to FILE.csv or FILE.json")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -110,34 +117,52 @@ def parse_options(argv):
     return args
 
 
+def run_thresholds(run_dir, classes, threshold=None) -> tuple:
+    """(per-class thresholds, what they are): `threshold` for every class when given, else the
+    run's thresholds.json (checked against its classes), else 0.5."""
+    path = Path(run_dir) / "thresholds.json"
+    if threshold is not None or not path.exists():
+        value = 0.5 if threshold is None else threshold
+        return [value] * len(classes), f"the threshold {value:g} for every class"
+    try:
+        chosen = json.loads(path.read_text())["thresholds"]
+        values = [float(chosen[c]) for c in classes]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise FedMPTError(f"{path} is damaged or not this run's ({type(error).__name__}: {error}); restore it, "
+                          "or give --threshold T for one threshold for every class.") from None
+    return values, f"the per-class thresholds of {path} (chosen on held-out training images; --threshold T overrides)"
+
+
 def label_images(args):
     _, saved, model = load_run(args.run)
     classes, files = saved["classes"], list_images(args.paths)
+    thresholds, source = run_thresholds(args.run, classes, args.threshold)
     probabilities = score_images(model, files, args.batch_size)
+    if not args.top_k:
+        print(f"labels: {source}")
     rows = []
     for file, p in zip(files, probabilities.tolist()):
         order = sorted(range(len(classes)), key=lambda c: -p[c])
-        chosen = order[:args.top_k] if args.top_k > 0 else [c for c in order if p[c] >= args.threshold]
+        chosen = order[:args.top_k] if args.top_k > 0 else [c for c in order if p[c] >= thresholds[c]]
         rows.append({"image": str(file), "labels": [classes[c] for c in chosen],
                      "probabilities": dict(zip(classes, p))})
         print(f"{file}: " + (", ".join(f"{classes[c]} ({p[c]:.2f})" for c in chosen) or "(no label)"))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_predictions(Path(args.out), rows, classes)
         print(f"wrote {args.out}")
     return 0
 
 
 def write_predictions(path: Path, rows, classes):
+    """FILE.json (the rows) or FILE.csv (image, labels joined by |, a probability per class)."""
     if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=1))
-        return
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "labels", *classes])
-        for row in rows:
-            writer.writerow([row["image"], "|".join(row["labels"]),
-                             *(f"{row['probabilities'][c]:.6f}" for c in classes)])
+        return write_json(path, rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["image", "labels", *classes])
+    for row in rows:
+        writer.writerow([row["image"], "|".join(row["labels"]), *(f"{row['probabilities'][c]:.6f}" for c in classes)])
+    write_atomic(path, text.getvalue().encode())
 
 
 def evaluate(args):
@@ -150,12 +175,17 @@ def evaluate(args):
     test_set.transform = data.clip_transform(model.backbone.resolution)
     key = features.store_key(saved.get("backbone_sha256") or model.backbone.fingerprint(), test_set, model.input_kind())  # training's test features
     inputs, _ = features.encode_dataset(model.encode_images, test_set, key, cfg.cache_dir, device=model.device)
-    result = metrics.multilabel_metrics(predict_scores(model, inputs), test_set.targets,
-                                        top_k=min(3, len(test_set.classes)))
+    scores, top_k = predict_scores(model, inputs), min(3, len(test_set.classes))
+    result = metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)
     summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}
+    if (Path(args.run) / "thresholds.json").exists():  # CF1/OF1 also at the run's own thresholds
+        thresholds, _ = run_thresholds(args.run, saved["classes"])
+        chosen = metrics.multilabel_metrics(scores, test_set.targets, np.asarray(thresholds), top_k)
+        result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
+        summary.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
     print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in summary.items()))
     out = Path(args.run) / f"evaluation-{dataset}.json"
-    out.write_text(json.dumps({"dataset": dataset, "root": str(root), **result}, indent=1))
+    write_json(out, {"dataset": dataset, "root": str(root), **result})
     print(f"wrote {out}")
     return 0
 

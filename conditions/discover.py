@@ -35,7 +35,7 @@ from baselines.fedmvp import ATTRIBUTES_DIR
 from conditions import attributes as attribute_text
 from conditions import condition_problems
 from errors import FedMPTError, exit_code
-from store.runs import write_json_atomic
+from store.files import write_json
 
 # We call the chat-completions endpoint with the standard library's http.client rather than the
 # `openai` package: discovery is a few POSTs, it adds no dependency, and it speaks to any
@@ -283,7 +283,7 @@ def discover(dataset, root, base_url, model, k, out, timeout=60.0, retries=3,
     result = {"dataset": dataset, "conditions": conditions, "source": f"llm:{model}",
               "created": now(), "base_url": base_url, "prompt": prompt,
               "cooccurrences": cooccurrences}
-    write_json_atomic(Path(out), result)
+    write_json(Path(out), result)
     return result
 
 
@@ -306,7 +306,7 @@ def discover_attributes(dataset, root, base_url, model, n, out, timeout=60.0, re
               "note": f"{n} sentences per class by {model}, written by python -m "
                       "conditions.discover --attributes",
               "base_url": base_url, "prompts": prompts, "attributes": attributes}
-    write_json_atomic(Path(out), result)
+    write_json(Path(out), result)
     return result
 
 

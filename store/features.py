@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from errors import FedMPTError
+from store.files import write_json
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -226,6 +227,6 @@ def checksum(rows: np.ndarray) -> int:
 
 
 def write_manifest(directory: Path, manifest: dict):
-    temporary = directory / f".manifest.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, directory / "manifest.json")
+    """Whole or not at all (store/files.py): a failed write keeps the last chunk's manifest, and
+    the same command resumes from it."""
+    write_json(directory / "manifest.json", manifest, "run the same command again: it resumes the encoding")

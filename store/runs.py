@@ -8,12 +8,12 @@
     checkpoint.pt    after every round: global state, round, history, client-sampling RNG state
     state.pt         the final global tunable state
 
-Every file is written to a temporary file beside it and renamed: none is ever half-written.
+Every file is written whole or not at all (store/files.py); checkpoint.pt before metrics.json,
+so that metrics.json never runs ahead of what --resume continues from.
 Checkpoints load as tensors only (`weights_only=True`): a planted file cannot run code.
 """
 import dataclasses
 import json
-import os
 import pickle
 import sys
 import time
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from errors import FedMPTError
+from store.files import save_tensors, write_json
 from tools.options import config_from, field_problems, flag
 
 
@@ -30,19 +31,7 @@ def default_out(cfg) -> str:
     return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_json_atomic(path: Path, obj):
-    """Write a temporary file beside `path`, then rename it: `path` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer process
-    temporary.write_text(json.dumps(obj, indent=1))
-    os.replace(temporary, path)
-
-
-def save_atomic(obj, path: Path):
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+write_json_atomic, save_atomic = write_json, lambda obj, path: save_tensors(obj, path)  # old names, until the Flower files move
 
 
 def load_checkpoint(path: Path, fix: str) -> object:
@@ -125,21 +114,22 @@ def extend_rounds(run_dir, rounds: int, done: int):
           f"rate follows the cosine over {rounds} rounds, so the result is not that of a run begun with --rounds "
           f"{rounds}.", file=sys.stderr)
     extended = saved.get("extended", []) + [{"after_round": done, "rounds_before": saved["rounds"], "rounds": rounds}]
-    write_json_atomic(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
+    write_json(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
 
 
 def write_run_files(out: Path, resolved: dict, conditions: dict, attributes=None):
     """A new run's config.json, conditions.json and attributes.json (FedMVP)."""
-    write_json_atomic(out / "config.json", resolved)
-    write_json_atomic(out / "conditions.json", conditions)
+    write_json(out / "config.json", resolved)
+    write_json(out / "conditions.json", conditions)
     if attributes:
-        write_json_atomic(out / "attributes.json", attributes)
+        write_json(out / "attributes.json", attributes)
 
 
 def save_round(out: Path, history: list, global_state: dict, round_index: int, rng_state=None):
-    """After a round: metrics.json, and after a training round checkpoint.pt (what --resume
-    continues from)."""
-    write_json_atomic(out / "metrics.json", history)
+    """After a training round checkpoint.pt (what --resume continues from), then metrics.json
+    (a row per round): a write that fails leaves both at the last round that was saved whole."""
+    fix = f"continue the run with python federate.py --resume {out}"
     if round_index > 0:
-        save_atomic({"global_state": global_state, "round": round_index, "history": history,
-                     "rng_state": rng_state}, out / "checkpoint.pt")
+        save_tensors({"global_state": global_state, "round": round_index, "history": history,
+                      "rng_state": rng_state}, out / "checkpoint.pt", fix)
+    write_json(out / "metrics.json", history, fix)

@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import socket
 import tarfile
 import threading
@@ -381,3 +382,29 @@ def test_federate_runs_end_to_end_on_the_fixture_layout(name, coco_root, tmp_pat
     rows = json.loads((out / "metrics.json").read_text())
     assert [row["round"] for row in rows] == [0, 1] and rows[1]["clients_aggregated"] == 2
     assert (out / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_safe_extract_refuses_a_symlink_chain_that_escapes_once_its_links_exist(tmp_path, monkeypatch):
+    """`d -> .`, `l -> d/..`, `l/evil.txt`: each member passes a check of paths resolved before
+    extraction; once d and l exist, l is the target's parent. Refused with nothing extracted,
+    also where tarfile has no 'data' filter (Python before 3.11.4) to stop it."""
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for member in [link("d", ".", tarfile.SYMTYPE), link("l", "d/..", tarfile.SYMTYPE)]:
+            tar.addfile(member)
+        evil = tarfile.TarInfo("l/evil.txt")
+        evil.size = 5
+        tar.addfile(evil, io.BytesIO(b"evil\n"))
+    archive = tmp_path / "chain.tar"
+    archive.write_bytes(buffer.getvalue())
+    target = tmp_path / "a" / "b"
+    target.mkdir(parents=True)
+    with pytest.raises(FedMPTError, match=r"member 'l' would write outside"):
+        download.safe_extract(archive, target)
+    assert list(target.iterdir()) == [] and not (tmp_path / "a" / "evil.txt").exists()
+    inside = tmp_path / "fine.tar"  # links that stay inside and are never passed through are kept
+    with tarfile.open(inside, mode="w") as tar:
+        tar.addfile(link("VOCdevkit/latest", "VOC2007", tarfile.SYMTYPE))
+    download.safe_extract(inside, target)
+    assert os.readlink(target / "VOCdevkit" / "latest") == "VOC2007"

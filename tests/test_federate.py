@@ -114,3 +114,21 @@ def test_a_run_that_ends_at_the_label_prior_says_so(capsys):
     assert "lost what round 0 had" in (err := capsys.readouterr().err) and "--lr 0.01" in err and "--loss bce" in err
     assert federate.warn_if_untrained(history(25.2, 24.1), lr=0.1)
     assert "never rose above it" in capsys.readouterr().err
+
+
+def test_a_run_whose_loss_and_gradient_went_flat_near_the_label_prior_says_it_stopped_learning(capsys):
+    """The hidden real-image runs of #27: loss constant from round 2, gradient norm about 0.1, a
+    few mAP above the prior: the untrained warning (prior + 1) stays quiet, this one speaks."""
+    def history(losses, grads, final, prior=25.0):
+        rows = [{"round": r + 1, "loss": loss, "grad_norm": g, "mAP": final} for r, (loss, g) in
+                enumerate(zip(losses, grads))]
+        return [{"round": 0, "mAP": prior, "label_prior_mAP": prior}] + rows
+    flat = history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=28.0)
+    assert not federate.warn_if_untrained(flat, lr=0.1) and federate.warn_if_stalled(flat, lr=0.1)
+    error = capsys.readouterr().err
+    assert "stopped learning: over rounds 2-4 the loss stayed at 3.2" in error and "--loss bce" in error
+    assert not federate.warn_if_stalled(history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=45.0), 0.1)
+    assert not federate.warn_if_stalled(history([3.9, 3.5, 3.2, 2.9], [0.4, 0.3, 0.3, 0.3], final=28.0), 0.1)
+    assert not federate.warn_if_stalled(history([3.9, 3.2, 3.2, 3.2], [0.4, 0.3, 0.05, 0.01], final=28.0), 0.1)
+    assert not federate.warn_if_stalled(history([3.2, 3.2], [0.1, 0.1], final=28.0), 0.1)  # too few rounds to say
+    assert capsys.readouterr().err == ""

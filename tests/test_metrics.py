@@ -198,3 +198,29 @@ def test_bias_metrics_on_a_hand_computed_case():
     row = metrics.bias_metrics(s, t, [(0, 1)])["pairs"][0]
     keep = (t[:, 0] == 0) | (t[:, 1] == 0)
     assert row["exclusive_AP"] == pytest.approx(100 * average_precision_score(t[keep, 0], s[keep, 0]))
+
+
+def test_f1_thresholds_reach_the_best_f1_sklearn_finds_over_every_cut():
+    """Each class's threshold reaches the highest F1 of `score >= t` over every possible cut (ties
+    included, -1 pairs ignored; sklearn's f1_score); a class with no positive keeps the default."""
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n = int(rng.integers(5, 40))
+        scores = np.round(rng.random((n, 4)), 1)  # many ties
+        targets = (rng.random((n, 4)) < 0.3).astype(int)
+        targets[rng.random((n, 4)) < 0.1] = -1
+        targets[:, 3] = np.minimum(targets[:, 3], 0)  # no positive
+        thresholds = metrics.f1_thresholds(scores, targets, default=0.4)
+        assert thresholds[3] == 0.4
+        for c in range(3):
+            keep = targets[:, c] != -1
+            s, y = scores[keep, c], targets[keep, c]
+            if y.sum() == 0:
+                continue
+            best = max(f1_score(y, s >= t) for t in np.r_[np.unique(s), np.inf])
+            assert f1_score(y, s >= thresholds[c]) == pytest.approx(best, abs=1e-12)
+    # a threshold per class broadcasts over the images: 0.5 each is the scalar 0.5; below every score, all is predicted
+    assert metrics.multilabel_metrics(scores, targets, np.full(4, 0.5)) == metrics.multilabel_metrics(scores, targets)
+    predict_all = metrics.multilabel_metrics(scores, targets, np.array([-1.0, -1.0, 2.0, 2.0]))
+    assert predict_all["OR"] == pytest.approx(100 * (targets[:, :2] == 1).sum() / (targets == 1).sum())

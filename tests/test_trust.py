@@ -2,7 +2,9 @@
 used to end in a traceback ends in an `error:` line (item 7, in part), and the feature store
 checks what it serves (item 1). Each test failed on the code before its fix."""
 import dataclasses
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 import experiment
 import federate
 import predict
+from errors import FedMPTError
 from fedmpt import ModelConfig
 
 
@@ -366,3 +369,133 @@ def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(tmp_path, 
         thief.close()
     assert code == 2 and "redirect" in capsys.readouterr().err
     assert requests[0][1].get("Authorization") == "Bearer the-secret" and thief.requests == []
+
+
+# ---- #27 item 3: writes that cannot tear ---------------------------------------------------
+class FullDisk:
+    """`os` for store/files.py, except that a write into a file whose name holds `name`, from
+    the (skip + 1)-th such file on, puts half its bytes on disk and fails with ENOSPC."""
+    def __init__(self, name, skip=0):
+        self.name, self.skip, self.failing = name, skip, set()
+
+    def __getattr__(self, attribute):
+        return getattr(os, attribute)
+
+    def open(self, path, *args):
+        descriptor = os.open(path, *args)
+        if self.name in Path(path).name:
+            if self.skip == 0:
+                self.failing.add(descriptor)
+            self.skip -= 1
+        return descriptor
+
+    def write(self, descriptor, data):
+        if descriptor in self.failing:
+            os.write(descriptor, bytes(data[:len(data) // 2]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(descriptor, data)
+
+
+@pytest.mark.parametrize("write", ["json", "tensors"])
+def test_a_full_disk_keeps_the_previous_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch, write):
+    from store import files
+    path = tmp_path / ("metrics.json" if write == "json" else "checkpoint.pt")
+    save = (lambda value: files.write_json(path, value, "fix it")) if write == "json" else \
+        (lambda value: files.save_tensors({"w": torch.full((1000,), float(value))}, path, "fix it"))
+    save(1)
+    before = path.read_bytes()
+    monkeypatch.setattr(files, "os", FullDisk(path.name))
+    with pytest.raises(FedMPTError) as raised:
+        save(2)
+    message = str(raised.value)
+    assert str(path) in message and "No space left on device" in message and "MiB free" in message
+    assert "previous content" in message and "fix it" in message
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_full_disk_while_the_store_writes_its_manifest_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    from store import files, features
+    monkeypatch.setattr(files, "os", FullDisk("manifest", skip=1))  # the second chunk's manifest
+    with pytest.raises(FedMPTError, match="manifest.json: No space left on device"):
+        stored(tmp_path)
+    directory = next((tmp_path / "features").iterdir())
+    assert json.loads((directory / "manifest.json").read_text())["rows_completed"] == 6
+    assert not list(directory.glob("*.tmp"))
+    monkeypatch.setattr(files, "os", os)
+    inputs, encoded, _ = stored(tmp_path)
+    fresh, _, _ = stored(tmp_path / "fresh")
+    assert encoded == len(fresh[0]) - 6 and all(torch.equal(a, b) for a, b in zip(inputs, fresh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["checkpoint.pt", "metrics.json"])
+def test_a_full_disk_in_a_round_stops_the_run_with_metrics_never_ahead_of_the_checkpoint(
+        shapes_root, tmp_path, monkeypatch, capsys, failing):
+    from store import files
+    out = tmp_path / "run"
+    skip = 1 if failing == "checkpoint.pt" else 2  # round 2's checkpoint; round 2's metrics (0 and 1 written)
+    monkeypatch.setattr(files, "os", FullDisk(failing, skip=skip))
+    options = ["--root", str(shapes_root), "--out", str(out), "--rounds", "2", "--clients", "2", "--batch-size", "128"]
+    assert federate.main(options) == 2
+    error = capsys.readouterr().err
+    assert f"cannot write {out / failing}: No space left on device" in error and "MiB free" in error
+    assert f"--resume {out}" in error and "Traceback" not in error
+    rows = [row["round"] for row in json.loads((out / "metrics.json").read_text())]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert rows == [0, 1] and checkpoint["round"] == (1 if failing == "checkpoint.pt" else 2)
+    assert not list(out.rglob("*.tmp")) and not (out / "state.pt").exists()
+    monkeypatch.setattr(files, "os", os)
+    assert federate.main(["--resume", str(out)]) == 0
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [0, 1, 2]
+
+
+# ---- #27 item 8: thresholds a user can act on ---------------------------------------------
+def test_thresholds_are_chosen_on_validation_only_stored_with_the_run_and_used_by_predict(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import data
+    import metrics
+    import splits
+    from tests.test_remote_sensing import write_mlrsnet
+    root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)  # 32 training images, 8 test images
+    seen, real = [], metrics.f1_thresholds
+    monkeypatch.setattr(metrics, "f1_thresholds", lambda s, t: seen.append((s, torch.as_tensor(t))) or real(s, t))
+    out = tmp_path / "run"
+    assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients", "2", "--rounds", "2",
+                          "--validation", "0.25", "--batch-size", "8", "--workers", "0", "--out", str(out)]) == 0
+    train = data.load_dataset("mlrsnet", str(root), "train").targets
+    held_out, _ = splits.hold_out(len(train), 0.25, 0)
+    assert len(seen) == 4 and all(torch.equal(t, train[held_out]) for _, t in seen)  # each round's row, then the run's
+    rows = json.loads((out / "metrics.json").read_text())
+    assert all({"CF1_val_thresholds", "OF1_val_thresholds", "CF1", "OF1"} <= set(row) for row in rows)
+    stored = json.loads((out / "thresholds.json").read_text())
+    classes = json.loads((out / "config.json").read_text())["classes"]
+    assert stored["round"] == 2 and list(stored["thresholds"]) == classes
+    assert list(stored["thresholds"].values()) == real(*seen[-1]).tolist() != [0.5] * len(classes)
+
+    assert predict.main(["--run", str(out), "--evaluate"]) == 0  # the same thresholds on the same state
+    evaluation = json.loads((out / "evaluation-mlrsnet.json").read_text())
+    assert evaluation["CF1_val_thresholds"] == pytest.approx(rows[-1]["CF1_val_thresholds"], abs=1e-9)
+    thresholds = [stored["thresholds"][c] for c in classes]
+    for options, expected, said in [([], thresholds, "per-class thresholds of"),
+                                    (["--threshold", "0.5"], [0.5] * len(classes), "threshold 0.5 for every class")]:
+        labels = tmp_path / "labels.json"
+        capsys.readouterr()
+        assert predict.main(["--run", str(out), str(root / "Images"), "--out", str(labels), *options]) == 0
+        assert said in capsys.readouterr().out
+        for row in json.loads(labels.read_text()):
+            p = row["probabilities"]
+            assert sorted(row["labels"]) == sorted(c for c, t in zip(classes, expected) if p[c] >= t)
+
+
+def test_an_interpreter_older_than_the_declared_minimum_stops_with_one_line():
+    import subprocess
+    import sys
+    import tomllib
+    import errors
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert declared == ">=" + ".".join(map(str, errors.MINIMUM_PYTHON))
+    older = "import sys; sys.version_info = (3, 10, 13); import federate"
+    result = subprocess.run([sys.executable, "-c", older], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 2 and result.stderr.startswith("error: fedmpt needs Python 3.11 or newer")
+    assert "Traceback" not in result.stderr

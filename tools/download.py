@@ -87,26 +87,59 @@ def download_file(url: str, path: Path, progress=True):
 
 
 def safe_extract(archive: Path, target: Path):
-    """Extract a tar archive into `target`, refusing any member that would write outside it:
-    an absolute name, '..' that climbs out, a symbolic or hard link pointing out, a device.
-    This check runs first; tarfile's 'data' filter (Python >= 3.11.4) is a second line."""
+    """Extract a tar archive into `target`, refusing (before anything is extracted) any member
+    that would write outside it once links resolve: an absolute name or '..' that climbs out, a
+    device, a symbolic or hard link whose target lies outside, and any member or link target
+    whose path passes through a symbolic link of the archive itself (a chain such as `d -> .`,
+    `l -> d/..`, `l/x` stays inside each check alone, but writes l/x outside once d and l exist;
+    the real VOC archives hold no links). Links already on disk under `target` are resolved
+    with realpath. tarfile's 'data' filter (Python >= 3.11.4) is a second line."""
     base = os.path.realpath(target)
-    inside = lambda path: os.path.commonpath([base, os.path.realpath(path)]) == base
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
+            links = {lexical_path(m.name, set()) for m in members if m.issym()}
             for member in members:
-                destination = os.path.join(base, member.name)
-                link = (os.path.join(os.path.dirname(destination), member.linkname) if member.issym()
-                        else os.path.join(base, member.linkname) if member.islnk() else destination)
-                plain = member.isfile() or member.isdir() or member.issym() or member.islnk()
-                if os.path.isabs(member.name) or not inside(destination) or not inside(link) or not plain:
-                    raise FedMPTError(f"{archive}: member '{member.name}' would write outside "
-                                      f"{target}; nothing was extracted. Delete {archive} and get "
-                                      "it again from the official source.")
+                if unsafe_member(member, base, links):
+                    raise FedMPTError(f"{archive}: member '{member.name}' would write outside {target} once its "
+                                      "links resolve; nothing was extracted. Delete it and get it again from the "
+                                      "official source.")
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(target, members, filter="data")
             else:
                 tar.extractall(target, members)
     except (tarfile.TarError, OSError) as error:
         raise FedMPTError(f"cannot extract {archive} ({error}); delete it and run again.") from None
+
+
+def unsafe_member(member, base: str, archive_links: set) -> bool:
+    """True when `member` (or what it links to) lies outside `base`, or reaches it through a
+    symbolic link the archive itself creates."""
+    if member.name.startswith("/") or not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        return True
+    paths = [member.name]  # relative to base, '/'-separated as in the archive
+    if member.issym():
+        paths.append(member.linkname if member.linkname.startswith("/") else
+                     "/".join([*member.name.split("/")[:-1], member.linkname]))
+    elif member.islnk():
+        paths.append(member.linkname)
+    for path in paths:
+        inside = lexical_path(path, archive_links)
+        if inside is None or os.path.commonpath([base, os.path.realpath(os.path.join(base, inside))]) != base:
+            return True  # the second test: the links already on disk resolve
+    return False
+
+
+def lexical_path(path: str, archive_links: set):
+    """`path` with '.' and '..' applied, or None when it is absolute, climbs above the archive's
+    root, or goes on past one of `archive_links` (into it, or '..' out of it)."""
+    if path.startswith("/"):
+        return None
+    parts = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if parts and "/".join(parts) in archive_links or (part == ".." and not parts):
+            return None
+        parts.pop() if part == ".." else parts.append(part)
+    return "/".join(parts)
