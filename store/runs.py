@@ -7,6 +7,7 @@
     metrics.json     a row per round (round 0: before training, with the reference scores)
     checkpoint.pt    after every round: global state, round, history, client-sampling RNG state
     state.pt         the final global tunable state
+    thresholds.json  with --validation: per-class thresholds chosen on the held-out images (predict.py's)
 
 Every file is written whole or not at all (store/files.py); checkpoint.pt before metrics.json,
 so that metrics.json never runs ahead of what --resume continues from.
