@@ -79,6 +79,7 @@ class FrozenCLIP(nn.Module):
         self.width = model.text_projection.shape[1]  # D
         self.resolution = model.visual.input_resolution
         self.context_length = model.context_length
+        self.share_prefixes = False  # encode prompts that share a prefix by encode_shared (set by baselines.build)
 
     def fingerprint(self) -> str:
         """sha256 of every weight: a saved run names the exact backbone it was trained on
@@ -180,6 +181,55 @@ class FrozenCLIP(nn.Module):
         x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
         x = m.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection
+
+    def encode_shared(self, prefix, prefix_length, suffix, eot) -> torch.Tensor:
+        """CLIP's text encoder on G groups of R prompts, each group's prompts sharing a leading
+        segment: prefix token embeddings (G, Lp, Dt) (group g's first prefix_length[g] are real,
+        the rest padding), suffixes (G, R, Ls, Dt) that continue each prompt at position
+        prefix_length[g], end-token positions eot (G, R) in the whole prompt -> features (G, R, D).
+        The text transformer is causal, so a prefix's hidden states do not depend on what follows:
+        it runs once per group, and each suffix attends to its group's prefix keys and values
+        (through CLIP's own attention weights) and causally to itself. The last block runs only
+        the end tokens' queries. Equal to CLIP's encode_text on the whole prompts."""
+        m, blocks = self.model, self.model.transformer.resblocks
+        G, Lp, _ = prefix.shape
+        Ls, device = suffix.shape[2], prefix.device
+        steps = torch.arange(Ls, device=device)
+        positions = (prefix_length[:, None] + steps).clamp(max=self.context_length - 1)  # (G, Ls)
+        xp = prefix + m.positional_embedding[:Lp]  # (G, Lp, W)
+        xs = suffix + m.positional_embedding[positions][:, None]  # (G, R, Ls, W)
+        real = torch.arange(Lp, device=device) < prefix_length[:, None]  # (G, Lp) the unpadded prefix
+        causal = steps[None, :] <= steps[:, None]  # (Ls, Ls)
+        sees = torch.cat([real[:, None].expand(-1, Ls, -1), causal.expand(G, -1, -1)], dim=-1)  # (G, Ls, Lp + Ls)
+        end = eot - prefix_length[:, None]  # (G, R) the end token's place in its suffix
+        for i, block in enumerate(blocks):
+            xp, xs = self.shared_block(block, xp, xs, sees, end if i == len(blocks) - 1 else None)
+        return m.ln_final(xs[:, :, 0]) @ m.text_projection  # (G, R, D)
+
+    @staticmethod
+    def shared_block(block, xp, xs, sees, end=None):
+        """One CLIP residual attention block on prefixes xp (G, Lp, W) and suffixes xs (G, R, Ls, W);
+        `sees` (G, Ls, Lp + Ls) which keys each suffix position attends to. With `end` (G, R) (the
+        last block) only the end tokens go on: xs becomes (G, R, 1, W) and the prefixes stop."""
+        attn, (G, R, Ls, W) = block.attn, xs.shape
+        H, Lp = attn.num_heads, xp.shape[1]
+        heads = lambda t: t.unflatten(-1, (H, W // H)).transpose(-2, -3)  # (..., L, W) -> (..., H, L, W/H)
+        qp, kp, vp = map(heads, F.linear(block.ln_1(xp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+        qs, ks, vs = map(heads, F.linear(block.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+        keys = torch.cat([kp[:, None].expand(-1, R, -1, -1, -1), ks], dim=-2)  # (G, R, H, Lp + Ls, W/H)
+        values = torch.cat([vp[:, None].expand(-1, R, -1, -1, -1), vs], dim=-2)
+        mask = sees[:, None, None]  # (G, 1, 1, Ls, Lp + Ls)
+        if end is None:  # the prefixes' own causal attention, then their MLP
+            yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, H, Lp, W/H)
+            xp = xp + attn.out_proj(yp.transpose(-2, -3).flatten(-2))
+            xp = xp + block.mlp(block.ln_2(xp))
+        else:  # only the end tokens' queries: the positions whose output is read
+            qs = qs.gather(-2, end[:, :, None, None, None].expand(-1, -1, H, 1, W // H))  # (G, R, H, 1, W/H)
+            mask = sees.gather(1, end[..., None].expand(-1, -1, Lp + Ls))[:, :, None, None]  # (G, R, 1, 1, Lp + Ls)
+            xs = xs.gather(2, end[:, :, None, None].expand(-1, -1, 1, W))  # (G, R, 1, W)
+        ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)  # (G, R, H, Ls or 1, W/H)
+        xs = xs + attn.out_proj(ys.transpose(-2, -3).flatten(-2))
+        return xp, xs + block.mlp(block.ln_2(xs))
 
     @torch.no_grad()
     def encode_texts(self, texts) -> torch.Tensor:

@@ -58,12 +58,16 @@ def prompt_name(name: str) -> str:
     return name.replace("_", " ")
 
 
-def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=False):
+def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=False, zsl_split=""):
     """`name` one of DATASETS, `split` 'train' or 'test' (VOC's 'train' is its trainval list).
-    `skip_unreadable`: decode every image now and leave out, with a message, those that fail."""
+    `skip_unreadable`: decode every image now and leave out, with a message, those that fail.
+    `zsl_split`: a published zero-shot split of coco2014 or nuswide (loaders/zsl.py)."""
     if split not in ("train", "test"):
         raise FedMPTError(f"split '{split}': choose train or test.")
     options = {"transform": transform, "skip_unreadable": skip_unreadable}
+    if zsl_split:
+        from loaders.zsl import ZSLSplitDataset
+        return ZSLSplitDataset(name, root, split, zsl_split, **options)
     voc_split = "trainval" if split == "train" else split
     if name == "shapes":  # the loaders are imported when their dataset is named
         from loaders.voc import VOCDataset

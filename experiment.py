@@ -18,6 +18,7 @@ import baselines
 import data
 import metrics
 import splits
+import zeroshot
 from backbone import ARCHITECTURES, FrozenCLIP, load_clip
 from conditions import load_conditions
 from errors import FedMPTError
@@ -56,6 +57,10 @@ class Config:
                                 "COCO/NUS-WIDE runs: 5, MLRSNet: 7; 0 = every image)", range="[0, inf)")
     label_mask: float = option(0.0, "partial annotation: each training positive becomes unknown with this "
                                     "probability (seeded; test labels are never masked)", range="[0, 1)")
+    unseen: str = option("", "classes no client labels, scored zero-shot: names (comma-separated), a file of "
+                             "names, or random:F (a seeded share F of the classes)", shown="none")
+    zsl_split: str = option("", "a published zero-shot split, its files in ROOT/annotations/: 48/17 (coco2014) or "
+                                "925/81 (nuswide)", choices=("", "48/17", "925/81"), shown="none")
     validation: float = option(0.0, "share of the training images held out (seeded, before the client split); "
                                     "metrics.json records val_mAP each round: choose settings on it", range="[0, 1)")
     loss: str = option("asl", "asl (asymmetric loss) or bce", choices=("asl", "bce"))
@@ -83,7 +88,16 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),
              (model_cfg.class_ctx == 0 or cfg.method == "fedmpt",
               f"--class-ctx {model_cfg.class_ctx}: FedMPT's option (--method fedmpt)"),
-             (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt")]
+             (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt"),
+             (not (cfg.unseen and cfg.zsl_split), "--unseen and --zsl-split: the published split names its unseen "
+                                                  "classes; give one of the two")]
+    if cfg.unseen or cfg.zsl_split:  # every method scores the classes it never trained on, or says why not
+        why = getattr(baselines.model_class(cfg.method), "cannot_score_unseen", "") if cfg.method in baselines.METHODS \
+            else ""
+        why = why or ("contexts of each class's own cannot score a class no client labelled (give --class-ctx 0)"
+                      if model_cfg.class_ctx else "")
+        rules.append((not why, f"--{'unseen' if cfg.unseen else 'zsl-split'}: {cfg.method} cannot score unseen "
+                               f"classes: {why}"))
     problems += [message for ok, message in rules if not ok]
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
@@ -96,7 +110,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
 RUN_RECORD = ("root", "device_used", "out", "classes", "condition_set", "attribute_source", "tunable_params",
               "backbone_sha256", "feature_cache", "loss_over_images", "encoded_images", "client_sizes", "client_names",
               "label_skew", "images", "similar_class_pairs", "masked_positives", "skipped_images", "engine",
-              "superlink", "round_timeout", "min_nodes", "extended")
+              "superlink", "round_timeout", "min_nodes", "extended", "unseen_classes", "negative_only_images")
 
 
 def read_config(run_dir: str):
@@ -147,8 +161,8 @@ def load_data(cfg: Config, root: str):
     if cfg.download:
         from tools import download
         download.download_voc2007(root)
-    train_set, test_set = (data.keep_min_labels(data.load_dataset(cfg.dataset, root, split,
-                                                                  skip_unreadable=cfg.skip_unreadable), cfg.min_labels)
+    train_set, test_set = (data.keep_min_labels(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.
+                                                                  skip_unreadable, zsl_split=cfg.zsl_split), cfg.min_labels)
                            for split in ("train", "test"))
     if not (test_set.targets == 1).any():
         raise FedMPTError(f"the test split of {cfg.dataset} at {root} has {len(test_set)} images and not one positive "
@@ -220,10 +234,13 @@ def zero_shot_scores(backbone, v: torch.Tensor, classes) -> torch.Tensor:
     return torch.nn.functional.normalize(v, dim=-1) @ text.T
 
 
-def zero_shot_metrics(backbone, v, test_set, classes) -> dict:
-    """The frozen backbone alone on the test images (its bias metrics on the shapes world)."""
+def zero_shot_metrics(backbone, v, test_set, classes, unseen=()) -> dict:
+    """The frozen backbone alone on the test images (its bias metrics on the shapes world, its
+    zero-shot figures with unseen classes)."""
     scores = zero_shot_scores(backbone, v.float(), classes)
     result = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=min(3, len(classes)))["mAP"]}
+    if unseen:
+        result.update(metrics.zsl_metrics(scores, test_set.targets, unseen))
     if test_set.biased_pairs:
         bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
         result.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])
@@ -267,6 +284,8 @@ class Experiment:
     clients: Clients
     train_set: object  # the datasets (their images, classes, targets)
     test_set: object
+    unseen: list = dataclasses.field(default_factory=list)  # classes no client labels (--unseen, --zsl-split)
+    scorer: PromptModel = None  # with unseen classes: the model on every class name, scoring with model's state
 
     @property
     def splits(self) -> list:  # rows of exp.train each client holds
@@ -335,27 +354,33 @@ class Parts:
     clients: Clients
     similar: list  # class pairs the text side hardly tells apart
     attributes: dict
-    model: PromptModel
-    train_targets: torch.Tensor  # the training labels the clients see (--label-mask applied)
+    model: PromptModel  # on the class names the clients label (all of them without --unseen)
+    train_targets: torch.Tensor  # the training labels the clients see (--label-mask applied, seen classes)
+    unseen: list  # class indices no client labels (zeroshot/)
+    scorer: PromptModel  # the model on every class name (`model` itself without unseen classes)
 
 
 def prepare(cfg: Config, model_cfg: ModelConfig) -> Parts:
-    """options -> data -> clients -> backbone -> model."""
+    """options -> data -> (seen classes) -> clients -> backbone -> model."""
     cfg, device, root = resolve(cfg, model_cfg)
     conditions = load_conditions(cfg.conditions, cfg.dataset)
     train_set, test_set = load_data(cfg, root)
-    cfg, clients = split_clients(cfg, train_set)
+    unseen = zeroshot.unseen_classes(cfg.unseen, train_set.classes, cfg.seed, getattr(train_set, "unseen_names", None))
+    labelled = zeroshot.seen_view(train_set, unseen)  # what the clients label: no unseen class
+    cfg, clients = split_clients(cfg, labelled)
     backbone = load_backbone(cfg, device)
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
     attributes = method_attributes(cfg, train_set.classes)
-    model = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes,
-                        seed=cfg.seed).to(device)  # its initial values follow --seed
+    build = lambda names: build_model(cfg.method, backbone, names, conditions, model_cfg, attributes,
+                                      seed=cfg.seed).to(device)  # its initial values follow --seed
+    model = build(labelled.classes)
+    scorer = build(train_set.classes) if unseen else model  # scores every class with model's state
     # --label-mask: what the clients' annotators left out (after the split and the store key:
     # neither depends on it); the test labels stay whole
-    train_targets = data.mask_positives(train_set.targets, cfg.label_mask, cfg.seed)
+    train_targets = data.mask_positives(labelled.targets, cfg.label_mask, cfg.seed)
     return Parts(cfg, model_cfg, device, root, conditions, train_set, test_set, clients, similar, attributes,
-                 model, train_targets)
+                 model, train_targets, unseen, scorer)
 
 
 def training_inputs(parts: Parts, rows=None):
@@ -384,7 +409,9 @@ def assemble(parts: Parts, train=None, out=None, record: dict = None) -> Experim
     backbone, clients = model.backbone, parts.clients
     out = Path(out or runs.default_out(cfg))
     sha256, kind = backbone.fingerprint(), model.input_kind()
-    prior = label_prior_mAP(parts.train_targets[clients.pool], test_set, len(train_set.classes))
+    n_classes = len(train_set.classes)  # every class (an unseen one ranks alike on every image: its prevalence)
+    prior = label_prior_mAP(zeroshot.every_column(parts.train_targets[clients.pool], parts.unseen, n_classes, 0),
+                            test_set, n_classes)
     test, test_key, encoded = frozen_inputs(model.encode_images, test_set, kind, sha256, cfg, parts.device)
     store_keys = {"test": test_key}
     if train is not None:
@@ -395,11 +422,11 @@ def assemble(parts: Parts, train=None, out=None, record: dict = None) -> Experim
         (v,), store_keys["zero-shot"], n = frozen_inputs(lambda x: backbone.encode_image_tokens(x)[:1], test_set,
                                                          "v", sha256, cfg, parts.device)
         encoded += n
-    zero_shot = zero_shot_metrics(backbone, v, test_set, train_set.classes)
+    zero_shot = zero_shot_metrics(backbone, v, test_set, train_set.classes, parts.unseen)
     resolved = describe(parts, out, sha256, encoded, record)
     return Experiment(cfg, parts.model_cfg, out, model, (None if train is None else train[0], parts.train_targets),
                       (test, test_set.targets), prior, resolved, zero_shot, store_keys, parts.conditions,
-                      parts.attributes, clients, train_set, test_set)
+                      parts.attributes, clients, train_set, test_set, parts.unseen, parts.scorer)
 
 
 def label_prior_mAP(train_targets, test_set, n_classes) -> float:
@@ -423,7 +450,10 @@ def describe(parts: Parts, out, sha256, encoded, record=None) -> dict:
             "images": {"train": len(train_set) - len(clients.validation), "validation": len(clients.validation),
                        "test": len(test_set)},
             "similar_class_pairs": [[a, b, round(c, 4)] for a, b, c in parts.similar[:50]],
-            "masked_positives": int((parts.train_targets == -1).sum() - (train_set.targets == -1).sum()),
+            "masked_positives": int((parts.train_targets == -1).sum() - (zeroshot.seen_view(train_set, parts.unseen).
+                                                                          targets == -1).sum()),
+            "unseen_classes": [train_set.classes[c] for c in parts.unseen],
+            "negative_only_images": zeroshot.negative_only(train_set, parts.unseen),
             "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
 
 
@@ -463,10 +493,15 @@ def predict_scores(model, inputs, batch_size=256, rows=None):
 
 
 def evaluate_global(exp: Experiment) -> dict:
-    """Metrics of the model's current state on the test images."""
+    """Metrics of the model's current state on the test images (with unseen classes: every
+    class scored by exp.scorer, and the zero-shot figures)."""
     inputs, y = exp.test
-    scores = predict_scores(exp.model, inputs)
+    if exp.unseen:
+        exp.scorer.load_tunable_state(exp.model.tunable_state())
+    scores = predict_scores(exp.scorer or exp.model, inputs)
     result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
+    if exp.unseen:
+        result.update(metrics.zsl_metrics(scores, y, exp.unseen))
     if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
         bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
         result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
@@ -474,7 +509,7 @@ def evaluate_global(exp: Experiment) -> dict:
         val_scores, val_y = validation_scores(exp)
         held_out = metrics.multilabel_metrics(val_scores, val_y, top_k=min(3, y.shape[1]))
         result.update({f"val_{k}": held_out[k] for k in ("mAP", "CF1", "OF1")})
-        chosen = metrics.multilabel_metrics(scores, y, metrics.f1_thresholds(val_scores, val_y), min(3, y.shape[1]))
+        chosen = metrics.multilabel_metrics(scores, y, validation_thresholds(exp, val_scores, val_y), min(3, y.shape[1]))
         result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
     return result
 
@@ -485,13 +520,19 @@ def validation_scores(exp: Experiment) -> tuple:
     return predict_scores(exp.model, inputs, rows=exp.validation), y[exp.validation]
 
 
+def validation_thresholds(exp: Experiment, val_scores, val_y) -> torch.Tensor:
+    """Per-class F1-optimal thresholds (C,) on the held-out images; an unseen class keeps 0.5."""
+    chosen = torch.as_tensor(metrics.f1_thresholds(val_scores, val_y))
+    return zeroshot.every_column(chosen, exp.unseen, len(exp.train_set.classes), 0.5)
+
+
 def thresholds_record(exp: Experiment, round_index: int) -> dict:
     """thresholds.json: per-class F1-optimal thresholds of the model's current state, chosen on
     the held-out training images (what predict.py labels with)."""
-    val_scores, val_y = validation_scores(exp)
+    thresholds = validation_thresholds(exp, *validation_scores(exp))
     return {"round": round_index, "chosen_on": f"{len(exp.validation)} held-out training images (--validation)",
             "rule": "per class, the threshold that maximises F1 of probability >= threshold (metrics.f1_thresholds)",
-            "thresholds": dict(zip(exp.train_set.classes, metrics.f1_thresholds(val_scores, val_y).tolist()))}
+            "thresholds": dict(zip(exp.train_set.classes, thresholds.tolist()))}
 
 
 def reference_scores(exp: Experiment) -> dict:

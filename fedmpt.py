@@ -73,6 +73,12 @@ class ModelConfig:
     adapter_reduction: int = option(4, "bottleneck reduction of the two adapters", range="[1, inf)")
     adapter_alpha: float = option(0.5, "residual mix of the adapters (0.2, CLIP-Adapter's, learned too slowly "
                                        "offline; 0.8 diverged)", range="[0, 1]")
+    text_encoding: str = option("shared", "how prompts go through CLIP's text encoder: shared (a prefix the "
+                                          "classes of a condition share runs once) or full (every prompt whole); "
+                                          "both exact, they differ by float rounding", choices=("shared", "full"))
+    precision: str = option("fp32", "fp32, or bf16: the frozen encoders under autocast; the similarities, the "
+                                    "transport, the gate, the logits, the loss and the tunable state stay float32",
+                            choices=("fp32", "bf16"))
     pooling: str = option("regions", "fedtpg, fed-maple, fedmvp: regions (DualCoOp's class-specific region "
                                      "aggregation, the paper's protocol) or global (the global feature alone)",
                           choices=("regions", "global"))
@@ -159,8 +165,7 @@ class FedMPT(PromptModel):
     def text_features(self) -> torch.Tensor:
         """All 2*K*C condition prompts through the text encoder in one call -> (2, K, C, D)."""
         K, C = self.prompts.shape
-        embeddings, eot = self.prompts()  # (2*K*C, L, Dt)
-        T = self.text_adapter(self.backbone.encode_prompts(embeddings, eot))  # (2*K*C, D)
+        T = self.text_adapter(self.prompts.encode(self.backbone))  # (2*K*C, D)
         return F.normalize(T, dim=-1).reshape(2, K, C, -1)
 
     def forward(self, v: torch.Tensor, P: torch.Tensor, T: torch.Tensor = None):

@@ -4,8 +4,9 @@
     python flower_app.py [options] --superlink HOST:PORT               # a SuperLink whose SuperNodes already run
 
 - `client_app` (on each SuperNode, client id = `--node-config partition-id=i`): a query message
-  prepares it (experiment.prepare, then its own images' frozen features: training_inputs; the
-  model goes to a node-local cache: one encoding per run); a train message runs
+  prepares it (experiment.prepare, then its own images' frozen features: training_inputs, one
+  encoding per run; a kit of tensors and plain values goes to a node-local cache, from which each
+  later message builds the model again: client_kit); a train message runs
   federate.local_train with the plain loop's generator seed (federate.client_generator) and
   cosine learning rate.
 - `server_app` (beside the SuperLink): FedMPTStrategy, Flower's FedAvg made to follow
@@ -42,7 +43,8 @@ from experiment import Config, Experiment
 from fedmpt import ModelConfig
 from launcher.flower import FlowerConfig, launch
 from store import features
-from store.runs import save_atomic
+from store.files import save_tensors
+from store.runs import load_checkpoint
 from tools.options import build_parser, config_from
 
 try:
@@ -78,31 +80,69 @@ client_app = ClientApp()
 
 
 def client_kit(context):
-    """(client id, {model, inputs, y of this client's images in split order}, cache path). Built
-    once per run (experiment.prepare, then training_inputs of this client's rows: the inputs go
-    to the feature store), then the model from the node's cache and the inputs memory-mapped
-    from the store. Node-config keys for a machine laid out differently: data-root,
-    clip-weights, feature-cache (the store; default --cache-dir, else the node's $FEDMPT_CACHE),
-    cache-dir (the prepared model)."""
+    """(client id, {model, inputs, y of this client's images in split order}, kit path). The
+    run's first message prepares (experiment.prepare, then training_inputs of this client's rows
+    into the feature store) and leaves a kit in the node's cache: tensors and plain values only
+    (the labels, the store key, the classes, conditions and attributes the model is built from).
+    Later messages (each a fresh process) load it with weights_only=True, so a file planted there
+    never runs as code (one that does not load, or does not fit, is prepared again), build the
+    model again (kit_model) and memory-map the inputs from the store. Node-config keys for a
+    machine laid out differently: data-root, clip-weights, feature-cache (the store; default
+    --cache-dir, else the node's $FEDMPT_CACHE), cache-dir (the kits)."""
     cfg, model_cfg, _ = run_options(context.run_config)
     node, client = context.node_config, int(context.node_config["partition-id"])
-    cache = Path(str(node.get("cache-dir", Path(os.environ.get("FLWR_HOME", "~/.flwr")) / "fedmpt-cache")))
-    cache = cache.expanduser() / f"run-{context.run_id}-client-{client}.pt"
-    if cache.exists():  # this node wrote it, for this run
-        kit = torch.load(cache, weights_only=False)
-        return client, {**kit, "inputs": features.open_store(kit["key"], kit["cache_dir"])}, cache
     cfg = dataclasses.replace(cfg, root=str(node.get("data-root", cfg.root)),
                               clip_weights=str(node.get("clip-weights", cfg.clip_weights)),
                               cache_dir=str(node.get("feature-cache", cfg.cache_dir)))
+    cache = Path(str(node.get("cache-dir", Path(os.environ.get("FLWR_HOME", "~/.flwr")) / "fedmpt-cache")))
+    cache = cache.expanduser() / f"run-{context.run_id}-client-{client}.pt"
+    kit = read_kit(cache)
+    if kit is not None:
+        return client, {**kit, "model": kit_model(cfg, model_cfg, kit),
+                        "inputs": features.open_store(kit["key"], kit["cache_dir"])}, cache
     parts = experiment.prepare(cfg, model_cfg)
     inputs, targets, key = experiment.client_part(parts, client)  # this client's images only
     if int(node["num-partitions"]) != len(parts.clients.splits):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(parts.clients.splits)} clients.")
-    kit = {"model": parts.model, "y": targets, "key": key, "cache_dir": parts.cfg.cache_dir}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(kit, cache)
-    return client, {**kit, "inputs": inputs}, cache
+    kit = {"y": targets, "key": key, "cache_dir": parts.cfg.cache_dir, "classes": list(parts.train_set.classes),
+           "conditions": parts.conditions, "attributes": parts.attributes}
+    cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the kits: this user's only
+    save_tensors(kit, cache)
+    return client, {**kit, "model": parts.model, "inputs": inputs}, cache
+
+
+def read_kit(path: Path):
+    """The kit at `path` if it loads as tensors and plain values and has the kit's format,
+    else None (absent, planted or damaged: the caller prepares again and overwrites it)."""
+    if not path.exists():
+        return None
+    try:
+        kit = load_checkpoint(path, "preparing this node again")  # weights_only=True: nothing is executed
+    except FedMPTError as error:
+        print(error, flush=True)
+        return None
+    fits = (isinstance(kit, dict) and set(kit) == {"y", "key", "cache_dir", "classes", "conditions", "attributes"}
+            and isinstance(kit["y"], torch.Tensor) and kit["y"].dim() == 2 and isinstance(kit["key"], dict)
+            and isinstance(kit["cache_dir"], str) and isinstance(kit["classes"], list)
+            and all(isinstance(c, str) for c in kit["classes"]) and isinstance(kit["conditions"], dict)
+            and isinstance(kit["attributes"], (dict, type(None))))
+    if not fits:
+        print(f"{path} is not a kit this code wrote; preparing this node again", flush=True)
+    return kit if fits else None
+
+
+def kit_model(cfg, model_cfg, kit):
+    """The model the node prepared, built again from the options and the kit: the same backbone
+    (checked by its fingerprint: the cached inputs were encoded with it), classes, conditions and
+    attributes; its tunable values come with each train message."""
+    cfg, device, _ = experiment.resolve(cfg, model_cfg)
+    backbone = experiment.load_backbone(cfg, device)
+    if backbone.fingerprint() != kit["key"].get("backbone_sha256"):
+        raise FedMPTError(f"the CLIP weights ({cfg.clip_weights or cfg.clip}) changed after this node prepared "
+                          "this run's features; restart the run (a new run prepares again).")
+    return experiment.build_model(cfg.method, backbone, kit["classes"], kit["conditions"], model_cfg,
+                                  kit["attributes"], seed=cfg.seed).to(device)
 
 
 @client_app.query()
@@ -234,7 +274,7 @@ def server_main(grid, context):
     print(federate.TABLE_HEADER, flush=True)
     strategy.start(grid, ArrayRecord(strategy.reference), num_rounds=cfg.rounds, timeout=flower_cfg.round_timeout,
                    evaluate_fn=strategy.evaluate_and_record)
-    save_atomic(strategy.global_state, exp.out / "state.pt")
+    save_tensors(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
     federate.warn_if_untrained(strategy.history, exp.cfg.lr)
 

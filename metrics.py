@@ -151,6 +151,32 @@ def f1_thresholds(scores, targets, default=0.5):
     return thresholds
 
 
+def zsl_metrics(scores, targets, unseen, ks=(3, 5)):
+    """Zero-shot figures (percent) for the class indices `unseen` (classes no client labelled):
+      seen_mAP    the seen classes on every image
+      unseen_mAP  the unseen classes on the images holding one (the zero-shot setting)
+      H_mAP       the harmonic mean of the two (the base-to-novel figure)
+      gzsl_mAP    every class on every image (the generalized setting)
+      unseen_F1@K, gzsl_F1@K  F1 of each image's K highest-scoring classes, among the same
+                  classes and images, pooled: precision = hits / predictions, recall = hits /
+                  positives (as the zero-shot multi-label works report it); None where K is
+                  not below the number of classes scored.
+    -1 pairs are ignored, as everywhere here."""
+    s, t = _validate(scores, targets)
+    unseen = sorted(set(int(c) for c in unseen))
+    seen = [c for c in range(s.shape[1]) if c not in unseen]
+    holding = (t[:, unseen] == 1).any(1)
+    mean_ap = lambda s_, t_: multilabel_metrics(s_, t_, top_k=1)["mAP"] if t_.size else None
+    out = {"seen_mAP": mean_ap(s[:, seen], t[:, seen]), "unseen_mAP": mean_ap(s[holding][:, unseen], t[holding][:, unseen]),
+           "gzsl_mAP": mean_ap(s, t)}
+    a, b = out["seen_mAP"], out["unseen_mAP"]
+    out["H_mAP"] = None if a is None or b is None else (2 * a * b / (a + b) if a + b > 0 else 0.0)
+    for k in ks:
+        for name, (s_, t_) in (("unseen", (s[holding][:, unseen], t[holding][:, unseen])), ("gzsl", (s, t))):
+            out[f"{name}_F1@{k}"] = _prf(top_k_predictions(s_, k), t_)["OF1"] if k < s_.shape[1] and len(s_) else None
+    return out
+
+
 def label_prior_scores(train_targets, n_images):
     """Label-prior baseline: score every image with each class's training
     frequency, positives / non-ignored pairs (0 if a class is all ignored).

@@ -22,7 +22,9 @@ import torch
 import data
 import metrics
 from errors import FedMPTError, exit_code
-from experiment import build_model, load_backbone, method_attributes, predict_scores, read_config
+from baselines import model_class
+from experiment import (build_model, frozen_inputs, load_backbone, method_attributes, predict_scores, read_config,
+                        zero_shot_metrics)
 from loaders.base import UNREADABLE
 from store import features
 from store.files import write_atomic, write_json
@@ -31,16 +33,27 @@ from store.runs import read_checkpoint, read_state
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_run(run_dir: str, device: str = "cpu"):
-    """The run's configuration and its global model, on the backbone it was trained with."""
+def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
+    """The run's configuration and its global model, on the backbone it was trained with. With
+    `classes` (another dataset's, `dataset`): the text side is built for those names and scores
+    them with the trained state (cross-dataset transfer), where the method can."""
     cfg, model_cfg, saved = read_config(run_dir)
+    classes = saved["classes"] if classes is None else list(classes)
+    if classes != saved["classes"]:
+        why = getattr(model_class(cfg.method), "cannot_score_unseen", "") or (
+            "contexts of each class's own cannot score another class" if model_cfg.class_ctx else "")
+        if why:
+            raise FedMPTError(f"run {run_dir} ({cfg.method}) cannot score {dataset or 'these'} classes it was not "
+                              f"trained on: {why}.")
+        cfg.dataset, cfg.attributes = dataset or cfg.dataset, ""  # FedMVP: that dataset's descriptions
+    else:
+        cfg.attributes = str(Path(run_dir) / "attributes.json")  # the descriptions the run trained with
     backbone = load_backbone(cfg)
     if saved.get("backbone_sha256") and backbone.fingerprint() != saved["backbone_sha256"]:
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
-    cfg.attributes = str(Path(run_dir) / "attributes.json")  # the descriptions the run trained with
-    attributes = method_attributes(cfg, saved["classes"])
-    model = build_model(cfg.method, backbone, saved["classes"], saved["condition_set"], model_cfg,
+    attributes = method_attributes(cfg, classes)
+    model = build_model(cfg.method, backbone, classes, saved["condition_set"], model_cfg,
                         attributes, seed=cfg.seed).to(device).eval()  # the trained state replaces every value
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
@@ -108,7 +121,9 @@ def parse_options(argv):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--evaluate", action="store_true", help="evaluate on a test split instead")
     parser.add_argument("--dataset", default="", help="--evaluate: default the run's own dataset")
-    parser.add_argument("--root", default="", help="--evaluate: default the run's own root")
+    parser.add_argument("--root", default="", help="--evaluate: default the run's own root (data/<dataset> for "
+                        "another --dataset)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when visible")
     args = parser.parse_args(argv)
     if args.evaluate == bool(args.paths):
         raise FedMPTError("give image files or folders to label, or --evaluate (not both).")
@@ -134,7 +149,7 @@ def run_thresholds(run_dir, classes, threshold=None) -> tuple:
 
 
 def label_images(args):
-    _, saved, model = load_run(args.run)
+    _, saved, model = load_run(args.run, device(args.device))
     classes, files = saved["classes"], list_images(args.paths)
     thresholds, source = run_thresholds(args.run, classes, args.threshold)
     probabilities = score_images(model, files, args.batch_size)
@@ -166,28 +181,50 @@ def write_predictions(path: Path, rows, classes):
 
 
 def evaluate(args):
-    cfg, saved, model = load_run(args.run)
-    dataset, root = args.dataset or cfg.dataset, args.root or saved["root"]
-    test_set = data.load_dataset(dataset, root, "test", skip_unreadable=saved.get("skip_unreadable", False))
-    if list(test_set.classes) != list(saved["classes"]):
+    """The run's global model on a test split: its own, or (--dataset/--root) another dataset's,
+    whose class names the text side is rebuilt for; the frozen backbone alone beside it."""
+    cfg, _, saved = read_config(args.run)
+    dataset = args.dataset or cfg.dataset
+    root = args.root or (saved["root"] if dataset == cfg.dataset else str(Path("data") / dataset))
+    test_set = data.load_dataset(dataset, root, "test", skip_unreadable=cfg.skip_unreadable,
+                                 zsl_split=cfg.zsl_split if dataset == cfg.dataset else "")
+    transfer = list(test_set.classes) != list(saved["classes"])
+    if transfer and not args.dataset:
         raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
-                          f"{root} has {list(test_set.classes)}.")
+                          f"{root} has {list(test_set.classes)} (name it with --dataset to score them).")
+    cfg, saved, model = load_run(args.run, device(args.device), test_set.classes, dataset)
+    unseen = [] if transfer else [saved["classes"].index(c) for c in saved.get("unseen_classes", [])]
     test_set.transform = data.clip_transform(model.backbone.resolution)
-    key = features.store_key(saved.get("backbone_sha256") or model.backbone.fingerprint(), test_set, model.input_kind())  # training's test features
-    inputs, _ = features.encode_dataset(model.encode_images, test_set, key, cfg.cache_dir, device=model.device)
+    sha256, backbone = model.backbone.fingerprint(), model.backbone
+    inputs, _, _ = frozen_inputs(model.encode_images, test_set, model.input_kind(), sha256, cfg, model.device)
+    v = inputs[0] if model.inputs_start_with_v else frozen_inputs(  # the zero-shot reference's global features
+        lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v", sha256, cfg, model.device)[0][0]
     scores, top_k = predict_scores(model, inputs), min(3, len(test_set.classes))
     result = metrics.multilabel_metrics(scores, test_set.targets, top_k=top_k)
     summary = {k: result[k] for k in ("mAP", "CF1", "OF1")}
-    if (Path(args.run) / "thresholds.json").exists():  # CF1/OF1 also at the run's own thresholds
+    if unseen:
+        result.update(metrics.zsl_metrics(scores, test_set.targets, unseen))
+        summary.update({k: result[k] for k in ("seen_mAP", "unseen_mAP", "H_mAP")})
+    if (Path(args.run) / "thresholds.json").exists() and not transfer:  # CF1/OF1 also at the run's thresholds
         thresholds, _ = run_thresholds(args.run, saved["classes"])
         chosen = metrics.multilabel_metrics(scores, test_set.targets, np.asarray(thresholds), top_k)
         result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
         summary.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
+    result["zero_shot"] = zero_shot_metrics(backbone, v, test_set, test_set.classes, unseen)
+    summary["zero-shot mAP"] = result["zero_shot"]["mAP"]
     print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in summary.items()))
     out = Path(args.run) / f"evaluation-{dataset}.json"
-    write_json(out, {"dataset": dataset, "root": str(root), **result})
+    write_json(out, {"dataset": dataset, "root": str(root), "classes": test_set.classes,
+                     "trained_on": saved["dataset"], "transfer": transfer, **result})
     print(f"wrote {out}")
     return 0
+
+
+def device(choice: str) -> str:
+    """--device: auto is CUDA when visible."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,32 @@ class ConditionPrompts(nn.Module):
         self.context = nn.Parameter(0.02 * torch.randn(signs, K, n_ctx, width))  # (S, K, M, Dt)
         self.class_context = nn.Parameter(0.02 * torch.randn(signs, C, class_ctx, width)) if class_ctx else None
         self.shape, self.signs = (K, C), signs
+        self.share_layout(tokens.reshape(K, C, -1), embedded, 1 + n_ctx, class_ctx)
+
+    def share_layout(self, tokens, embedded, cut, class_ctx):
+        """The shared-prefix layout (FrozenCLIP.encode_shared): every class of a condition and sign
+        starts with the same [SOS, contexts, condition tokens] (with class contexts, [SOS, shared
+        contexts]); that prefix runs once, and each prompt's remaining positions (its suffix) to its
+        end token. Prefixes are padded to the longest, suffixes to the longest."""
+        K, C, L = tokens.shape
+        eot = tokens.argmax(dim=-1)  # (K, C)
+        lengths = []
+        for k in range(K):  # the condition's tokens: where all its classes agree, before any end token
+            n = cut
+            while not class_ctx and n < int(eot[k].min()) and bool((tokens[k, :, n] == tokens[k, 0, n]).all()):
+                n += 1
+            lengths.append(n)
+        length = torch.tensor(lengths, device=tokens.device)  # (K,)
+        self.prefix_positions = max(lengths)  # Lp
+        self.suffix_positions = int((eot - length[:, None]).max()) + 1  # Ls
+        condition = torch.arange(cut, self.prefix_positions, device=tokens.device)  # (Lp - 1 - M,)
+        fixed = length[:, None] + torch.arange(class_ctx, self.suffix_positions, device=tokens.device)  # (K, Ls - Mc)
+        gather = lambda rows, index: rows.gather(-2, index.clamp(max=L - 1)[..., None].expand(*index.shape, rows.shape[-1]))
+        # padding positions (after a short condition, after an end token) take any value: nothing sees them
+        self.register_buffer("shared_condition", gather(embedded[:, 0], condition.expand(K, -1)), persistent=False)
+        self.register_buffer("shared_fixed", gather(embedded, fixed[:, None].expand(-1, C, -1)), persistent=False)
+        self.register_buffer("shared_length", length.repeat(self.signs), persistent=False)  # (S*K,)
+        self.register_buffer("shared_eot", eot.repeat(self.signs, 1), persistent=False)  # (S*K, C)
 
     def forward(self, context=None):
         """Prompt embeddings (S*K*C, L, Dt), sign-major, and their end-token positions. A
@@ -66,3 +92,27 @@ class ConditionPrompts(nn.Module):
         suffix = self.suffix.expand(self.signs, -1, -1, -1, -1)
         prompts = torch.cat([prefix, context, suffix], dim=3)  # (S, K, C, L, Dt)
         return prompts.flatten(0, 2), self.eot
+
+    def shared(self, context=None):
+        """The same prompts as forward, laid out for FrozenCLIP.encode_shared: prefixes (S*K, Lp, Dt),
+        their lengths (S*K,), suffixes (S*K, C, Ls, Dt) and end positions (S*K, C) in the whole prompt."""
+        K, C = self.shape
+        context = self.context if context is None else context  # (S, K, M, Dt)
+        S = self.signs
+        start = self.prefix[:, 0].expand(S, -1, -1, -1)  # (S, K, 1, Dt)
+        condition = self.shared_condition.expand(S, -1, -1, -1)  # (S, K, Lp - 1 - M, Dt)
+        prefix = torch.cat([start, context, condition], dim=2).flatten(0, 1)  # (S*K, Lp, Dt)
+        suffix = self.shared_fixed.expand(S, -1, -1, -1, -1)  # (S, K, C, Ls - Mc, Dt)
+        if self.class_context is not None:  # each class's own contexts open its suffix
+            own = self.class_context[:, None].expand(-1, K, -1, -1, -1)  # (S, K, C, Mc, Dt)
+            suffix = torch.cat([own, suffix], dim=3)
+        return prefix, self.shared_length, suffix.flatten(0, 1), self.shared_eot
+
+    def encode(self, backbone, context=None, after=None):
+        """Text features (S*K*C, D), sign-major, through the backbone's text encoder: by shared
+        prefixes (backbone.encode_shared) where the backbone shares them and no `after` hook changes
+        tokens between layers, else every prompt whole (backbone.encode_prompts). Both are exact."""
+        if backbone.share_prefixes and after is None:
+            return backbone.encode_shared(*self.shared(context)).flatten(0, 1)
+        embeddings, eot = self(context)
+        return backbone.encode_prompts(embeddings, eot, after)

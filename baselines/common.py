@@ -34,8 +34,7 @@ def class_prompts(backbone: FrozenCLIP, class_names, n_ctx, signs=2) -> Conditio
 
 def encode_class_prompts(backbone: FrozenCLIP, prompts, context=None, after=None) -> torch.Tensor:
     """Normalised text features (S, C, D) of class prompts."""
-    embeddings, eot = prompts(context)
-    T = F.normalize(backbone.encode_prompts(embeddings, eot, after), dim=-1)
+    T = F.normalize(prompts.encode(backbone, context, after), dim=-1)
     return T.reshape(prompts.signs, prompts.shape[1], -1)
 
 

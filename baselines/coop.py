@@ -14,6 +14,8 @@ class FedPosCoOp(PromptModel):
     DualCoOp. VOC2007 with ViT-B/16: 16*512 + 20*512 = 18,432 tunable (Table 5: 0.02M)."""
     learning_rate = 3.0  # SGD rate chosen on the offline validation split (the top of its grid)
     n_ctx = 16
+    # why --unseen is refused (experiment.validate): the negative feature of a class is learned
+    cannot_score_unseen = "its negative side is a learned feature of each class: a class never trained has none"
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         super().__init__()
@@ -36,6 +38,7 @@ class FedDualCoOp(FedPosCoOp):
     negative context (M = 16 each, shared by the classes) and class-specific region
     aggregation. ViT-B/16: 2*16*512 = 16,384 tunable."""
     learning_rate = 1e-3  # chosen on the offline validation split; the clip sets most steps (docs/choices.md)
+    cannot_score_unseen = ""  # both of its contexts are shared by the classes
 
     def __init__(self, backbone, class_names, conditions=None, cfg=None, *, seed, **_):
         PromptModel.__init__(self)

@@ -33,7 +33,9 @@ def load_attributes(dataset: str, class_names, spec: str = "") -> dict:
                                               and all(isinstance(t, str) and t.strip() for t in attributes[c]))]
     if missing:
         raise FedMPTError(f"attribute file {path}: no descriptions (a non-empty list of sentences) "
-                          f"for {', '.join(missing)}.")
+                          f"for {', '.join(missing)}; FedMVP needs them for every class it scores (unseen ones "
+                          "too): `python -m conditions.discover --attributes --dataset NAME --out FILE` writes "
+                          "them (docs/conditions.md), --attributes FILE reads them.")
     return {"source": content.get("source", "unknown"), "file": str(path),
             "attributes": {c: attributes[c] for c in class_names}}
 

@@ -1,11 +1,13 @@
 """`python flower_app.py`: the federation on Flower's Deployment Engine (SuperLink + SuperNodes on
-127.0.0.1) equals the plain loop, survives a SuperNode that dies, and leaves no process behind.
+127.0.0.1) equals the plain loop, survives a SuperNode that dies, fails whole when a SuperNode
+cannot start or the SuperLink dies, and leaves no process behind (none with the launch's token).
 
 Each exchange costs 3-6 s of Flower's polling, so the runs are tiny (batch 128, 2-3 rounds).
 """
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +50,23 @@ TINY = ["--batch-size", "128"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+# flower_app.py, but the launcher's choice of ports gives SuperNode 1 the port this test holds
+# (argv[1]) on its first argv[2] tries: the race in which another process takes a chosen port.
+HOLDS_PORT = """import sys
+sys.path.insert(0, %r)
+import flower_app
+from launcher import flower
+held, tries, calls = int(sys.argv[1]), int(sys.argv[2]), []
+choose = flower.procs.free_ports
+def pinned(n):
+    calls.append(n)
+    ports = choose(n)
+    return ports[:2] + [held] + ports[3:] if len(calls) <= tries else ports
+flower.procs.free_ports = pinned
+sys.exit(flower_app.main(sys.argv[3:]))
+""" % str(REPO)
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie has exited: it only waits for a parent that never reaps it)."""
     try:
@@ -59,11 +78,11 @@ def alive(pid: int) -> bool:
 class FlowerRun:
     """`python flower_app.py ...` in a subprocess, watching every process it starts."""
 
-    def __init__(self, out: Path, *options, env=None):
+    def __init__(self, out: Path, *options, env=None, program=(str(REPO / "flower_app.py"),)):
         self.out, self.log_path, self.seen = out, out.with_suffix(".log"), set()
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(REPO / "flower_app.py"), "--out", str(out), *options],
+                [sys.executable, *program, "--out", str(out), *options],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ONE_THREAD, **(env or {})},
                 # a shell that started the tests in the background ignores SIGINT, and children
                 # inherit that; Ctrl-C must reach this run as it does in a terminal
@@ -91,11 +110,29 @@ class FlowerRun:
         path = self.out / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else []
 
+    def error(self) -> str:
+        """What the run said after `error:` (a message may end with a log's tail)."""
+        output = self.output()
+        return output[output.rindex("error: "):]
+
+    def tagged(self) -> list:
+        """Running processes whose environment holds this launch's token, wherever their parent is."""
+        marker = b"FEDMPT_LAUNCH=" + json.loads((self.out / "flower" / "processes.json").read_text())["token"].encode()
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
     def assert_no_process_left(self):
         started = json.loads((self.out / "flower" / "processes.json").read_text())
         pids = {started["superlink"], *started["supernodes"]}
         assert pids < self.seen  # the watch saw them, and their children (superexecs, apps)
         assert not [pid for pid in self.seen if alive(pid)], "processes left running"
+        assert not self.tagged(), "processes of this launch left running (re-parented away from it)"
 
     def stop(self):
         if self.process.poll() is None:  # a failed test: let launch clean up as on Ctrl-C
@@ -110,8 +147,8 @@ class FlowerRun:
 def flower_run():
     runs = []
 
-    def start(out, *options, env=None):
-        runs.append(FlowerRun(out, *options, env=env))
+    def start(out, *options, **how):
+        runs.append(FlowerRun(out, *options, **how))
         return runs[-1]
     yield start
     for run in runs:
@@ -177,6 +214,7 @@ def test_a_failed_server_app_exits_2_with_flowers_status(shapes_root, tmp_path, 
     assert run.finish() == 2
     error = run.output().splitlines()[-1]
     assert error.startswith("error: the Flower run") and "finished:failed" in error and "missing.json" in error
+    assert "takes commands from every user of this machine" in run.output()  # said at start
     run.assert_no_process_left()
 
 
@@ -187,4 +225,36 @@ def test_ctrl_c_stops_every_process(shapes_root, tmp_path, flower_run):
     run.process.send_signal(signal.SIGINT)
     assert run.finish(seconds=60) == 2
     assert "interrupted" in run.output().splitlines()[-1]
+    run.assert_no_process_left()
+
+
+def test_a_supernode_that_cannot_start_fails_the_run_with_its_log(shapes_root, tmp_path, flower_run):
+    with socket.socket() as held:  # SuperNode 1's port, taken on every try
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        run = flower_run(tmp_path / "taken", "--root", str(shapes_root), "--clients", "2", "--rounds", "1",
+                         program=("-c", HOLDS_PORT, str(held.getsockname()[1]), "99"))
+        assert run.finish(seconds=120) == 2, run.output()[-3000:]
+    error = run.error()
+    assert error.startswith("error: SuperNode 1 exited at start") and "taken on each of 3 tries" in error
+    assert "address already in use" in error and "supernode-1.log" in error  # the tail of its log
+    assert not (tmp_path / "taken" / "metrics.json").exists()  # no run started with one client
+    run.assert_no_process_left()
+
+
+def test_a_taken_port_is_retried_and_a_superlink_killed_mid_run_fails_it_leaving_no_process(
+        shapes_root, tmp_path, flower_run):
+    with socket.socket() as held:  # SuperNode 1's port on the first try only
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        run = flower_run(tmp_path / "orphans", "--root", str(shapes_root), "--clients", "2", "--rounds", "50",
+                         program=("-c", HOLDS_PORT, str(held.getsockname()[1]), "1"))
+        assert run.watch(until=lambda: len(run.history()) >= 1), run.output()[-3000:]  # round 0 is recorded
+    assert "SuperNode 1: port taken before it was bound; starting the federation again" in run.output()
+    started = json.loads((tmp_path / "orphans" / "flower" / "processes.json").read_text())
+    server_apps = [pid for pid in run.tagged() if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert server_apps  # the ServerApp runs (outside the SuperLink's tree): its death orphans it
+    os.kill(started["superlink"], signal.SIGKILL)
+    assert run.finish(seconds=60) == 2, run.output()[-3000:]
+    assert run.error().startswith("error: the SuperLink exited mid-run (code -9)")
     run.assert_no_process_left()

@@ -1,0 +1,79 @@
+"""Classes no client labelled: the class split of `--unseen` and `--zsl-split`.
+
+Training never sees an unseen class. The clients' targets keep the seen classes' columns only
+(an image keeps its seen labels; one left with none stays as a negative-only image, counted in
+config.json), the client split is made from those targets, and the model that trains is built
+on the seen class names only. A second model on the same frozen backbone, built on every class
+name, scores the test images with the trained state (`scorer`): the text side is where a
+prompt method reaches a class it never trained on (metrics.zsl_metrics).
+"""
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import FedMPTError
+
+
+def unseen_classes(spec: str, classes: list, seed: int, published=None) -> list:
+    """Sorted indices of the unseen classes. `spec` (--unseen): class names, comma-separated;
+    a file of names, one a line ('#' starts a comment); or random:F, a share F of the classes
+    drawn with `seed`. `published`: the unseen names a --zsl-split dataset carries."""
+    if published is not None:
+        names = list(published)
+    elif not spec:
+        return []
+    elif spec.startswith("random:"):
+        try:
+            share = float(spec.split(":", 1)[1])
+        except ValueError:
+            share = -1.0
+        n = int(round(share * len(classes))) if 0 < share < 1 else 0
+        if not 0 < n < len(classes):
+            raise FedMPTError(f"--unseen {spec}: give random:F with 0 < F < 1 that holds out at least one of the "
+                              f"{len(classes)} classes and keeps at least one (F = 0.25: {round(0.25 * len(classes))}).")
+        return sorted(np.random.default_rng([seed, 11]).choice(len(classes), n, replace=False).tolist())
+    elif Path(spec).is_file():
+        names = [line.split("#", 1)[0].strip() for line in Path(spec).read_text(encoding="utf-8").splitlines()]
+    else:
+        names = spec.split(",")
+    names = sorted({name.strip() for name in names if name.strip()})
+    unknown = [name for name in names if name not in classes]
+    if unknown or not names or len(names) == len(classes):
+        problem = (f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a class of this dataset"
+                   if unknown else "it names no class" if not names else "it leaves no class to train on")
+        raise FedMPTError(f"--unseen {spec}: {problem}; the classes are {', '.join(classes)}.")
+    return sorted(classes.index(name) for name in names)
+
+
+def seen_view(train_set, unseen: list):
+    """The training split as the clients know it: the seen classes' names and target columns
+    (the images and everything else as they are). Without unseen classes, `train_set` itself."""
+    if not unseen:
+        return train_set
+    seen = [c for c in range(len(train_set.classes)) if c not in set(unseen)]
+    view = copy.copy(train_set)
+    view.classes, view.targets = [train_set.classes[c] for c in seen], train_set.targets[:, seen]
+    return view
+
+
+def negative_only(train_set, unseen: list) -> int:
+    """Training images that held a label, all of them unseen: they train as negatives only."""
+    if not unseen:
+        return 0
+    positive = train_set.targets == 1
+    seen = torch.ones(positive.shape[1], dtype=torch.bool)
+    seen[unseen] = False
+    return int((positive.any(1) & ~positive[:, seen].any(1)).sum())
+
+
+def every_column(values: torch.Tensor, unseen: list, n_classes: int, fill) -> torch.Tensor:
+    """(..., C_seen) seen-class values spread to (..., n_classes), `fill` in the unseen columns."""
+    if not unseen:
+        return values
+    seen = torch.ones(n_classes, dtype=torch.bool)
+    seen[unseen] = False
+    out = torch.full((*values.shape[:-1], n_classes), fill, dtype=values.dtype)
+    out[..., seen] = values
+    return out
