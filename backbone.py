@@ -79,7 +79,9 @@ class FrozenCLIP(nn.Module):
         self.width = model.text_projection.shape[1]  # D
         self.resolution = model.visual.input_resolution
         self.context_length = model.context_length
-        self.share_prefixes = False  # encode prompts that share a prefix by encode_shared (set by baselines.build)
+        # How the frozen encoders run for what trains through them (baselines.build sets both from
+        # the run's --text-encoding and --precision): prefixes shared or not, fp32 or bf16 autocast.
+        self.text_encoding, self.precision = "full", "fp32"
 
     def fingerprint(self) -> str:
         """sha256 of every weight: a saved run names the exact backbone it was trained on
@@ -91,6 +93,19 @@ class FrozenCLIP(nn.Module):
                 digest.update(tensor.detach().float().cpu().numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def shares_prefixes(self) -> bool:
+        """Whether prompts that share a prefix go through encode_shared: --text-encoding shared,
+        or auto on CUDA (on the CPU, auto keeps the full prompts: the offline figures' rounding)."""
+        device = self.model.logit_scale.device.type
+        return self.text_encoding == "shared" or (self.text_encoding == "auto" and device == "cuda")
+
+    def autocast(self):
+        """The frozen encoders' precision where tuned tensors pass through them (prompts, deep
+        prompts, adapters): bf16 under torch.autocast with --precision bf16, else float32. Callers
+        turn what comes out back to float32; frozen features for the store stay float32."""
+        device = self.model.logit_scale.device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: BatchNorm statistics and dropout stay frozen
@@ -180,56 +195,73 @@ class FrozenCLIP(nn.Module):
         mask = torch.full((n, n), float("-inf"), dtype=embeddings.dtype, device=embeddings.device).triu(1)
         x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
         x = m.ln_final(x)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection
+        return self.project(x[torch.arange(x.shape[0], device=x.device), eot])
 
-    def encode_shared(self, prefix, prefix_length, suffix, eot) -> torch.Tensor:
-        """CLIP's text encoder on G groups of R prompts, each group's prompts sharing a leading
-        segment: prefix token embeddings (G, Lp, Dt) (group g's first prefix_length[g] are real,
-        the rest padding), suffixes (G, R, Ls, Dt) that continue each prompt at position
-        prefix_length[g], end-token positions eot (G, R) in the whole prompt -> features (G, R, D).
+    def encode_shared(self, prefix, prefix_length, suffix, offset, sees, bins, end) -> torch.Tensor:
+        """CLIP's text encoder on G groups of C prompts, the prompts of a group sharing a prefix:
+        prefix token embeddings (G, Lp, Dt) (group g's first prefix_length[g] real, the rest
+        padding) and the rest of each prompt packed into R rows of Ls slots, suffix (G, R, Ls, Dt):
+        a slot sits at position prefix_length[g] + offset[r, i] of its prompt and attends to the
+        slots sees[r, i] (R, Ls, Ls) of its row (its own prompt's, up to itself); class c's suffix
+        lies in row bins[c], its end token in slot end[g, c]. -> features (G, C, D).
         The text transformer is causal, so a prefix's hidden states do not depend on what follows:
-        it runs once per group, and each suffix attends to its group's prefix keys and values
-        (through CLIP's own attention weights) and causally to itself. The last block runs only
-        the end tokens' queries. Equal to CLIP's encode_text on the whole prompts."""
+        it runs once per group, and every suffix slot attends to its group's prefix keys and
+        values through CLIP's own attention weights. The last block runs only the end tokens'
+        queries. Equal to CLIP's encode_text on the whole prompts."""
         m, blocks = self.model, self.model.transformer.resblocks
-        G, Lp, _ = prefix.shape
-        Ls, device = suffix.shape[2], prefix.device
-        steps = torch.arange(Ls, device=device)
-        positions = (prefix_length[:, None] + steps).clamp(max=self.context_length - 1)  # (G, Ls)
+        (G, Lp, _), (R, Ls) = prefix.shape, offset.shape
+        positions = (prefix_length[:, None, None] + offset).clamp(max=self.context_length - 1)  # (G, R, Ls)
         xp = prefix + m.positional_embedding[:Lp]  # (G, Lp, W)
-        xs = suffix + m.positional_embedding[positions][:, None]  # (G, R, Ls, W)
-        real = torch.arange(Lp, device=device) < prefix_length[:, None]  # (G, Lp) the unpadded prefix
-        causal = steps[None, :] <= steps[:, None]  # (Ls, Ls)
-        sees = torch.cat([real[:, None].expand(-1, Ls, -1), causal.expand(G, -1, -1)], dim=-1)  # (G, Ls, Lp + Ls)
-        end = eot - prefix_length[:, None]  # (G, R) the end token's place in its suffix
-        for i, block in enumerate(blocks):
-            xp, xs = self.shared_block(block, xp, xs, sees, end if i == len(blocks) - 1 else None)
-        return m.ln_final(xs[:, :, 0]) @ m.text_projection  # (G, R, D)
+        xs = suffix + m.positional_embedding[positions]  # (G, R, Ls, W)
+        real = torch.arange(Lp, device=prefix.device) < prefix_length[:, None]  # (G, Lp) the unpadded prefix
+        mask = torch.cat([real[:, None, None].expand(-1, R, Ls, -1), sees.expand(G, -1, -1, -1)], -1)  # (G, R, Ls, Lp+Ls)
+        for block in blocks[:-1]:
+            xp, xs = self.shared_block(block, xp, xs, mask)
+        return self.project(m.ln_final(self.shared_ends(blocks[-1], xp, xs, mask, bins, end)))  # (G, C, D)
+
+    def project(self, x) -> torch.Tensor:
+        """The end tokens' final projection to CLIP's joint space, outside any autocast: under bf16 it
+        would round the features themselves."""
+        with torch.autocast(x.device.type, enabled=False):
+            return x.to(self.model.text_projection.dtype) @ self.model.text_projection
 
     @staticmethod
-    def shared_block(block, xp, xs, sees, end=None):
-        """One CLIP residual attention block on prefixes xp (G, Lp, W) and suffixes xs (G, R, Ls, W);
-        `sees` (G, Ls, Lp + Ls) which keys each suffix position attends to. With `end` (G, R) (the
-        last block) only the end tokens go on: xs becomes (G, R, 1, W) and the prefixes stop."""
-        attn, (G, R, Ls, W) = block.attn, xs.shape
-        H, Lp = attn.num_heads, xp.shape[1]
-        heads = lambda t: t.unflatten(-1, (H, W // H)).transpose(-2, -3)  # (..., L, W) -> (..., H, L, W/H)
-        qp, kp, vp = map(heads, F.linear(block.ln_1(xp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
-        qs, ks, vs = map(heads, F.linear(block.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+    def shared_qkv(block, x):
+        """Queries, keys and values (..., H, L, W/H) of tokens x (..., L, W) by the block's own weights."""
+        attn, W = block.attn, x.shape[-1]
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        return [t.unflatten(-1, (attn.num_heads, W // attn.num_heads)).transpose(-2, -3) for t in qkv]
+
+    @classmethod
+    def shared_block(cls, block, xp, xs, mask):
+        """One CLIP residual attention block on prefixes xp (G, Lp, W) and packed suffixes xs
+        (G, R, Ls, W); mask (G, R, Ls, Lp + Ls): the keys, [prefix, row], each slot attends to."""
+        R, out = xs.shape[1], block.attn.out_proj
+        qp, kp, vp = cls.shared_qkv(block, xp)  # (G, H, Lp, W/H)
+        qs, ks, vs = cls.shared_qkv(block, xs)  # (G, R, H, Ls, W/H)
         keys = torch.cat([kp[:, None].expand(-1, R, -1, -1, -1), ks], dim=-2)  # (G, R, H, Lp + Ls, W/H)
         values = torch.cat([vp[:, None].expand(-1, R, -1, -1, -1), vs], dim=-2)
-        mask = sees[:, None, None]  # (G, 1, 1, Ls, Lp + Ls)
-        if end is None:  # the prefixes' own causal attention, then their MLP
-            yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, H, Lp, W/H)
-            xp = xp + attn.out_proj(yp.transpose(-2, -3).flatten(-2))
-            xp = xp + block.mlp(block.ln_2(xp))
-        else:  # only the end tokens' queries: the positions whose output is read
-            qs = qs.gather(-2, end[:, :, None, None, None].expand(-1, -1, H, 1, W // H))  # (G, R, H, 1, W/H)
-            mask = sees.gather(1, end[..., None].expand(-1, -1, Lp + Ls))[:, :, None, None]  # (G, R, 1, 1, Lp + Ls)
-            xs = xs.gather(2, end[:, :, None, None].expand(-1, -1, 1, W))  # (G, R, 1, W)
-        ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)  # (G, R, H, Ls or 1, W/H)
-        xs = xs + attn.out_proj(ys.transpose(-2, -3).flatten(-2))
-        return xp, xs + block.mlp(block.ln_2(xs))
+        yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # the prefixes' own causal attention
+        ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask[:, :, None])  # (G, R, H, Ls, W/H)
+        xp = xp + out(yp.transpose(-2, -3).flatten(-2))
+        xs = xs + out(ys.transpose(-2, -3).flatten(-2))
+        return xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+
+    @classmethod
+    def shared_ends(cls, block, xp, xs, mask, bins, end):
+        """The last block, for the end tokens alone (G, C, W): their queries against their rows' keys."""
+        (G, C), attn, W = end.shape, block.attn, xs.shape[-1]
+        _, kp, vp = cls.shared_qkv(block, xp)  # (G, H, Lp, W/H)
+        _, ks, vs = cls.shared_qkv(block, xs)  # (G, R, H, Ls, W/H)
+        x = xs[torch.arange(G, device=xs.device)[:, None], bins, end]  # (G, C, W) the end tokens
+        q = F.linear(block.ln_1(x), attn.in_proj_weight[:W], attn.in_proj_bias[:W])  # (G, C, W) queries only
+        q = q.unflatten(-1, (attn.num_heads, W // attn.num_heads))[:, :, :, None]  # (G, C, H, 1, W/H)
+        keys = torch.cat([kp[:, None].expand(-1, C, -1, -1, -1), ks[:, bins]], dim=-2)  # (G, C, H, Lp + Ls, W/H)
+        values = torch.cat([vp[:, None].expand(-1, C, -1, -1, -1), vs[:, bins]], dim=-2)
+        rows = mask[:, bins].gather(2, end[:, :, None, None].expand(-1, -1, 1, mask.shape[-1]))  # (G, C, 1, Lp+Ls)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows[:, :, None])[:, :, :, 0]  # (G, C, H, W/H)
+        x = x + block.attn.out_proj(y.flatten(-2))
+        return x + block.mlp(block.ln_2(x))
 
     @torch.no_grad()
     def encode_texts(self, texts) -> torch.Tensor:

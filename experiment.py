@@ -476,11 +476,30 @@ def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
 # ---- Evaluation ---------------------------------------------------------------------------
 def gather(inputs, rows, device) -> list:
     """A batch of the frozen inputs (memory-mapped float16 or uint8 in the store) on the
-    device, as float32; through pinned memory to a GPU."""
-    batch = [x[rows] for x in inputs]
-    if torch.device(device).type == "cuda":
-        batch = [x.pin_memory().to(device, non_blocking=True) for x in batch]
-    return [x.to(device).float() for x in batch]
+    device, as float32. Rows that run on (evaluation's) are read as a slice; others by
+    index_select (an 8x faster gather than x[rows] on a memory map), on the way to a GPU
+    straight into pinned memory: one copy on the host, one to the device."""
+    rows = as_slice(rows)
+    cuda = torch.device(device).type == "cuda"
+    batch = []
+    for x in inputs:
+        if isinstance(rows, slice):
+            part = x[rows]  # a view: copied once, to the device or to float32
+        else:
+            part = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, pin_memory=cuda)
+            torch.index_select(x, 0, rows, out=part)
+        batch.append(part.to(device, non_blocking=cuda).float())
+    return batch
+
+
+def as_slice(rows):
+    """Row indices as a slice when they run on by one (a, a+1, ..., b), else as a LongTensor."""
+    if isinstance(rows, slice):
+        return rows
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((rows.diff() == 1).all()):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
 
 
 @torch.no_grad()

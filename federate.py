@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,25 +64,70 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
     loss_fn = asymmetric_loss if cfg.loss == "asl" else bce_loss
+    totals = StepTotals(model.device)
+    for batch_inputs, batch_targets in batches(inputs, targets, client_order(indices, cfg, generator), model.device):
+        loss = model.loss(batch_inputs, batch_targets, loss_fn)
+        totals.add(loss, train_step(loss, optimizer, params, cfg.grad_clip), len(batch_targets), cfg.grad_clip)
+    return model.tunable_state(), len(indices), totals.stats()
+
+
+def train_step(loss, optimizer, params, grad_clip) -> torch.Tensor:
+    """Backward, the gradient-norm guard, the SGD step; returns the norm before clipping (a
+    device tensor: reading it here would stop a GPU to wait for the host)."""
+    optimizer.zero_grad()
+    loss.backward()
+    if grad_clip > 0:  # a guard: the first steps from random contexts can be large
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the norm before clipping
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    optimizer.step()
+    return norm
+
+
+class StepTotals:
+    """A client's training numbers, summed on the device in float64 (what Python floats summed
+    before: the same values) and read once, after its last step."""
+
+    def __init__(self, device):
+        self.loss, self.norms, self.clipped = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+        self.seen, self.steps = 0, 0
+
+    def add(self, loss, norm, n_images, grad_clip):
+        norm = norm.detach().double()
+        self.loss += loss.detach().double() * n_images
+        self.norms += norm
+        if grad_clip > 0:
+            self.clipped += (norm > grad_clip).double()
+        self.seen, self.steps = self.seen + n_images, self.steps + 1
+
+    def stats(self) -> dict:
+        loss, norms, clipped = (float(t) for t in (self.loss, self.norms, self.clipped))  # the one host sync
+        steps = max(self.steps, 1)
+        return {"loss": loss / max(self.seen, 1), "steps": self.steps, "clip_share": clipped / steps,
+                "grad_norm": norms / steps}
+
+
+def client_order(indices, cfg: Config, generator) -> list:
+    """A client's batches of rows for its E local epochs, each epoch in a fresh order drawn from its generator."""
     indices = torch.as_tensor(indices)
-    total, seen, steps, clipped, norms = 0.0, 0, 0, 0, 0.0
-    for _ in range(cfg.local_epochs):
-        order = indices[torch.randperm(len(indices), generator=generator)]
-        for batch in order.split(cfg.batch_size):
-            batch_inputs = gather(inputs, batch, model.device)
-            loss = model.loss(batch_inputs, targets[batch].to(model.device), loss_fn)
-            optimizer.zero_grad()
-            loss.backward()
-            if cfg.grad_clip > 0:  # a guard: the first steps from random contexts can be large
-                norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # the norm before clipping
-            else:
-                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-            optimizer.step()
-            total, seen = total + loss.item() * len(batch), seen + len(batch)
-            steps, clipped, norms = steps + 1, clipped + (0 < cfg.grad_clip < norm), norms + norm
-    stats = {"loss": total / max(seen, 1), "steps": steps, "clip_share": clipped / max(steps, 1),
-             "grad_norm": norms / max(steps, 1)}
-    return model.tunable_state(), len(indices), stats
+    return [batch for _ in range(cfg.local_epochs)
+            for batch in indices[torch.randperm(len(indices), generator=generator)].split(cfg.batch_size)]
+
+
+def batches(inputs, targets, order, device, prefetch=None):
+    """(inputs, targets) of each batch of rows in `order` on the device (experiment.gather); on
+    CUDA (or with prefetch=True) a thread prepares the next batch while the current one trains."""
+    prefetch = torch.device(device).type == "cuda" if prefetch is None else prefetch
+    load = lambda rows: (gather(inputs, rows, device), targets[rows].to(device, non_blocking=True))
+    if not prefetch:
+        yield from map(load, order)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        coming = pool.submit(load, order[0]) if order else None
+        for i in range(len(order)):
+            batch = coming.result()
+            coming = pool.submit(load, order[i + 1]) if i + 1 < len(order) else None
+            yield batch
 
 
 def cosine_lr(base_lr, round_index, n_rounds):

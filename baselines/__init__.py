@@ -42,7 +42,7 @@ def build(method: str, backbone, class_names, conditions, cfg, attributes=(), *,
     attribute descriptions); `seed` decides every initial value of its tunable tensors. How the
     frozen CLIP runs is the run's too: its text prefixes shared or not (`--text-encoding`) and
     its precision (`--precision`)."""
-    backbone.share_prefixes = getattr(cfg, "text_encoding", "full") == "shared"
+    backbone.text_encoding = getattr(cfg, "text_encoding", "auto")
     backbone.precision = getattr(cfg, "precision", "fp32")
     if method == "fedmpt":
         return model_class(method)(backbone, class_names, conditions, cfg, seed=seed)

@@ -34,8 +34,12 @@ def class_prompts(backbone: FrozenCLIP, class_names, n_ctx, signs=2) -> Conditio
 
 def encode_class_prompts(backbone: FrozenCLIP, prompts, context=None, after=None) -> torch.Tensor:
     """Normalised text features (S, C, D) of class prompts."""
-    T = F.normalize(prompts.encode(backbone, context, after), dim=-1)
-    return T.reshape(prompts.signs, prompts.shape[1], -1)
+    return class_features(prompts, prompts.encode(backbone, context, after))
+
+
+def class_features(prompts, encoded) -> torch.Tensor:
+    """The text encoder's output (S*C, D) for class prompts -> normalised features (S, C, D)."""
+    return F.normalize(encoded, dim=-1).reshape(prompts.signs, prompts.shape[1], -1)
 
 
 POOL_TEMPERATURE, POOL_SCALE = 20.0, 5.0  # DualCoOp's code: 20 x cosine, softmax over regions, x 5

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from baselines.common import class_prompts, encode_class_prompts, normal_parameter, region_logits
+from baselines.common import class_features, class_prompts, normal_parameter, region_logits
 from fedmpt import PromptModel, seeded
 
 
@@ -25,7 +25,13 @@ class FedPosCoOp(PromptModel):
             self.negative = normal_parameter(len(class_names), backbone.width, std=1.0)  # (C, D)
 
     def text_features(self):
-        positive = encode_class_prompts(self.backbone, self.prompts)[0]
+        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
+
+    def text_inputs(self):
+        return self.prompts.inputs(self.backbone)
+
+    def text_from(self, encoded):
+        positive = class_features(self.prompts, encoded)[0]
         return torch.stack([positive, F.normalize(self.negative, dim=-1)])  # (2, C, D)
 
     def forward(self, v, P, T=None):
@@ -46,5 +52,5 @@ class FedDualCoOp(FedPosCoOp):
         with seeded(seed):
             self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
 
-    def text_features(self):
-        return encode_class_prompts(self.backbone, self.prompts)
+    def text_from(self, encoded):
+        return class_features(self.prompts, encoded)

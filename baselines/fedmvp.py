@@ -6,7 +6,7 @@ from pathlib import Path
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.common import (class_prompts, encode_class_prompts, pooled_logits, images_as_uint8, images_from_uint8,
+from baselines.common import (class_features, class_prompts, pooled_logits, images_as_uint8, images_from_uint8,
                               normal_parameter, vision_width)
 from data import prompt_name
 from errors import FedMPTError
@@ -81,7 +81,13 @@ class FedMVP(PromptModel):
         return "v,images" if self.backbone.is_vit else "v,grid"
 
     def text_features(self):
-        return encode_class_prompts(self.backbone, self.prompts)
+        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
+
+    def text_inputs(self):
+        return self.prompts.inputs(self.backbone)
+
+    def text_from(self, encoded):
+        return class_features(self.prompts, encoded)
 
     def image_features(self, v, x):
         """The prompted image features: global v' (B, D) and patches P' (B, N, D)."""
@@ -89,18 +95,21 @@ class FedMVP(PromptModel):
         keys = self.attributes.expand(len(v), -1, -1)  # (B, A, D)
         attended = self.norm(queries + self.attention(queries, keys, keys, need_weights=False)[0])
         prompts = self.up(F.gelu(self.down(attended)))  # (B, M, W)
-        if not self.backbone.is_vit:
-            return self.backbone.resnet_head(x, prompts)
-        tokens = self.backbone.vit_tokens(images_from_uint8(x), prompts)
-        return self.backbone.vit_head(self.backbone.run_blocks(self.backbone.model.visual.transformer.resblocks, tokens))
+        with self.backbone.autocast():  # the frozen encoder at the run's precision; (v', P') float32
+            if not self.backbone.is_vit:
+                return tuple(f.float() for f in self.backbone.resnet_head(x, prompts))
+            tokens = self.backbone.vit_tokens(images_from_uint8(x), prompts)
+            blocks = self.backbone.model.visual.transformer.resblocks
+            return tuple(f.float() for f in self.backbone.vit_head(self.backbone.run_blocks(blocks, tokens)))
 
     def forward(self, v, x, T=None):
         T = self.text_features() if T is None else T
         return pooled_logits(*self.image_features(v, x), T, self.pooling, self.backbone.logit_scale)
 
-    def loss(self, inputs, targets, loss_fn):
+    def loss(self, inputs, targets, loss_fn, T=None):
         v, x = inputs
         prompted, patches = self.image_features(v, x)
-        logits = pooled_logits(prompted, patches, self.text_features(), self.pooling, self.backbone.logit_scale)
+        T = self.text_features() if T is None else T
+        logits = pooled_logits(prompted, patches, T, self.pooling, self.backbone.logit_scale)
         drift = 1 - F.cosine_similarity(prompted, v, dim=-1)
         return loss_fn(logits, targets) + self.consistency * drift.mean()

@@ -1,7 +1,7 @@
 """FedTPG: a text-driven prompt generator shared by all clients."""
 import torch.nn as nn
 
-from baselines.common import class_prompts, encode_class_prompts, pooled_logits, normal_parameter
+from baselines.common import class_features, class_prompts, pooled_logits, normal_parameter
 from fedmpt import PromptModel, seeded
 
 
@@ -37,9 +37,15 @@ class FedTPG(PromptModel):
                                                         batch_first=True)
 
     def text_features(self):
+        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
+
+    def text_inputs(self):
         context = self.generator(self.queries[None], self.to_width(self.names)[None])[0]  # (2M, Dt)
         context = self.token_scale * context.reshape(2, 1, self.n_ctx, -1)  # (S, K=1, M, Dt)
-        return encode_class_prompts(self.backbone, self.prompts, context)
+        return self.prompts.inputs(self.backbone, context)
+
+    def text_from(self, encoded):
+        return class_features(self.prompts, encoded)
 
     def forward(self, v, P, T=None):
         T = self.text_features() if T is None else T

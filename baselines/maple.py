@@ -53,16 +53,16 @@ class FedMaPLe(PromptModel):
     def image_features(self, x):
         text = [self.prompts.context[0, 0]] + [layer[0] for layer in self.deep_text]  # positive sign
         visual = [couple(t)[None] for couple, t in zip(self.couple, text)]  # each (1, M, W)
-        if not self.backbone.is_vit:
-            return self.backbone.resnet_head(x, visual[0])
-
         def deep(i, tokens):  # after image block i, the prompt of block i+1 replaces the last M
             if i + 1 < len(visual):
                 tokens = torch.cat([tokens[:, :-self.n_ctx], visual[i + 1].expand(len(tokens), -1, -1)], dim=1)
             return tokens
-        tokens = self.backbone.vit_tokens(images_from_uint8(x), visual[0])
-        blocks = self.backbone.model.visual.transformer.resblocks
-        return self.backbone.vit_head(self.backbone.run_blocks(blocks, tokens, deep))  # (v, P) prompted
+        with self.backbone.autocast():  # the frozen encoder at the run's precision; (v, P) float32
+            if not self.backbone.is_vit:
+                return tuple(f.float() for f in self.backbone.resnet_head(x, visual[0]))
+            tokens = self.backbone.vit_tokens(images_from_uint8(x), visual[0])
+            blocks = self.backbone.model.visual.transformer.resblocks
+            return tuple(f.float() for f in self.backbone.vit_head(self.backbone.run_blocks(blocks, tokens, deep)))
 
     def forward(self, x, T=None):
         T = self.text_features() if T is None else T

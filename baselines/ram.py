@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import ot
 from baselines.common import class_prompts, encode_class_prompts, region_logits, vision_width
-from fedmpt import PromptModel, seeded
+from fedmpt import PromptModel, seeded, sinkhorn_tolerance
 
 
 class LocalAdapter(nn.Module):
@@ -82,19 +82,22 @@ class FedRAM(PromptModel):
         return encode_class_prompts(self.backbone, self.prompts, after=adapt)
 
     def image_features(self, x):
-        if not self.backbone.is_vit:
-            B, W, h, w = x.shape
-            grid = self.local[0](x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, W, h, w)
-            return self.backbone.resnet_head(grid)
-        adapt = lambda i, t: torch.cat([t[:, :1], self.local[i](t[:, 1:])], dim=1)
-        blocks = self.backbone.model.visual.transformer.resblocks
-        return self.backbone.vit_head(self.backbone.run_blocks(blocks[len(blocks) - self.n_image:], x.float(), adapt))
+        """(v, P) float32 through the adapted last layers (at the run's precision)."""
+        with self.backbone.autocast():
+            if not self.backbone.is_vit:
+                B, W, h, w = x.shape
+                grid = self.local[0](x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, W, h, w)
+                return tuple(f.float() for f in self.backbone.resnet_head(grid))
+            adapt = lambda i, t: torch.cat([t[:, :1], self.local[i](t[:, 1:])], dim=1)
+            blocks = self.backbone.model.visual.transformer.resblocks
+            tokens = self.backbone.run_blocks(blocks[len(blocks) - self.n_image:], x.float(), adapt)
+            return tuple(f.float() for f in self.backbone.vit_head(tokens))
 
     def forward(self, x, T=None):
         T = self.text_features() if T is None else T
         _, P = self.image_features(x)
         P = F.normalize(P, dim=-1)
         S = torch.einsum("bnd,cd->bnc", P, T[0])  # (B, N, C) positive cosines
-        Q = ot.sinkhorn(1 - S.detach(), self.ot_eps)  # rows 1/N, columns 1/C; detached as in FedMPT
+        Q = ot.sinkhorn(1 - S.detach(), self.ot_eps, tol=sinkhorn_tolerance(S))  # rows 1/N, columns 1/C; detached
         weights = Q.transpose(1, 2) * Q.shape[-1]  # (B, C, N), each class's weights sum to 1
         return region_logits(P, T, weights, self.backbone.logit_scale)

@@ -5,6 +5,7 @@
         [--data-dir data] [--dry-run] [--keep-going] [-- more federate.py options]
     python benchmarks/reproduce.py table3 --out runs/table3      # multiscene, mlrsnet: mAP / CF1 / OF1
     python benchmarks/reproduce.py table5 --out runs/table1      # cost: step times joined with the mAP rows
+    python benchmarks/reproduce.py zsl --out runs/zsl            # unseen classes: COCO 48/17, NUS-WIDE 925/81
 
 Every cell (method, dataset, t, seed) is one `python federate.py` run in its own process, into
 OUT/runs/<cell>/; each finished cell appends a row to OUT/results.csv (method, dataset, t, seed,
@@ -32,8 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fedmpt", "fedmvp", "fed-dualcoop", "fed-poscoop", "fedtpg", "fed-maple", "fed-ram"]
-DATASETS = {"table1": ["voc2007", "coco2014", "nuswide"], "table3": ["multiscene", "mlrsnet"], "table5": []}
-T_LEVELS = {"table1": [round(0.1 * i, 1) for i in range(1, 11)], "table3": [1.0], "table5": []}
+DATASETS = {"table1": ["voc2007", "coco2014", "nuswide"], "table3": ["multiscene", "mlrsnet"], "table5": [],
+            "zsl": ["coco2014", "nuswide"]}
+T_LEVELS = {"table1": [round(0.1 * i, 1) for i in range(1, 11)], "table3": [1.0], "table5": [], "zsl": [1.0]}
+# zsl: the class split of each dataset (the published ones; elsewhere a seeded third of the classes)
+ZSL_SPLITS = {"coco2014": "--zsl-split 48/17", "nuswide": "--zsl-split 925/81"}
+ZSL_KEYS = ["seen_mAP", "unseen_mAP", "H_mAP", "gzsl_mAP", "unseen_F1@3", "gzsl_F1@3"]
+ZSL_METHODS = [m for m in METHODS if m != "fed-poscoop"]  # its negatives are learned per class: it refuses
 # (clients, rounds): the authors' README examples (docs/paper-facts); shapes: federate.py's defaults
 CLIENTS_ROUNDS = {"voc2007": (2, 50), "coco2014": (8, 100), "nuswide": (4, 50), "multiscene": (2, 50),
                   "mlrsnet": (4, 50), "shapes": (4, 10), "folder": (4, 10)}
@@ -54,7 +60,10 @@ PUBLISHED = {  # FedMPT project page, CLIP ViT-B/16 (docs: paper facts)
                "fedmvp": {"multiscene": (49.56, 39.62, 54.16), "mlrsnet": (45.89, 44.98, 66.52)},
                "fedmpt": {"multiscene": (53.68, 43.97, 57.83), "mlrsnet": (58.76, 50.86, 71.22)}},
     "table5": {"fed-poscoop": (0.02, 38.93, 84.46), "fed-maple": (3.56, 65.25, 81.87), "fedtpg": (4.21, 59.43, 84.23),
-               "fed-ram": (13.02, 384.51, 85.54), "fedmvp": (1.14, 75.80, 85.61), "fedmpt": (0.80, 97.03, 90.10)}}
+               "fed-ram": (13.02, 384.51, 85.54), "fedmvp": (1.14, 75.80, 85.61), "fedmpt": (0.80, 97.03, 90.10)},
+    # zsl: no federated zero-shot figure on these splits is published in a source we hold (the FedMPT page
+    # has none; DualCoOp's and RAM's are centralized). Add a row here only with its source.
+    "zsl": {}}
 COLUMNS = ["method", "dataset", "t", "seed", "rounds", "clients", "options", "mAP", "CF1", "OF1", "seconds",
            "run_dir", "code_version"]
 
@@ -81,12 +90,13 @@ def make_cells(args) -> list:
     cells = []
     for dataset in args.dataset:
         clients, rounds = CLIENTS_ROUNDS.get(dataset, CLIENTS_ROUNDS["folder"])
+        split = [ZSL_SPLITS.get(dataset, "--unseen random:0.33")] if args.table == "zsl" else []
         for method in args.methods:
             for t in args.t:
                 for seed in args.seeds:
                     cells.append({"method": method, "dataset": dataset, "t": t, "seed": seed,
                                   "rounds": args.rounds or rounds, "clients": args.clients or clients,
-                                  "options": " ".join(args.extra)})
+                                  "options": " ".join(split + args.extra)})
     return cells
 
 
@@ -108,22 +118,26 @@ def code_version() -> str:
         return "unknown"
 
 
-def read_results(path: Path) -> list:
+def columns_of(table: str) -> list:
+    return COLUMNS + (ZSL_KEYS + [f"zero_shot_{k}" for k in ZSL_KEYS] if table == "zsl" else [])
+
+
+def read_results(path: Path, columns=COLUMNS) -> list:
     if not path.exists():
         return []
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))
-    if rows and set(COLUMNS) - set(rows[0]):
+    if rows and set(columns) - set(rows[0]):
         raise GridError(f"{path}: not a results file of this script (columns {', '.join(rows[0])}); "
                         "choose another --out.")
     return rows
 
 
-def append_result(path: Path, row: dict):
+def append_result(path: Path, row: dict, columns=COLUMNS):
     """One line per finished run, flushed to disk before the next cell starts."""
     new = not path.exists()
     with open(path, "a", newline="") as file:
-        writer = csv.DictWriter(file, COLUMNS)
+        writer = csv.DictWriter(file, columns)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -136,8 +150,12 @@ def finished_row(cell, run_dir: Path) -> dict:
     final = history[-1]
     launches = read_launches(run_dir)
     seconds = sum(x["seconds"] for x in launches) or sum(r.get("seconds", 0) for r in history[1:])
+    number = lambda value: "" if value is None else f"{value:.4f}"
+    zsl = {**{k: number(final.get(k)) for k in ZSL_KEYS},  # with the frozen backbone's, from round 0
+           **{f"zero_shot_{k}": number(history[0].get(f"zero_shot_{k}")) for k in ZSL_KEYS}} if "H_mAP" in final else {}
     return {**cell, **{k: f"{final[k]:.4f}" for k in ("mAP", "CF1", "OF1")}, "seconds": f"{seconds:.1f}",
-            "run_dir": str(run_dir), "code_version": "+".join(dict.fromkeys(x["code"] for x in launches)) or "unknown"}
+            "run_dir": str(run_dir), "code_version": "+".join(dict.fromkeys(x["code"] for x in launches)) or "unknown",
+            **zsl}
 
 
 def read_launches(run_dir: Path) -> list:
@@ -256,6 +274,28 @@ def table3(cells, rows, args) -> str:
     return "\n".join(text) + "\n"
 
 
+def zsl_table(cells, rows, args) -> str:
+    """Per dataset and method: seen, unseen, H and GZSL mAP and F1@3 (mean ± std over seeds),
+    with the frozen backbone alone (round 0's zero-shot figures) as the reference row."""
+    text = ["## Unseen classes: mean ± std over seeds", ""]
+    header = "| method | " + " | ".join(ZSL_KEYS) + " |"
+    for dataset in args.dataset:
+        found = [r for k, r in rows.items() if k[1] == dataset]
+        text += [f"### {dataset} ({found[0]['options'].split(' --', 1)[0] if found else 'no cell finished'})", "",
+                 header, "|---|" + "---:|" * len(ZSL_KEYS)]
+        figures = lambda rs, prefix="": [mean_std([float(r[prefix + k]) for r in rs if r.get(prefix + k)]) for k in ZSL_KEYS]
+        reference = list({r["seed"]: r for r in found}.values())  # one per seed: the backbone is the same for each method
+        text.append("| zero-shot backbone | " + " | ".join(figures(reference, "zero_shot_")) + " |")
+        for method in args.methods:
+            text.append(f"| {PAPER_NAMES[method]} | " + " | ".join(figures([r for r in found if r["method"] == method]))
+                        + " |")
+        text.append("")
+    text += [f"seeds {args.seeds}; unseen: mAP over the unseen classes on the test images holding one; H: their harmonic "
+             "mean with seen; gzsl: every class, every image; F1@3: each image's 3 best classes (metrics.zsl_metrics). "
+             "No published federated row is cited (PUBLISHED['zsl'])."]
+    return "\n".join(text) + "\n"
+
+
 def table5(results, step_json: Path, args) -> str:
     """Parameter counts and step times (benchmarks/step_time.py) beside the mAP rows of results.csv."""
     measured = json.loads(step_json.read_text())
@@ -304,11 +344,13 @@ def plot_table1(rows, args, path: Path):
 # ---- The command ---------------------------------------------------------------------------
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("table", choices=["table1", "table3", "table5"])
+    parser.add_argument("table", choices=["table1", "table3", "table5", "zsl"])
     parser.add_argument("--out", required=True, help="the grid's directory: results.csv, runs/, logs/, tables")
-    parser.add_argument("--dataset", help="comma-separated (table1: voc2007,coco2014,nuswide; "
-                                          "table3: multiscene,mlrsnet; table5: the dataset of the mAP column, voc2007)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default every method")
+    parser.add_argument("--dataset", help="comma-separated (table1: voc2007,coco2014,nuswide; table3: multiscene,"
+                        "mlrsnet; table5: the dataset of the mAP column, voc2007; zsl: coco2014,nuswide, or another "
+                        "with a seeded third of its classes unseen)")
+    parser.add_argument("--methods", help="comma-separated; default every method (zsl: every one that scores unseen "
+                                          "classes, all but fed-poscoop)")
     parser.add_argument("--t", help="heterogeneity levels, comma-separated (table1: 0.1,...,1.0; table3: 1.0)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=0, help="default per dataset: the authors' (CLIENTS_ROUNDS)")
@@ -327,7 +369,8 @@ def parse(argv):
     args = parser.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
     args.extra = extra
     try:
-        args.methods = [m for m in args.methods.split(",") if m]
+        args.methods = [m for m in args.methods.split(",") if m] if args.methods is not None else \
+            (ZSL_METHODS if args.table == "zsl" else METHODS)
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
         args.t = [float(t) for t in args.t.split(",") if t] if args.t else T_LEVELS[args.table]
         args.dataset = args.dataset.split(",") if args.dataset else DATASETS[args.table]
@@ -347,7 +390,7 @@ def parse(argv):
 def run_grid(args, out: Path) -> list:
     """Run (or with --dry-run list) every cell; returns the grid's rows of results.csv."""
     results_path, version = out / "results.csv", code_version()
-    results, step_json = read_results(results_path), out / "step_time.json"
+    results, step_json = read_results(results_path, columns_of(args.table)), out / "step_time.json"
     step_times = {r["method"]: r["ms_per_step"] for r in json.loads(step_json.read_text())["rows"]} \
         if step_json.exists() else {}
     cells = make_cells(args)
@@ -385,7 +428,7 @@ def run_grid(args, out: Path) -> list:
             print("failed", flush=True)
             continue
         row = finished_row(cell, run_dir)
-        append_result(results_path, row)
+        append_result(results_path, row, columns_of(args.table))
         results.append(row)
         print(f"mAP {float(row['mAP']):.2f} ({time.time() - start:.0f} s)", flush=True)
     if failures:
@@ -430,7 +473,8 @@ def main(argv=None) -> int:
             return 0
         cells = make_cells(args)
         rows = rows_of(results, cells)
-        (out / f"{args.table}.md").write_text((table1 if args.table == "table1" else table3)(cells, rows, args))
+        (out / f"{args.table}.md").write_text({"table1": table1, "table3": table3, "zsl": zsl_table}[args.table](
+            cells, rows, args))
         if args.table == "table1":
             plot_table1(rows, args, out / "table1.png")
         print((out / f"{args.table}.md").read_text())

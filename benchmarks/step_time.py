@@ -1,18 +1,21 @@
-"""Table 5's cost columns, measured side by side in one run: per method, tunable and total
-parameters and the time of one training step at CLIP ViT-B/16 (random init, VOC2007's 20
-classes, batch 32, frozen inputs cached as in training), on the CPU and, when present, on CUDA
-with the step's peak GPU memory.
+"""Table 5's cost columns and the cost model's inputs, measured side by side in one run: per
+method, class count and precision, the milliseconds of one training step as federate.py runs it
+(experiment.gather of the batch from the stored inputs, the loss, backward, the gradient-norm
+guard and the SGD step: federate.batches and federate.train_step) at CLIP ViT-B/16 (random init,
+batch 32), with the shares of the text encoder (forward + backward), of the transport (the
+Sinkhorn calls inside the step) and of loading (the gather), on the device it runs on, with the
+step's peak GPU memory on CUDA.
 
-    python benchmarks/step_time.py [--methods fedmpt fed-poscoop ...] [--steps 2] [--device cpu]
+    python benchmarks/step_time.py [--methods fedmpt fed-poscoop ...] [--datasets voc2007 coco2014]
+                                   [--precisions fp32 bf16] [--steps 2] [--device cpu]
 
 Beside the methods it times CLIP's own text transformer, forward + backward, over FedMPT's 200
-prompts (2 signs x 5 conditions x 20 classes) at the full 77 positions: the cost FedMPT's text
-side had before it ran only the positions up to the last end token. It also reports
-- text positions run / needed: positions the short encoding runs (every prompt to the batch's
-  last end token) over the least an exact computation needs (each prompt to its own end token);
-- activation memory of a FedMPT step, from the tensors autograd saves (an estimate of its GPU
-  memory where no GPU is at hand).
-Prints a markdown table and writes it to --out (JSON beside it).
+VOC prompts (2 signs x 5 conditions x 20 classes) at the full 77 positions, and checks the two
+CPU targets of issue #25 in the same run:
+- FedMPT's text positions (2K prefixes + packed suffixes, --text-encoding shared) within 1.2x
+  of the exact minimum (each condition's own prefix once per sign, each prompt's own suffix);
+- a FedMPT step (VOC, fp32) at most 1/15 of that full-length text step.
+Prints a markdown table and writes it to --out (JSON beside it: what reproduce.py's cost model reads).
 """
 import argparse
 import json
@@ -25,53 +28,99 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loaders.voc import VOC_CLASSES  # noqa: E402
-from store import features  # noqa: E402
+import data  # noqa: E402
 import experiment  # noqa: E402
+import federate  # noqa: E402
+import ot  # noqa: E402
 from backbone import FrozenCLIP, load_clip  # noqa: E402
 from baselines.fedmvp import load_attributes  # noqa: E402
 from conditions import load_conditions  # noqa: E402
 from fedmpt import ModelConfig, asymmetric_loss  # noqa: E402
+from store import features  # noqa: E402
 
 METHODS = ["fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram", "fedmpt"]
+GRAD_CLIP = 10.0  # federate.py's default guard
 
 
 def synchronize(device):
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_steps(step, n_steps, device) -> float:
-    """Median seconds of `step()` over n_steps, after one warm-up step."""
-    step()
+def median_seconds(work, n_steps, device) -> float:
+    """Median seconds of `work()` over n_steps, after one warm-up call."""
+    work()
     times = []
     for _ in range(n_steps):
         synchronize(device)
         start = time.perf_counter()
-        step()
+        work()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def method_step(method, backbone, images, targets, device):
-    """(tunable, total, step function, model) of a method on cached inputs of `images`."""
-    attributes = load_attributes("voc2007", VOC_CLASSES) if method == "fedmvp" else None
-    model = experiment.build_model(method, backbone, VOC_CLASSES, load_conditions("", "voc2007"),
-                                   ModelConfig(), attributes, seed=0).to(device)
-    with torch.no_grad():  # as the store keeps them (float16, uint8 pixels), as a batch gathers them
-        inputs = experiment.gather([torch.from_numpy(x) for x in features.as_stored(model.encode_images(images))],
-                                   slice(None), device)
+class Transport:
+    """Wraps ot.sinkhorn for the time of a step: adds up the seconds its calls take."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.inner = device, 0.0, ot.sinkhorn
+
+    def __call__(self, *args, **kwargs):
+        synchronize(self.device)
+        start = time.perf_counter()
+        plan = self.inner(*args, **kwargs)
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return plan
+
+
+def method_model(method, backbone, dataset, options, device):
+    classes = data.known_classes(dataset)
+    attributes = None
+    if method == "fedmvp":
+        described = load_attributes(dataset, classes)
+        attributes = {"attributes": described["attributes"]}
+    return experiment.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(**options),
+                                  attributes, seed=0).to(device)
+
+
+def measure(model, stored, targets, device, n_steps) -> dict:
+    """ms per training step as federate.py runs it, and the text, transport and loading shares."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-5)
+    rows = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))  # a shuffled batch
+    totals = federate.StepTotals(device)
 
     def step():
-        loss = model.loss(inputs, targets, asymmetric_loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    tunable = sum(p.numel() for p in params)
-    return tunable, sum(p.numel() for p in model.parameters()), step, model, inputs
+        for inputs, batch_targets in federate.batches(stored, targets, [rows], device):
+            loss = model.loss(inputs, batch_targets, asymmetric_loss)
+            totals.add(loss, federate.train_step(loss, optimizer, params, GRAD_CLIP), len(rows), GRAD_CLIP)
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_seconds(step, n_steps, device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.device(device).type == "cuda" else None
+    totals.stats()  # the round's one read, as local_train does
+    transport = Transport(device)
+    ot.sinkhorn = transport
+    try:
+        step()
+    finally:
+        ot.sinkhorn = transport.inner
+    loading = median_seconds(lambda: experiment.gather(stored, rows, device), n_steps, device)
+    weights = None
+
+    def text():
+        nonlocal weights
+        T = model.text_features()
+        weights = torch.randn_like(T) if weights is None else weights
+        (T * weights).sum().backward()
+    text_seconds = median_seconds(text, n_steps, device)
+    optimizer.zero_grad()
+    return {"ms_per_step": 1000 * seconds, "text_share": text_seconds / seconds,
+            "transport_share": transport.seconds / seconds, "loading_share": loading / seconds, "peak_GiB": peak,
+            "tunable": sum(p.numel() for p in params)}
 
 
 def full_text_step(backbone, n_prompts, device):
@@ -89,25 +138,25 @@ def full_text_step(backbone, n_prompts, device):
     return step
 
 
-def saved_activation_bytes(step) -> int:
-    """Bytes of the tensors autograd saves for backward during one step (each storage once)."""
-    seen, total = set(), [0]
-
-    def pack(tensor):
-        key = (tensor.untyped_storage().data_ptr(), tensor.device)
-        if key not in seen:
-            seen.add(key)
-            total[0] += tensor.untyped_storage().nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
-    return total[0]
+def text_positions(model) -> dict:
+    """FedMPT's text positions: run by the shared layout, the exact minimum, and whole prompts."""
+    prompts = model.prompts
+    length, (R, Ls) = prompts.shared_length, prompts.suffix_rows  # (2K,)
+    eot = prompts.eot.reshape(len(length), -1).cpu()  # (2K, C)
+    length = length.cpu()
+    return {"run": len(length) * (prompts.prefix_positions + R * Ls),
+            "minimum": int(length.sum() + (eot - length[:, None] + 1).sum()),
+            "whole": len(prompts.eot) * prompts.whole_positions}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--datasets", nargs="+", default=["voc2007", "coco2014"], choices=["voc2007", "coco2014", "nuswide"],
+                        help="whose class counts (and conditions) the prompts have")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--text-encoding", default="shared", choices=["shared", "full", "auto"])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clip", default="ViT-B/16", help="the architecture, random init (tiny: for tests)")
@@ -117,50 +166,71 @@ def main(argv=None):
     torch.manual_seed(0)
     backbone = FrozenCLIP(load_clip(args.clip, random_init=True)).to(device)
     images = torch.randn(args.batch_size, 3, backbone.resolution, backbone.resolution, device=device)
-    targets = (torch.rand(args.batch_size, len(VOC_CLASSES), device=device) < 0.15).long()
-
-    rows, seconds = [], {}
-    for method in args.methods:
-        tunable, total, step, model, inputs = method_step(method, backbone, images, targets, device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds[method] = time_steps(step, args.steps, device)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-        rows.append({"method": method, "tunable": tunable, "total": total, "ms_per_step": 1000 * seconds[method],
-                     "peak_GiB": peak})
-        print(f"{method}: {1000 * seconds[method]:.0f} ms per step", flush=True)
-        if method == "fedmpt":
-            embeddings, eot = model.prompts()
-            needed = int((eot + 1).sum())
-            text_ratio = len(eot) * (int(eot.max()) + 1) / needed
-            activations = saved_activation_bytes(step) / 2 ** 30
-            n_prompts = len(eot)
-    reference = time_steps(full_text_step(backbone, n_prompts if "fedmpt" in seconds else 200, device),
-                           args.steps, device)
-
-    lines = [f"{args.clip} (random init), VOC2007's 20 classes, batch {args.batch_size}, device {device}; "
-             f"median of {args.steps} steps after a warm-up.", "",
-             "| method | tunable | total | ms / step | x Fed-PosCoOp |" + (" peak GPU GiB |" if device == "cuda" else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|" if device == "cuda" else "")]
-    base = seconds.get("fed-poscoop")
-    for row in rows:
-        ratio = f"{seconds[row['method']] / base:.2f}" if base else "n/a"
-        lines.append(f"| {row['method']} | {row['tunable']:,} | {row['total']:,} | {row['ms_per_step']:.0f} | {ratio} |"
-                     + (f" {row['peak_GiB']:.2f} |" if device == "cuda" else ""))
-    lines.append(f"| CLIP text transformer, {n_prompts if 'fedmpt' in seconds else 200} prompts x 77 positions, "
-                 f"forward + backward | | | {1000 * reference:.0f} | |")
-    if "fedmpt" in seconds:
-        lines += ["", f"FedMPT step / full-length text step: {seconds['fedmpt'] / reference:.3f} (target <= 0.2).",
-                  f"FedMPT text positions run / needed: {text_ratio:.2f} (target <= 1.5).",
-                  f"FedMPT activations saved for backward: {activations:.2f} GiB per step (target <= 2 GiB)."]
-    table = "\n".join(lines)
+    stored_by_kind, rows = {}, []
+    for dataset in args.datasets:
+        n_classes = len(data.known_classes(dataset))
+        targets = (torch.rand(args.batch_size, n_classes) < 0.15).long()
+        for precision in args.precisions:
+            for method in args.methods:
+                options = {"text_encoding": args.text_encoding, "precision": precision}
+                model = method_model(method, backbone, dataset, options, device)
+                kind = model.input_kind()
+                if kind not in stored_by_kind:  # as the store keeps them: float16, uint8 pixels
+                    with torch.no_grad():
+                        stored_by_kind[kind] = [torch.from_numpy(x) for x in features.as_stored(model.encode_images(images))]
+                row = {"dataset": dataset, "classes": n_classes, "precision": precision, "method": method,
+                       **measure(model, stored_by_kind[kind], targets, device, args.steps)}
+                if method == "fedmpt":
+                    row["text_positions"] = text_positions(model)
+                rows.append(row)
+                print(f"{dataset} {precision} {method}: {row['ms_per_step']:.0f} ms per step", flush=True)
+    reference = median_seconds(full_text_step(backbone, 200, device), args.steps, device)
+    table = report(rows, reference, args)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "reference_ms": 1000 * reference,
-                                                    "device": device, "clip": args.clip}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "reference_ms": 1000 * reference, "device": device,
+                                                    "device_name": device_name(device), "clip": args.clip,
+                                                    "batch_size": args.batch_size, "torch": torch.__version__,
+                                                    "threads": torch.get_num_threads(),
+                                                    "text_encoding": args.text_encoding}, indent=1))
     return 0
+
+
+def device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+def report(rows, reference, args) -> str:
+    cuda = torch.device(args.device).type == "cuda"
+    lines = [f"{args.clip} (random init), batch {args.batch_size}, {device_name(args.device)}, torch {torch.__version__}, "
+             f"--text-encoding {args.text_encoding}; median of {args.steps} steps after a warm-up.", "",
+             "| classes | precision | method | tunable | ms / step | text | transport | loading |"
+             + (" peak GPU GiB |" if cuda else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
+    for row in rows:
+        lines.append(f"| {row['dataset']} ({row['classes']}) | {row['precision']} | {row['method']} | {row['tunable']:,} | "
+                     f"{row['ms_per_step']:.0f} | {row['text_share']:.0%} | {row['transport_share']:.0%} | "
+                     f"{row['loading_share']:.1%} |" + (f" {row['peak_GiB']:.2f} |" if cuda else ""))
+    lines.append(f"| VOC (20) | fp32 | CLIP text transformer, 200 prompts x 77 positions, forward + backward | | "
+                 f"{1000 * reference:.0f} | | | |" + (" |" if cuda else ""))
+    lines.append("")
+    for row in rows:
+        if row["method"] == "fedmpt" and row["precision"] == args.precisions[0]:
+            positions = row["text_positions"]
+            ratio = positions["run"] / positions["minimum"]
+            lines.append(f"FedMPT text positions, {row['dataset']}: {positions['run']} run / {positions['minimum']} "
+                         f"exact minimum = {ratio:.3f} (target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'}; "
+                         f"whole prompts: {positions['whole']}).")
+    for row in rows:
+        if row["method"] == "fedmpt" and row["dataset"] == "voc2007" and row["precision"] == "fp32":
+            ratio = row["ms_per_step"] / (1000 * reference)
+            lines.append(f"FedMPT step (VOC, fp32) / full-length text step: {ratio:.4f} = 1/{1 / ratio:.1f} "
+                         f"(target <= 1/15: {'met' if ratio <= 1 / 15 else 'NOT met'}).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,28 @@ def test_a_finished_run_scores_another_datasets_classes(zsl_run, shapes_root, tm
     own = json.loads((out / "evaluation-shapes.json").read_text())
     rows = json.loads((out / "metrics.json").read_text())
     assert own["unseen_mAP"] == pytest.approx(rows[-1]["unseen_mAP"], abs=1e-9) and not own["transfer"]
+
+
+# ---- The grid command ------------------------------------------------------------------------
+def test_the_zsl_grid_gives_each_dataset_its_split_and_tables_seen_unseen_and_the_backbone(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import reproduce
+    args = reproduce.parse(["zsl", "--out", str(tmp_path), "--seeds", "0,1"])
+    assert args.dataset == ["coco2014", "nuswide"] and "fed-poscoop" not in args.methods and "fedmpt" in args.methods
+    cells = reproduce.make_cells(args)
+    assert {(c["dataset"], c["options"]) for c in cells} == {("coco2014", "--zsl-split 48/17"),
+                                                             ("nuswide", "--zsl-split 925/81")}
+    shapes = reproduce.make_cells(reproduce.parse(["zsl", "--out", str(tmp_path), "--dataset", "shapes"]))
+    assert {c["options"] for c in shapes} == {"--unseen random:0.33"}
+    args = reproduce.parse(["zsl", "--out", str(tmp_path), "--dataset", "coco2014", "--methods", "fedmpt",
+                            "--seeds", "0,1"])
+    cells = reproduce.make_cells(args)
+    rows = {}
+    for cell, value in zip(cells, [40.0, 44.0]):
+        figures = {k: str(value + i) for i, k in enumerate(reproduce.ZSL_KEYS)}
+        rows[reproduce.cell_key(cell)] = {**cell, **figures, **{f"zero_shot_{k}": "30.0" for k in reproduce.ZSL_KEYS}}
+    table = reproduce.zsl_table(cells, rows, args)
+    assert "| FedMPT | 42.00 ± 2.83 | 43.00 ± 2.83 | 44.00 ± 2.83 |" in table
+    assert "| zero-shot backbone | 30.00 ± 0.00 | 30.00 ± 0.00 |" in table and "### coco2014 (--zsl-split 48/17)" in table
+    assert reproduce.columns_of("zsl")[-1] == "zero_shot_gzsl_F1@3" and reproduce.columns_of("table1") == reproduce.COLUMNS
