@@ -78,6 +78,9 @@ class Config:
     cache_dir: str = option("", "the feature store", shown="$FEDMPT_CACHE, else ~/.cache/fedmpt", execution=True)
     workers: int = option(-1, "DataLoader workers that decode images while encoding (-1: the CPU count, "
                               "at most 8)", range="[-1, inf)", execution=True)
+    parallel_clients: int = option(1, "train N clients of a round side by side in one process: one text-encoder "
+                                      "call for their prompts, each its own gradient (equal to one by one up to "
+                                      "float rounding; not fed-maple, fed-ram)", range="[1, inf)", execution=True)
 
 
 def validate(cfg: Config, model_cfg: ModelConfig):
@@ -90,7 +93,11 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               f"--class-ctx {model_cfg.class_ctx}: FedMPT's option (--method fedmpt)"),
              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt"),
              (not (cfg.unseen and cfg.zsl_split), "--unseen and --zsl-split: the published split names its unseen "
-                                                  "classes; give one of the two")]
+                                                  "classes; give one of the two"),
+             (cfg.parallel_clients == 1 or cfg.method not in baselines.METHODS
+              or hasattr(baselines.model_class(cfg.method), "text_from"),
+              f"--parallel-clients {cfg.parallel_clients}: {cfg.method} changes tokens inside CLIP's text encoder "
+              "(deep prompts, adapters), so its clients cannot share one encoder call; use --parallel-clients 1")]
     if cfg.unseen or cfg.zsl_split:  # every method scores the classes it never trained on, or says why not
         why = getattr(baselines.model_class(cfg.method), "cannot_score_unseen", "") if cfg.method in baselines.METHODS \
             else ""

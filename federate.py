@@ -34,6 +34,7 @@ from errors import Interrupted, RunFailed, exit_code
 from experiment import (Config, Experiment, count_params, evaluate_global, gather, reference_scores, resume_config,
                         setup, thresholds_record, validate)
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
+from prompts import stack_inputs
 from store.files import save_tensors, write_json
 from store.runs import extend_rounds, read_checkpoint, save_round
 from tools.options import build_parser, config_from, given_options
@@ -76,6 +77,11 @@ def train_step(loss, optimizer, params, grad_clip) -> torch.Tensor:
     device tensor: reading it here would stop a GPU to wait for the host)."""
     optimizer.zero_grad()
     loss.backward()
+    return clip_and_step(optimizer, params, grad_clip)
+
+
+def clip_and_step(optimizer, params, grad_clip) -> torch.Tensor:
+    """The gradient-norm guard and the SGD step on gradients already computed."""
     if grad_clip > 0:  # a guard: the first steps from random contexts can be large
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the norm before clipping
     else:
@@ -128,6 +134,53 @@ def batches(inputs, targets, order, device, prefetch=None):
             batch = coming.result()
             coming = pool.submit(load, order[i + 1]) if i + 1 < len(order) else None
             yield batch
+
+
+def train_together(model, global_state, inputs, targets, client_rows, generators, cfg: Config, lr) -> list:
+    """local_train for several clients side by side (--parallel-clients): [(state, n_samples,
+    stats)] in the order of `client_rows` and `generators`. Each client has its own copy of the
+    tunable tensors, its own batches and optimizer; at every step the active clients' prompts go
+    through one text-encoder call (prompts.stack_inputs) and their losses are summed before one
+    backward: a client's tensors reach only its own loss, so each gets exactly its own gradient
+    (equal to local_train one client after another, up to float rounding: tests/test_parallel.py).
+    Needs a method whose text side splits in two (`text_inputs`, `text_from`)."""
+    from torch.func import functional_call
+    device, loss_fn = model.device, asymmetric_loss if cfg.loss == "asl" else bce_loss
+    states = [{f"model.{name}": t.detach().clone().requires_grad_() for name, t in global_state.items()}
+              for _ in client_rows]  # named as inside MethodCall
+    optimizers = [torch.optim.SGD(list(state.values()), lr=lr, momentum=0.9, weight_decay=1e-5) for state in states]
+    orders = [client_order(rows, cfg, generator) for rows, generator in zip(client_rows, generators)]
+    loaders = [batches(inputs, targets, order, device) for order in orders]
+    totals = [StepTotals(device) for _ in states]
+    methods = {name: MethodCall(model, name) for name in ("text_inputs", "text_from", "loss")}
+    call = lambda i, method, *args, **kwargs: functional_call(methods[method], states[i], args, kwargs)
+    for step in range(max(map(len, orders))):
+        active = [i for i, order in enumerate(orders) if step < len(order)]
+        parts = [call(i, "text_inputs") for i in active]
+        encoded = model.prompts.run(model.backbone, stack_inputs(parts)).chunk(len(active))  # one encoder call
+        losses = []
+        for i, features in zip(active, encoded):
+            batch_inputs, batch_targets = next(loaders[i])
+            T = call(i, "text_from", features)
+            losses.append((i, call(i, "loss", batch_inputs, batch_targets, loss_fn, T=T), len(batch_targets)))
+            optimizers[i].zero_grad()
+        torch.stack([loss for _, loss, _ in losses]).sum().backward()
+        for i, loss, n in losses:
+            totals[i].add(loss, clip_and_step(optimizers[i], list(states[i].values()), cfg.grad_clip), n, cfg.grad_clip)
+    return [({name[len("model."):]: t.detach().clone() for name, t in state.items()}, len(rows), total.stats())
+            for state, rows, total in zip(states, client_rows, totals)]
+
+
+class MethodCall(torch.nn.Module):
+    """A model's method as a module call: torch.func.functional_call runs a module's forward with
+    other tensors in place of its parameters (here a client's own)."""
+
+    def __init__(self, model, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
 
 
 def cosine_lr(base_lr, round_index, n_rounds):
@@ -248,22 +301,30 @@ def record_round(exp: Experiment, history: list, round_index, loss, seconds, ext
 
 
 def run_round(round_index, model, global_state, features, client_splits, sampled, cfg, log):
-    """Train the sampled clients one after another, then accept_and_aggregate. A client whose
-    training raises (out of memory, a bug) stops the run: RunFailed. Returns (new global state,
-    combine_stats of the aggregated clients, their number, left-out client ids)."""
+    """Train the sampled clients one after another (--parallel-clients N: N at a time, side by
+    side: train_together), then accept_and_aggregate. A client whose training raises (out of
+    memory, a bug) stops the run: RunFailed. Returns (new global state, combine_stats of the
+    aggregated clients, their number, left-out client ids)."""
     inputs, targets = features
     lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
-    updates = []
-    for client in tqdm(sampled, desc=f"round {round_index}", leave=False):
-        generator = client_generator(cfg, round_index, client)
+    updates, size = [], max(1, getattr(cfg, "parallel_clients", 1))
+    groups = [sampled[i:i + size] for i in range(0, len(sampled), size)]
+    for group in tqdm(groups, desc=f"round {round_index}", leave=False):
+        generators = [client_generator(cfg, round_index, client) for client in group]
         try:
-            state, n, stats = local_train(model, global_state, inputs, targets, client_splits[client], cfg, lr, generator)
+            if len(group) == 1:
+                results = [local_train(model, global_state, inputs, targets, client_splits[group[0]], cfg, lr,
+                                       generators[0])]
+            else:
+                results = train_together(model, global_state, inputs, targets, [client_splits[c] for c in group],
+                                         generators, cfg, lr)
         except Exception as error:  # in one process a failing update is a failing run: stop it
             oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
                 or "can't allocate memory" in str(error)
-            raise RunFailed(f"round {round_index}, client {client}: {type(error).__name__}: {error}"
+            clients = f"client {group[0]}" if len(group) == 1 else f"clients {group}"
+            raise RunFailed(f"round {round_index}, {clients}: {type(error).__name__}: {error}"
                             + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
-        updates.append((client, state, n, stats, ""))
+        updates += [(client, state, n, stats, "") for client, (state, n, stats) in zip(group, results)]
     new_state, stats, n_aggregated, rejected = accept_and_aggregate(round_index, updates, global_state,
                                                                     cfg.aggregate, log)
     return (global_state if new_state is None else new_state), stats, n_aggregated, rejected

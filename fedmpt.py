@@ -74,9 +74,10 @@ class ModelConfig:
     adapter_alpha: float = option(0.5, "residual mix of the adapters (0.2, CLIP-Adapter's, learned too slowly "
                                        "offline; 0.8 diverged)", range="[0, 1]")
     text_encoding: str = option("auto", "how prompts go through CLIP's text encoder: shared (a prefix the "
-                                         "classes of a condition share runs once: 2.6x faster offline), full "
+                                         "classes of a condition share runs once: 2.5x faster offline), full "
                                          "(every prompt whole) or auto (shared on CUDA, full on the CPU); exact "
-                                         "both, they differ by float rounding", choices=("auto", "shared", "full"))
+                                         "both, they differ by float rounding", choices=("auto", "shared", "full"),
+                                execution=True)
     precision: str = option("fp32", "fp32, or bf16: the frozen encoders under autocast; the similarities, the "
                                     "transport, the gate, the logits, the loss and the tunable state stay float32",
                             choices=("fp32", "bf16"))

@@ -74,6 +74,7 @@ class ConditionPrompts(nn.Module):
         contexts]): that prefix runs once. What follows it in each prompt, up to its end token (its
         suffix), is packed with other classes' suffixes into rows of at most 32 slots (`pack`, the
         row length that leaves the fewest slots), so padding stays small for any class names."""
+        device, tokens, embedded = embedded.device, tokens.cpu(), embedded.cpu()  # laid out on the CPU, once
         K, C, L = tokens.shape
         eot = tokens.argmax(dim=-1)  # (K, C)
         lengths = []
@@ -83,7 +84,7 @@ class ConditionPrompts(nn.Module):
                 n += 1
             lengths.append(n)
         length = torch.tensor(lengths)  # (K,)
-        need = (eot.cpu() - length[:, None] + 1).amax(dim=0).tolist()  # slots of each class's suffix (C,)
+        need = (eot - length[:, None] + 1).amax(dim=0).tolist()  # slots of each class's suffix (C,)
         rows = min((pack(need, capacity) for capacity in range(max(need), max(32, max(need)) + 1)),
                    key=lambda rows: (len(rows) * max(fill for _, fill in rows), max(fill for _, fill in rows)))
         R, Ls = len(rows), max(fill for _, fill in rows)
@@ -103,15 +104,14 @@ class ConditionPrompts(nn.Module):
         fixed = embedded[torch.arange(K)[:, None, None], klass, position]  # (K, R, Ls, Dt)
         fixed[:, (owner < 0) | (offset < class_ctx)] = 0
         condition = embedded[:, 0, cut:max(lengths)].clone()  # (K, Lp - 1 - M, Dt) padded after short ones
-        device = embedded.device
         self.prefix_positions, self.suffix_rows = max(lengths), (R, Ls)  # Lp; packed suffixes: R rows of Ls
-        self.register_buffer("shared_condition", condition, persistent=False)
-        self.register_buffer("shared_fixed", fixed, persistent=False)
+        self.register_buffer("shared_condition", condition.to(device), persistent=False)
+        self.register_buffer("shared_fixed", fixed.to(device), persistent=False)
         self.register_buffer("shared_length", length.repeat(self.signs).to(device), persistent=False)  # (S*K,)
         self.register_buffer("shared_offset", offset.to(device), persistent=False)  # (R, Ls)
         self.register_buffer("shared_sees", sees.to(device), persistent=False)  # (R, Ls, Ls)
         self.register_buffer("shared_bin", bins.to(device), persistent=False)  # (C,) each class's row
-        end = first + (eot.cpu() - length[:, None])  # (K, C) the end token's slot in its row
+        end = first + (eot - length[:, None])  # (K, C) the end token's slot in its row
         self.register_buffer("shared_end", end.repeat(self.signs, 1).to(device), persistent=False)  # (S*K, C)
         own = torch.where(offset < class_ctx, owner.clamp(min=0) * max(class_ctx, 1) + offset, -1)
         self.register_buffer("shared_own", own.to(device), persistent=False)  # (R, Ls) index into class contexts
@@ -159,7 +159,7 @@ class ConditionPrompts(nn.Module):
         shared layout, encode_prompts for whole prompts. Both are exact."""
         with backbone.autocast():
             if len(inputs) == 2:
-                features = backbone.encode_prompts(*inputs, after)
+                features = backbone.encode_prompts(*inputs) if after is None else backbone.encode_prompts(*inputs, after)
             else:
                 features = backbone.encode_shared(*inputs).flatten(0, 1)
         return features.float() if features.dtype in (torch.bfloat16, torch.float16) else features

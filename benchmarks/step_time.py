@@ -15,7 +15,8 @@ CPU targets of issue #25 in the same run:
 - FedMPT's text positions (2K prefixes + packed suffixes, --text-encoding shared) within 1.2x
   of the exact minimum (each condition's own prefix once per sign, each prompt's own suffix);
 - a FedMPT step (VOC, fp32) at most 1/15 of that full-length text step.
-Prints a markdown table and writes it to --out (JSON beside it: what reproduce.py's cost model reads).
+Prints a markdown table and writes it to --out, with JSON beside it: "rows" (one per method, the
+first class count and precision: what reproduce.py's --dry-run reads) and "cells" (every measurement).
 """
 import argparse
 import json
@@ -190,7 +191,10 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "reference_ms": 1000 * reference, "device": device,
+    first = [r for r in rows if r["dataset"] == args.datasets[0] and r["precision"] == args.precisions[0]]
+    # "rows": one per method, the first class count and precision (what reproduce.py reads); "cells": every measurement
+    out.with_suffix(".json").write_text(json.dumps({"rows": first, "cells": rows, "reference_ms": 1000 * reference,
+                                                    "device": device,
                                                     "device_name": device_name(device), "clip": args.clip,
                                                     "batch_size": args.batch_size, "torch": torch.__version__,
                                                     "threads": torch.get_num_threads(),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD = {"ot", "gating", "prompts", "backbone", "fedmpt"}
-ROOMS = ["baselines", "conditions", "launcher", "loaders", "shapes", "store", "tools"]
+ROOMS = ["baselines", "conditions", "launcher", "loaders", "shapes", "store", "tools", "zeroshot"]
 
 
 def project_modules() -> dict:
