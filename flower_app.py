@@ -38,6 +38,7 @@ import torch
 
 import experiment
 import federate
+import zeroshot
 from errors import FedMPTError, exit_code
 from experiment import Config, Experiment
 from fedmpt import ModelConfig
@@ -105,7 +106,7 @@ def client_kit(context):
     if int(node["num-partitions"]) != len(parts.clients.splits):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(parts.clients.splits)} clients.")
-    kit = {"y": targets, "key": key, "cache_dir": parts.cfg.cache_dir, "classes": list(parts.train_set.classes),
+    kit = {"y": targets, "key": key, "cache_dir": parts.cfg.cache_dir, "classes": zeroshot.seen_view(parts.train_set, parts.unseen).classes,
            "conditions": parts.conditions, "attributes": parts.attributes}
     cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the kits: this user's only
     save_tensors(kit, cache)

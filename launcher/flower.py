@@ -28,8 +28,8 @@ from pathlib import Path
 from errors import FedMPTError
 from experiment import Config, validate
 from fedmpt import ModelConfig, option
-from launcher import processes as procs
-from launcher.processes import log_tail, start, stop_processes
+from launcher.processes import (TOKEN_VARIABLE, accepts_connections, free_ports, log_tail, new_token, start,
+                                stop_processes)
 from shapes.model import WEIGHTS
 from store.files import write_json
 from store.runs import default_out
@@ -78,9 +78,9 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
         attributes=absolute(cfg.attributes))  # app bundles carry no .pt
     flower_dir = Path(cfg.out) / "flower"  # logs, Flower's home, the SuperNodes' caches
     flower_dir.mkdir(parents=True, exist_ok=True)
-    token = procs.new_token()  # in every process this launch starts: stop_processes finds them all by it
+    token = new_token()  # in every process this launch starts: stop_processes finds them all by it
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1",
-           procs.TOKEN_VARIABLE: token,
+           TOKEN_VARIABLE: token,
            # the components start each other by name (flower-superexec): this interpreter's bin
            # directory first, so a virtual environment works without being activated
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
@@ -169,13 +169,13 @@ def start_local_federation(n_clients, flower_dir: Path, env, processes, token):
 def start_components(n_clients, flower_dir: Path, env, processes, logs, token) -> tuple:
     """The SuperLink, then the SuperNodes, on ports free a moment ago: (address, the indices
     of the processes that exited before all were online, 0 the SuperLink; [] when all run)."""
-    link_port, *node_ports = procs.free_ports(1 + n_clients)
+    link_port, *node_ports = free_ports(1 + n_clients)
     address = f"127.0.0.1:{link_port}"
     write_connection(env, "fedmpt", address)
     start([executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
            "--host", "127.0.0.1", "--port", str(link_port)], logs[0], env, processes)
     deadline = time.time() + 60
-    while not procs.accepts_connections(link_port):
+    while not accepts_connections(link_port):
         if processes[0].poll() is not None:
             return address, [0]
         if time.time() > deadline:

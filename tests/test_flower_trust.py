@@ -19,9 +19,9 @@ from launcher import flower  # noqa: E402
 from launcher.flower import FlowerConfig  # noqa: E402
 
 
-def node_context(shapes_root, cache_dir, run_id=7):
+def node_context(shapes_root, cache_dir, run_id=7, **options):
     """What Flower hands a ClientApp: the run's options and SuperNode 0's node config."""
-    options = {**dataclasses.asdict(Config(root=str(shapes_root), clients=2, batch_size=128)),
+    options = {**dataclasses.asdict(Config(root=str(shapes_root), clients=2, batch_size=128, **options)),
                **dataclasses.asdict(ModelConfig()), **dataclasses.asdict(FlowerConfig())}
     return SimpleNamespace(run_config={"options": json.dumps(options)}, run_id=run_id,
                            node_config={"partition-id": 0, "num-partitions": 2, "cache-dir": str(cache_dir)})
@@ -68,3 +68,15 @@ def test_an_insecure_superlink_on_another_machine_is_warned_about(address, warne
         flower.launch(Config(out=str(tmp_path / "run"), rounds=1), ModelConfig(), FlowerConfig(superlink=address))
     error = capsys.readouterr().err
     assert ("WARNING: --superlink" in error and "without TLS" in error) == warned, error
+
+
+def test_a_supernode_trains_on_the_seen_classes_only(shapes_root, tmp_path):
+    """--unseen on Flower: the client's labels and the model it rebuilds from its kit know the
+    seen classes only (the plain loop's rule: zeroshot/)."""
+    context = node_context(shapes_root, tmp_path / "kits", unseen="ring,star")
+    _, prepared, path = flower_app.client_kit(context)
+    kit = torch.load(path, weights_only=True)
+    assert "ring" not in kit["classes"] and "star" not in kit["classes"] and len(kit["classes"]) == 10
+    assert kit["y"].shape[1] == 10 and prepared["model"](*[x[:2].float() for x in prepared["inputs"]]).shape == (2, 10)
+    _, later, _ = flower_app.client_kit(context)
+    assert later["model"](*[x[:2].float() for x in later["inputs"]]).shape == (2, 10)
