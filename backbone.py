@@ -69,6 +69,13 @@ def load_clip(name: str, weights: str = None, random_init: bool = False, seed: i
         socket.setdefaulttimeout(previous)
 
 
+def attend(q, k, v, mask) -> torch.Tensor:
+    """Attention over (G, R, H, L, W/H) tensors with a boolean mask (G, R, 1, L, S), as the 4-d
+    batches fused kernels take."""
+    flat = lambda t: t.expand(*q.shape[:2], *t.shape[2:]).flatten(0, 1)
+    return F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=flat(mask)).unflatten(0, q.shape[:2])
+
+
 class FrozenCLIP(nn.Module):
     """The frozen CLIP, reached into in one place: patch tokens and prompt embeddings."""
 
@@ -214,7 +221,8 @@ class FrozenCLIP(nn.Module):
         xp = prefix + m.positional_embedding[:Lp]  # (G, Lp, W)
         xs = suffix + m.positional_embedding[positions]  # (G, R, Ls, W)
         real = torch.arange(Lp, device=prefix.device) < prefix_length[:, None]  # (G, Lp) the unpadded prefix
-        mask = torch.cat([real[:, None, None].expand(-1, R, Ls, -1), sees.expand(G, -1, -1, -1)], -1)  # (G, R, Ls, Lp+Ls)
+        # (G, R, Ls, Lp + Ls): each slot sees its group's real prefix and its own prompt's slots up to itself
+        mask = torch.cat([real[:, None, None].expand(-1, R, Ls, -1), sees.expand(G, -1, -1, -1)], -1)
         for block in blocks[:-1]:
             xp, xs = self.shared_block(block, xp, xs, mask)
         return self.project(m.ln_final(self.shared_ends(blocks[-1], xp, xs, mask, bins, end)))  # (G, C, D)
@@ -242,7 +250,7 @@ class FrozenCLIP(nn.Module):
         keys = torch.cat([kp[:, None].expand(-1, R, -1, -1, -1), ks], dim=-2)  # (G, R, H, Lp + Ls, W/H)
         values = torch.cat([vp[:, None].expand(-1, R, -1, -1, -1), vs], dim=-2)
         yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # the prefixes' own causal attention
-        ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask[:, :, None])  # (G, R, H, Ls, W/H)
+        ys = attend(qs, keys, values, mask[:, :, None])  # (G, R, H, Ls, W/H)
         xp = xp + out(yp.transpose(-2, -3).flatten(-2))
         xs = xs + out(ys.transpose(-2, -3).flatten(-2))
         return xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
@@ -259,7 +267,7 @@ class FrozenCLIP(nn.Module):
         keys = torch.cat([kp[:, None].expand(-1, C, -1, -1, -1), ks[:, bins]], dim=-2)  # (G, C, H, Lp + Ls, W/H)
         values = torch.cat([vp[:, None].expand(-1, C, -1, -1, -1), vs[:, bins]], dim=-2)
         rows = mask[:, bins].gather(2, end[:, :, None, None].expand(-1, -1, 1, mask.shape[-1]))  # (G, C, 1, Lp+Ls)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows[:, :, None])[:, :, :, 0]  # (G, C, H, W/H)
+        y = attend(q, keys, values, rows[:, :, None])[:, :, :, 0]  # (G, C, H, W/H)
         x = x + block.attn.out_proj(y.flatten(-2))
         return x + block.mlp(block.ln_2(x))
 

@@ -102,8 +102,7 @@ class StepTotals:
         norm = norm.detach().double()
         self.loss += loss.detach().double() * n_images
         self.norms += norm
-        if grad_clip > 0:
-            self.clipped += (norm > grad_clip).double()
+        self.clipped += (norm > grad_clip).double() if grad_clip > 0 else 0.0
         self.seen, self.steps = self.seen + n_images, self.steps + 1
 
     def stats(self) -> dict:
@@ -312,12 +311,10 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
     for group in tqdm(groups, desc=f"round {round_index}", leave=False):
         generators = [client_generator(cfg, round_index, client) for client in group]
         try:
-            if len(group) == 1:
-                results = [local_train(model, global_state, inputs, targets, client_splits[group[0]], cfg, lr,
-                                       generators[0])]
-            else:
-                results = train_together(model, global_state, inputs, targets, [client_splits[c] for c in group],
-                                         generators, cfg, lr)
+            rows = [client_splits[c] for c in group]
+            results = ([local_train(model, global_state, inputs, targets, rows[0], cfg, lr, generators[0])]
+                       if len(group) == 1 else train_together(model, global_state, inputs, targets, rows, generators,
+                                                              cfg, lr))
         except Exception as error:  # in one process a failing update is a failing run: stop it
             oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
                 or "can't allocate memory" in str(error)

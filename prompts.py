@@ -159,7 +159,7 @@ class ConditionPrompts(nn.Module):
         shared layout, encode_prompts for whole prompts. Both are exact."""
         with backbone.autocast():
             if len(inputs) == 2:
-                features = backbone.encode_prompts(*inputs) if after is None else backbone.encode_prompts(*inputs, after)
+                features = backbone.encode_prompts(*inputs, *([after] if after else []))
             else:
                 features = backbone.encode_shared(*inputs).flatten(0, 1)
         return features.float() if features.dtype in (torch.bfloat16, torch.float16) else features

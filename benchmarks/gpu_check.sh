@@ -58,8 +58,8 @@ missing_wheels() {  # unpack the wheels of the packages this python3 lacks into 
 
 export PYTHONPATH="$WORK/deps${PYTHONPATH:+:$PYTHONPATH}" WORK
 export -f missing_wheels
-step "missing wheels" 10 bash -c missing_wheels
-step "environment" 15 python3 -c "import sys, torch, clip, ftfy
+step "missing wheels" 5 bash -c missing_wheels
+step "environment" 10 python3 -c "import sys, torch, clip, ftfy
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())
 assert tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 11), 'torch 2.11 or newer'"
 if [ "$MODE" = cuda ] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
@@ -68,15 +68,15 @@ fi
 echo "- mode: $MODE; $(python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__)')" >> "$SUMMARY"
 if [ "$MODE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG" | sed 's/^/- GPU: /' >> "$SUMMARY"
-  CLIP=(--clip ViT-B/16 --random-init --device cuda) STEP=(--steps 5) IMAGES=(--trainval 320 --test 160)
-  step "CUDA tests" 60 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_ot.py tests/test_faults.py
+  CLIP=(--clip ViT-B/16 --random-init --device cuda) STEP=(--steps 3) IMAGES=(--trainval 320 --test 160)
+  step "CUDA tests" 55 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_ot.py tests/test_faults.py
 else
   echo "- CUDA tests, CUDA step times, CPU-vs-CUDA logits: skipped (no CUDA)" >> "$SUMMARY"
   CLIP=(--clip tiny --device cpu) STEP=(--clip tiny --steps 1 --methods fedmpt fed-dualcoop --datasets voc2007) IMAGES=(--trainval 64 --test 32)
 fi
-step "new tests on this torch" 40 python3 -m pytest -q -x -p no:cacheprovider -m "not slow" \
+step "new tests on this torch" 30 python3 -m pytest -q -x -p no:cacheprovider -m "not slow" \
   tests/test_shared_prefix.py tests/test_precision.py tests/test_parallel.py
-step "step times" 60 python3 benchmarks/step_time.py "${STEP[@]}" --out "$RESULTS/step_time.md"
+step "step times" 75 python3 benchmarks/step_time.py "${STEP[@]}" --out "$RESULTS/step_time.md"
 if [ "$MODE" = cuda ]; then
   step "CPU-vs-CUDA logits" 30 python3 benchmarks/device_parity.py --out "$RESULTS/parity.json"
 fi
