@@ -4,7 +4,7 @@
 
 `setup` is `build` plus the run directory (store/runs.py): what the plain loop (federate.py)
 starts from. The Flower app (flower_app.py) calls the stages it needs: a SuperNode builds its own
-client's features only, the server the test set's. Evaluation is at the end of this file.
+client's features only, the server the test set's. Evaluation is in evaluation.py.
 """
 import dataclasses
 import os
@@ -58,9 +58,11 @@ class Config:
     label_mask: float = option(0.0, "partial annotation: each training positive becomes unknown with this "
                                     "probability (seeded; test labels are never masked)", range="[0, 1)")
     unseen: str = option("", "classes no client labels, scored zero-shot: names (comma-separated), a file of "
-                             "names, or random:F (a seeded share F of the classes)", shown="none")
+                             "names, or random:F (a seeded share F of the classes)", shown="none",
+                         added="0.2")
     zsl_split: str = option("", "a published zero-shot split, its files in ROOT/annotations/: 48/17 (coco2014) or "
-                                "925/81 (nuswide)", choices=("", "48/17", "925/81"), shown="none")
+                                "925/81 (nuswide)", choices=("", "48/17", "925/81"), shown="none",
+                            added="0.2")
     validation: float = option(0.0, "share of the training images held out (seeded, before the client split); "
                                     "metrics.json records val_mAP each round: choose settings on it", range="[0, 1)")
     loss: str = option("asl", "asl (asymmetric loss) or bce", choices=("asl", "bce"))
@@ -138,8 +140,8 @@ def resume_config(run_dir: str, given: dict = None):
     if refused:
         raise FedMPTError(f"--resume {run_dir} continues the run with its own options; {', '.join(refused)} would change "
                           "what its saved rounds were trained with. Start a new run (another --out) to change them; "
-                          "beside --resume only --rounds (to extend it), --device, --threads, --workers and "
-                          "--cache-dir apply.")
+                          f"beside --resume only --rounds (to extend it), {', '.join(flag(n) for n in sorted(execution))} "
+                          "apply.")
     for name, value in given.items():
         setattr(cfg, name, value)
     cfg.out, cfg.resume = str(run_dir), str(run_dir)
@@ -478,90 +480,3 @@ def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
     tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
             "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}
-
-
-# ---- Evaluation ---------------------------------------------------------------------------
-def gather(inputs, rows, device) -> list:
-    """A batch of the frozen inputs (memory-mapped float16 or uint8 in the store) on the
-    device, as float32. Rows that run on (evaluation's) are read as a slice; others by
-    index_select (an 8x faster gather than x[rows] on a memory map), on the way to a GPU
-    straight into pinned memory: one copy on the host, one to the device."""
-    rows = as_slice(rows)
-    cuda = torch.device(device).type == "cuda"
-    batch = []
-    for x in inputs:
-        if isinstance(rows, slice):
-            part = x[rows]  # a view: copied once, to the device or to float32
-        else:
-            part = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, pin_memory=cuda)
-            torch.index_select(x, 0, rows, out=part)
-        batch.append(part.to(device, non_blocking=cuda).float())
-    return batch
-
-
-def as_slice(rows):
-    """Row indices as a slice when they run on by one (a, a+1, ..., b), else as a LongTensor."""
-    if isinstance(rows, slice):
-        return rows
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((rows.diff() == 1).all()):
-        return slice(int(rows[0]), int(rows[-1]) + 1)
-    return rows
-
-
-@torch.no_grad()
-def predict_scores(model, inputs, batch_size=256, rows=None):
-    """Probabilities (n, C) for cached inputs (or their `rows`); the text side is encoded once."""
-    T = model.text_features()
-    rows = torch.arange(len(inputs[0])) if rows is None else torch.as_tensor(rows)
-    return torch.cat([torch.sigmoid(model(*gather(inputs, batch, model.device), T=T)).cpu()
-                      for batch in rows.split(batch_size)])
-
-
-def evaluate_global(exp: Experiment) -> dict:
-    """Metrics of the model's current state on the test images (with unseen classes: every
-    class scored by exp.scorer, and the zero-shot figures)."""
-    inputs, y = exp.test
-    if exp.unseen:
-        exp.scorer.load_tunable_state(exp.model.tunable_state())
-    scores = predict_scores(exp.scorer or exp.model, inputs)
-    result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
-    if exp.unseen:
-        result.update(metrics.zsl_metrics(scores, y, exp.unseen))
-    if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
-        bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
-        result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
-    if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
-        val_scores, val_y = validation_scores(exp)
-        held_out = metrics.multilabel_metrics(val_scores, val_y, top_k=min(3, y.shape[1]))
-        result.update({f"val_{k}": held_out[k] for k in ("mAP", "CF1", "OF1")})
-        chosen = metrics.multilabel_metrics(scores, y, validation_thresholds(exp, val_scores, val_y), min(3, y.shape[1]))
-        result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
-    return result
-
-
-def validation_scores(exp: Experiment) -> tuple:
-    """Probabilities and labels of the held-out training images (--validation), never the test's."""
-    inputs, y = exp.train
-    return predict_scores(exp.model, inputs, rows=exp.validation), y[exp.validation]
-
-
-def validation_thresholds(exp: Experiment, val_scores, val_y) -> torch.Tensor:
-    """Per-class F1-optimal thresholds (C,) on the held-out images; an unseen class keeps 0.5."""
-    chosen = torch.as_tensor(metrics.f1_thresholds(val_scores, val_y))
-    return zeroshot.every_column(chosen, exp.unseen, len(exp.train_set.classes), 0.5)
-
-
-def thresholds_record(exp: Experiment, round_index: int) -> dict:
-    """thresholds.json: per-class F1-optimal thresholds of the model's current state, chosen on
-    the held-out training images (what predict.py labels with)."""
-    thresholds = validation_thresholds(exp, *validation_scores(exp))
-    return {"round": round_index, "chosen_on": f"{len(exp.validation)} held-out training images (--validation)",
-            "rule": "per class, the threshold that maximises F1 of probability >= threshold (metrics.f1_thresholds)",
-            "thresholds": dict(zip(exp.train_set.classes, thresholds.tolist()))}
-
-
-def reference_scores(exp: Experiment) -> dict:
-    """What round 0 of metrics.json also carries: the label prior and the zero-shot backbone."""
-    return {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
-            **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}

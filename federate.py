@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from errors import Interrupted, RunFailed, exit_code
-from experiment import (Config, Experiment, count_params, evaluate_global, gather, reference_scores, resume_config,
-                        setup, thresholds_record, validate)
+from evaluation import evaluate_global, gather, reference_scores, thresholds_record
+from experiment import Config, Experiment, count_params, resume_config, setup, validate
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
 from prompts import stack_inputs
 from store.files import save_tensors, write_json
@@ -120,7 +120,7 @@ def client_order(indices, cfg: Config, generator) -> list:
 
 
 def batches(inputs, targets, order, device, prefetch=None):
-    """(inputs, targets) of each batch of rows in `order` on the device (experiment.gather); on
+    """(inputs, targets) of each batch of rows in `order` on the device (evaluation.gather); on
     CUDA (or with prefetch=True) a thread prepares the next batch while the current one trains."""
     prefetch = torch.device(device).type == "cuda" if prefetch is None else prefetch
     load = lambda rows: (gather(inputs, rows, device), targets[rows].to(device, non_blocking=True))

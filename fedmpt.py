@@ -52,8 +52,8 @@ class Adapter(nn.Module):
 def option(default, help: str, **rules):
     """A config field with its help and rules (`choices`, `range` as "(0, 1]" or "[1, inf)",
     `shown` for a default that is computed, `execution=True` for how a run is executed rather
-    than what it computes): argparse, validation and docs/usage.md's table are made from them
-    (tools/options.py)."""
+    than what it computes, `added` for an option newer than saved runs: their config.json may lack
+    it): argparse, validation and docs/usage.md's table are made from them (tools/options.py)."""
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -80,7 +80,7 @@ class ModelConfig:
                                 execution=True)
     precision: str = option("fp32", "fp32, or bf16: the frozen encoders under autocast; the similarities, the "
                                     "transport, the gate, the logits, the loss and the tunable state stay float32",
-                            choices=("fp32", "bf16"))
+                            choices=("fp32", "bf16"), added="0.2")
     pooling: str = option("regions", "fedtpg, fed-maple, fedmvp: regions (DualCoOp's class-specific region "
                                      "aggregation, the paper's protocol) or global (the global feature alone)",
                           choices=("regions", "global"))

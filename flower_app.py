@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import evaluation
 import experiment
 import federate
 import zeroshot
@@ -252,7 +253,7 @@ class FedMPTStrategy(FedAvg):
         self.global_state = ordered_state(arrays, self.reference)
         exp.model.load_tunable_state(self.global_state)
         if server_round == 0:
-            loss, seconds, extra = None, 0.0, experiment.reference_scores(exp)
+            loss, seconds, extra = None, 0.0, evaluation.reference_scores(exp)
         else:
             stats, seconds = self.round["stats"], time.time() - self.round["start"]
             loss, extra = stats["loss"], federate.training_columns(stats, self.round["aggregated"], self.round["rejected"])

@@ -23,8 +23,8 @@ import data
 import metrics
 from errors import FedMPTError, exit_code
 from baselines import model_class
-from experiment import (build_model, frozen_inputs, load_backbone, method_attributes, predict_scores, read_config,
-                        zero_shot_metrics)
+from evaluation import predict_scores
+from experiment import build_model, frozen_inputs, load_backbone, method_attributes, read_config, zero_shot_metrics
 from loaders.base import UNREADABLE
 from store import features
 from store.files import write_atomic, write_json

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import evaluation  # noqa: E402
 import experiment  # noqa: E402
 from backbone import FrozenCLIP, load_clip  # noqa: E402
 from baselines.fedmvp import load_attributes  # noqa: E402
@@ -57,12 +58,12 @@ def main(argv=None):
         reference = fixed_model(method, cpu, "fp32")
         with torch.no_grad():
             stored = [torch.from_numpy(x) for x in features.as_stored(reference.encode_images(images))]
-            expected = reference(*experiment.gather(stored, slice(None), "cpu"))
+            expected = reference(*evaluation.gather(stored, slice(None), "cpu"))
         row = {"method": method, "logit_range": float(expected.abs().max())}
         for precision in (["fp32", "bf16"] if cuda is not None else []):
             model = fixed_model(method, cuda, precision).to("cuda")
             with torch.no_grad():
-                logits = model(*experiment.gather(stored, slice(None), "cuda")).cpu()
+                logits = model(*evaluation.gather(stored, slice(None), "cuda")).cpu()
             difference = float((logits - expected).abs().max())
             row[precision] = {"max_abs": difference, "max_rel": difference / row["logit_range"]}
         rows.append(row)

@@ -82,7 +82,8 @@ def read_saved_config(run_dir) -> dict:
 def read_run_config(run_dir, config_classes, record_keys) -> tuple:
     """The options a run was started with, checked against their own definition: one config
     per class of `config_classes`, then the whole config.json. Every option must be there (those
-    marked `execution`, which only say how a run is executed, may be missing) and within its
+    marked `execution`, which only say how a run is executed, and those marked `added`, which runs
+    saved before them lack and which then take their default, what those runs did, may be missing) and within its
     type, choices and range, and nothing may be there but options and `record_keys`."""
     path = Path(run_dir) / "config.json"
     saved = read_saved_config(run_dir)
@@ -90,7 +91,8 @@ def read_run_config(run_dir, config_classes, record_keys) -> tuple:
         raise FedMPTError(f"{path} holds a JSON {type(saved).__name__}, not a run's configuration; restore the "
                           "run's own config.json, or train the run again with another --out.")
     fields = [f for config_class in config_classes for f in dataclasses.fields(config_class)]
-    missing = [flag(f.name) for f in fields if f.name not in saved and not f.metadata.get("execution")]
+    missing = [flag(f.name) for f in fields if f.name not in saved  # `added`: runs saved before it lack it
+               and not (f.metadata.get("execution") or f.metadata.get("added"))]
     unknown = sorted(set(saved) - {f.name for f in fields} - set(record_keys))
     configs = [config_from(config_class, saved) for config_class in config_classes]
     problems = [f"it lacks {', '.join(missing)}"] if missing else []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install -r requirements-flower.txt")
-import experiment  # noqa: E402
+import evaluation  # noqa: E402
 import flower_app  # noqa: E402
 from errors import FedMPTError  # noqa: E402
 from experiment import Config  # noqa: E402
@@ -47,8 +47,8 @@ def test_the_kit_is_tensors_and_plain_values_and_a_planted_one_never_runs(shapes
     _, later, _ = flower_app.client_kit(context)  # a later message: the model built again from the kit
     later["model"].load_tunable_state(prepared["model"].tunable_state())
     rows = list(range(8))
-    assert torch.equal(experiment.predict_scores(later["model"], later["inputs"], rows=rows),
-                       experiment.predict_scores(prepared["model"], prepared["inputs"], rows=rows))
+    assert torch.equal(evaluation.predict_scores(later["model"], later["inputs"], rows=rows),
+                       evaluation.predict_scores(prepared["model"], prepared["inputs"], rows=rows))
 
     marker = tmp_path / "the-planted-kit-ran"
     torch.save({"y": kit["y"], "model": Planted(marker)}, path)  # a file planted where the kit lies

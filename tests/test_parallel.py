@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import evaluation
 import experiment
 import federate
 from backbone import FrozenCLIP, load_clip
@@ -101,7 +102,7 @@ def test_prefetching_batches_give_the_same_batches():
         assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(inputs, inputs2))
     rows = order[0]  # index_select gives what x[rows] gave
     assert all(torch.equal(a, x[rows].float()) for a, x in zip(plain[0][0], stored))
-    sliced = experiment.gather(stored, torch.arange(5, 17), "cpu")  # contiguous rows: a slice
+    sliced = evaluation.gather(stored, torch.arange(5, 17), "cpu")  # contiguous rows: a slice
     assert all(torch.equal(a, x[5:17].float()) for a, x in zip(sliced, stored))
-    assert experiment.as_slice(torch.arange(5, 17)) == slice(5, 17) and not isinstance(
-        experiment.as_slice(torch.tensor([3, 1, 2])), slice)
+    assert evaluation.as_slice(torch.arange(5, 17)) == slice(5, 17) and not isinstance(
+        evaluation.as_slice(torch.tensor([3, 1, 2])), slice)

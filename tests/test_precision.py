@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import evaluation
 import experiment
 import federate
 from backbone import FrozenCLIP, load_clip
@@ -51,7 +52,7 @@ def test_bf16_loss_and_gradient_stay_near_fp32(backbone, method):
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=generator))
             stored = [torch.from_numpy(x) for x in features.as_stored(model.encode_images(images))]
-            inputs = experiment.gather(stored, slice(None), "cpu")
+            inputs = evaluation.gather(stored, slice(None), "cpu")
             logits = model(*inputs)
         assert logits.dtype == torch.float32 and all(t.dtype == torch.float32 for t in model.tunable_state().values())
         results[precision] = loss_and_gradient(model, inputs, targets)

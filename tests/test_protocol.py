@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import evaluation
 import experiment
 import federate
 import splits
@@ -86,9 +87,9 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
     assert sorted(i for s in exp.splits for i in s) == sorted(set(range(32)) - held_out)
     assert experiment.build(cfg, ModelConfig()).validation == exp.validation  # seeded
     assert splits.hold_out(32, 0.25, 2)[0] != exp.validation
-    row = experiment.evaluate_global(exp)
+    row = evaluation.evaluate_global(exp)
     assert {"val_mAP", "val_CF1", "val_OF1"} <= set(row) and 0 <= row["val_mAP"] <= 100
-    assert "val_mAP" not in experiment.evaluate_global(
+    assert "val_mAP" not in evaluation.evaluate_global(
         experiment.build(dataclasses.replace(cfg, validation=0.0), ModelConfig()))
     out = tmp_path / "run"
     assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients", "2", "--rounds", "1",

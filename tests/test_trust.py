@@ -414,7 +414,7 @@ def test_a_full_disk_keeps_the_previous_file_whole_and_leaves_no_temporary(tmp_p
 
 
 def test_a_full_disk_while_the_store_writes_its_manifest_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
-    from store import files, features
+    from store import files
     monkeypatch.setattr(files, "os", FullDisk("manifest", skip=1))  # the second chunk's manifest
     with pytest.raises(FedMPTError, match="manifest.json: No space left on device"):
         stored(tmp_path)
@@ -499,3 +499,18 @@ def test_an_interpreter_older_than_the_declared_minimum_stops_with_one_line():
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 2 and result.stderr.startswith("error: fedmpt needs Python 3.11 or newer")
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_saved_before_an_option_was_added_reads_with_its_default(tmp_path):
+    """Options marked `added` (newer than saved runs) may be missing and take their default,
+    which is what every run before them did; any other missing option is still refused."""
+    added = [f.name for config in (experiment.Config, ModelConfig) for f in dataclasses.fields(config)
+             if f.metadata.get("added")]
+    assert {"unseen", "zsl_split", "precision"} <= set(added)
+    old = {k: v for k, v in valid_config().items() if k not in added}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg, model_cfg, _ = experiment.read_config(str(tmp_path))
+    assert cfg.unseen == "" and cfg.zsl_split == "" and model_cfg.precision == "fp32"
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in old.items() if k != "rounds"}))
+    with pytest.raises(FedMPTError, match="it lacks --rounds"):
+        experiment.read_config(str(tmp_path))

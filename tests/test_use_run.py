@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import evaluation
 import experiment
 import federate
 import predict
@@ -25,7 +26,7 @@ def test_predict_gives_the_evaluation_probabilities(finished_run, shapes_root, t
     exp = experiment.build(cfg, model_cfg)
     exp.model.load_tunable_state(torch.load(out / "state.pt", weights_only=True))
     inputs, _ = exp.test
-    expected = experiment.predict_scores(exp.model, [x[:12] for x in inputs])
+    expected = evaluation.predict_scores(exp.model, [x[:12] for x in inputs])
     images = shapes_root / "VOCdevkit/VOC2007/JPEGImages"
     test_ids = (shapes_root / "VOCdevkit/VOC2007/ImageSets/Main/test.txt").read_text().split()[:12]
     files = [str(images / f"{i}.jpg") for i in test_ids]

@@ -257,3 +257,15 @@ def test_the_zsl_grid_gives_each_dataset_its_split_and_tables_seen_unseen_and_th
     assert "| FedMPT | 42.00 ± 2.83 | 43.00 ± 2.83 | 44.00 ± 2.83 |" in table
     assert "| zero-shot backbone | 30.00 ± 0.00 | 30.00 ± 0.00 |" in table and "### coco2014 (--zsl-split 48/17)" in table
     assert reproduce.columns_of("zsl")[-1] == "zero_shot_gzsl_F1@3" and reproduce.columns_of("table1") == reproduce.COLUMNS
+
+
+def test_thresholds_chosen_on_validation_leave_unseen_classes_at_one_half():
+    """--validation with --unseen: the held-out images carry no unseen label, so an unseen
+    class keeps 0.5 and the seen ones get theirs (evaluation.validation_thresholds)."""
+    from types import SimpleNamespace
+    import evaluation
+    exp = SimpleNamespace(unseen=[1], train_set=SimpleNamespace(classes=["a", "b", "c"]))
+    scores = np.array([[0.9, 0.2], [0.3, 0.8], [0.6, 0.1]])  # the seen classes a and c
+    targets = np.array([[1, 0], [0, 1], [1, 0]])
+    chosen = evaluation.validation_thresholds(exp, scores, targets)
+    assert chosen.tolist() == [metrics.f1_thresholds(scores, targets)[0], 0.5, metrics.f1_thresholds(scores, targets)[1]]

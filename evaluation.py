@@ -1,0 +1,94 @@
+"""Evaluation: the global model's metrics on the test images each round (both engines), the
+held-out images' (--validation) and the thresholds chosen on them, and the reference scores
+round 0 carries. Also the batch gather the local steps use (federate.local_train).
+"""
+import torch
+
+import metrics
+import zeroshot
+
+
+def gather(inputs, rows, device) -> list:
+    """A batch of the frozen inputs (memory-mapped float16 or uint8 in the store) on the
+    device, as float32. Rows that run on (evaluation's) are read as a slice; others by
+    index_select (an 8x faster gather than x[rows] on a memory map), on the way to a GPU
+    straight into pinned memory: one copy on the host, one to the device."""
+    rows = as_slice(rows)
+    cuda = torch.device(device).type == "cuda"
+    batch = []
+    for x in inputs:
+        if isinstance(rows, slice):
+            part = x[rows]  # a view: copied once, to the device or to float32
+        else:
+            part = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, pin_memory=cuda)
+            torch.index_select(x, 0, rows, out=part)
+        batch.append(part.to(device, non_blocking=cuda).float())
+    return batch
+
+
+def as_slice(rows):
+    """Row indices as a slice when they run on by one (a, a+1, ..., b), else as a LongTensor."""
+    if isinstance(rows, slice):
+        return rows
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((rows.diff() == 1).all()):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+@torch.no_grad()
+def predict_scores(model, inputs, batch_size=256, rows=None):
+    """Probabilities (n, C) for cached inputs (or their `rows`); the text side is encoded once."""
+    T = model.text_features()
+    rows = torch.arange(len(inputs[0])) if rows is None else torch.as_tensor(rows)
+    return torch.cat([torch.sigmoid(model(*gather(inputs, batch, model.device), T=T)).cpu()
+                      for batch in rows.split(batch_size)])
+
+
+def evaluate_global(exp) -> dict:
+    """Metrics of the model's current state on the test images (with unseen classes: every
+    class scored by exp.scorer, and the zero-shot figures)."""
+    inputs, y = exp.test
+    if exp.unseen:
+        exp.scorer.load_tunable_state(exp.model.tunable_state())
+    scores = predict_scores(exp.scorer or exp.model, inputs)
+    result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
+    if exp.unseen:
+        result.update(metrics.zsl_metrics(scores, y, exp.unseen))
+    if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
+        bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
+        result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
+    if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
+        val_scores, val_y = validation_scores(exp)
+        held_out = metrics.multilabel_metrics(val_scores, val_y, top_k=min(3, y.shape[1]))
+        result.update({f"val_{k}": held_out[k] for k in ("mAP", "CF1", "OF1")})
+        chosen = metrics.multilabel_metrics(scores, y, validation_thresholds(exp, val_scores, val_y), min(3, y.shape[1]))
+        result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
+    return result
+
+
+def validation_scores(exp) -> tuple:
+    """Probabilities and labels of the held-out training images (--validation), never the test's."""
+    inputs, y = exp.train
+    return predict_scores(exp.model, inputs, rows=exp.validation), y[exp.validation]
+
+
+def validation_thresholds(exp, val_scores, val_y):
+    """Per-class F1-optimal thresholds (C,) on the held-out images; an unseen class keeps 0.5."""
+    chosen = torch.as_tensor(metrics.f1_thresholds(val_scores, val_y))
+    return zeroshot.every_column(chosen, exp.unseen, len(exp.train_set.classes), 0.5).numpy()
+
+
+def thresholds_record(exp, round_index: int) -> dict:
+    """thresholds.json: per-class F1-optimal thresholds of the model's current state, chosen on
+    the held-out training images (what predict.py labels with)."""
+    thresholds = validation_thresholds(exp, *validation_scores(exp))
+    return {"round": round_index, "chosen_on": f"{len(exp.validation)} held-out training images (--validation)",
+            "rule": "per class, the threshold that maximises F1 of probability >= threshold (metrics.f1_thresholds)",
+            "thresholds": dict(zip(exp.train_set.classes, thresholds.tolist()))}
+
+
+def reference_scores(exp) -> dict:
+    """What round 0 of metrics.json also carries: the label prior and the zero-shot backbone."""
+    return {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
+            **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}
