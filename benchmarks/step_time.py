@@ -122,7 +122,7 @@ def measure(model, stored, targets, device, n_steps) -> dict:
     optimizer.zero_grad()
     return {"ms_per_step": 1000 * seconds, "text_share": text_seconds / seconds,
             "transport_share": transport.seconds / seconds, "loading_share": loading / seconds, "peak_GiB": peak,
-            "tunable": sum(p.numel() for p in params)}
+            "tunable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
 
 
 def full_text_step(backbone, n_prompts, device):
