@@ -18,6 +18,7 @@ Defaults follow the paper where it says: t in {0.1, ..., 1.0} and every method. 
 clients and rounds open; they come from the authors' code (CLIENTS_ROUNDS; docs/tables.md).
 """
 import argparse
+import concurrent.futures
 import csv
 import hashlib
 import json
@@ -47,6 +48,7 @@ CLIENTS_ROUNDS = {"voc2007": (2, 50), "coco2014": (8, 100), "nuswide": (4, 50), 
 # published counts depend on the cleaning: COCO and NUS-WIDE drop images without labels)
 TRAIN_IMAGES = {"voc2007": 5011, "coco2014": 82081, "nuswide": 161789, "multiscene": 7000, "mlrsnet": 87329,
                 "shapes": 960}
+CLASSES = {"voc2007": 20, "coco2014": 80, "nuswide": 81, "multiscene": 36, "mlrsnet": 60, "shapes": 12}
 PAPER_NAMES = {"fedmpt": "FedMPT", "fedmvp": "FedMVP", "fed-dualcoop": "Fed-DualCoOp", "fed-poscoop": "Fed-PosCoOp",
                "fedtpg": "FedTPG", "fed-maple": "Fed-MaPLe", "fed-ram": "Fed-RAM"}
 PUBLISHED = {  # FedMPT project page, CLIP ViT-B/16 (docs: paper facts)
@@ -202,11 +204,21 @@ def seconds_per_round(cell, results, step_times) -> tuple:
     if cell["dataset"] not in TRAIN_IMAGES:
         return None, "unknown"
     steps = math.ceil(TRAIN_IMAGES[cell["dataset"]] / 32) + cell["clients"]  # one local epoch, batch 32
-    if cell["method"] in step_times:
-        return step_times[cell["method"]] * steps / 1000, "step_time.json"
+    measured = sorted((c, ms) for (m, c), ms in step_times.items() if m == cell["method"])
+    if measured:
+        return ms_at(measured, CLASSES.get(cell["dataset"], measured[0][0])) * steps / 1000, "step_time.json"
     proxy = "fed-poscoop" if cell["method"] == "fed-dualcoop" else cell["method"]  # not in Table 5
     ms = PUBLISHED["table5"][proxy][1]
     return ms * steps / 1000, f"paper's GPU ms/iter{' (Fed-PosCoOp as proxy)' if proxy != cell['method'] else ''}"
+
+
+def ms_at(measured, n_classes) -> float:
+    """ms per step at `n_classes` from [(classes, ms)] measured (step_time.py: VOC's 20 and COCO's
+    80): linear in the class count between (and beyond) the two nearest, the one point alone."""
+    if len(measured) == 1:
+        return measured[0][1]
+    (c0, ms0), (c1, ms1) = sorted(measured, key=lambda point: abs(point[0] - n_classes))[:2]
+    return max(ms0 + (ms1 - ms0) * (n_classes - c0) / (c1 - c0), min(ms0, ms1) / 2) if c1 != c0 else ms0
 
 
 def format_duration(seconds) -> str:
@@ -361,6 +373,8 @@ def parse(argv):
     parser.add_argument("--keep-going", action="store_true", help="go on past a failed cell; exit 1 at the end")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each cell (0: torch's default); "
                         "1 keeps a CPU grid fast beside other torch processes (two at full threads slow each other many times)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (one GPU shared; without --threads "
+                        "each gets its share of the CPU cores); the results equal those of one at a time")
     parser.add_argument("--steps", type=int, default=5, help="table5: timed steps per method")
     parser.add_argument("--clip", default="ViT-B/16", help="table5: the architecture timed (random init)")
     parser.epilog = "Options after -- go to every cell's federate.py (e.g. -- --clients-by scene --min-labels 7)."
@@ -379,6 +393,8 @@ def parse(argv):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         raise GridError(f"--methods {','.join(unknown) or '(empty)'}: choose from {','.join(METHODS)}.")
+    if args.jobs < 1:
+        raise GridError(f"--jobs {args.jobs}: give 1 or more cells at once.")
     if any(not 0 < t <= 1 for t in args.t):
         raise GridError(f"--t {args.t}: each level must lie in (0, 1].")
     if {"--out", "--resume", "--seed", "--method", "--dataset", "--heterogeneity"} & set(args.extra):
@@ -391,8 +407,9 @@ def run_grid(args, out: Path) -> list:
     """Run (or with --dry-run list) every cell; returns the grid's rows of results.csv."""
     results_path, version = out / "results.csv", code_version()
     results, step_json = read_results(results_path, columns_of(args.table)), out / "step_time.json"
-    step_times = {r["method"]: r["ms_per_step"] for r in json.loads(step_json.read_text())["rows"]} \
-        if step_json.exists() else {}
+    measured = json.loads(step_json.read_text()) if step_json.exists() else {}
+    step_times = {(r["method"], r.get("classes", 20)): r["ms_per_step"]  # every class count measured (fp32)
+                  for r in measured.get("cells", measured.get("rows", [])) if r.get("precision", "fp32") == "fp32"}
     cells = make_cells(args)
     done = {cell_key(r) for r in results}
     todo = [c for c in cells if cell_key(c) not in done]
@@ -415,22 +432,33 @@ def run_grid(args, out: Path) -> list:
                  "run `table5` into this --out for step times, or let one cell finish)" if unknown else "") + ".")
         return []
     failures = []
-    for i, cell in enumerate(todo, 1):
-        run_dir, start = out / "runs" / cell_name(cell), time.time()
-        print(f"[{i}/{len(todo)}] {cell_name(cell)} ...", end=" ", flush=True)
-        try:
-            if not (run_dir / "state.pt").exists():
-                run_cell(cell, run_dir, out / "logs" / f"{cell_name(cell)}.log", args.data_dir, version, args.threads)
-        except GridError as error:
-            if not args.keep_going:
-                raise
-            failures.append(str(error))
-            print("failed", flush=True)
-            continue
-        row = finished_row(cell, run_dir)
-        append_result(results_path, row, columns_of(args.table))
-        results.append(row)
-        print(f"mAP {float(row['mAP']):.2f} ({time.time() - start:.0f} s)", flush=True)
+    # --jobs N: N cells at once (one GPU shared; on the CPU the cores divided between them)
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0)
+
+    def one(cell):
+        run_dir = out / "runs" / cell_name(cell)
+        if not (run_dir / "state.pt").exists():
+            run_cell(cell, run_dir, out / "logs" / f"{cell_name(cell)}.log", args.data_dir, version, threads)
+        return finished_row(cell, run_dir)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        started = {pool.submit(one, cell): (cell, time.time()) for cell in todo}
+        for i, future in enumerate(concurrent.futures.as_completed(started), 1):
+            cell, start = started[future]
+            try:
+                row = future.result()
+            except GridError as error:
+                if not args.keep_going:
+                    raise
+                failures.append(str(error))
+                print(f"[{i}/{len(todo)}] {cell_name(cell)} failed", flush=True)
+                continue
+            append_result(results_path, row, columns_of(args.table))  # one thread writes results.csv
+            results.append(row)
+            print(f"[{i}/{len(todo)}] {cell_name(cell)} mAP {float(row['mAP']):.2f} ({time.time() - start:.0f} s)",
+                  flush=True)
+    finally:  # Ctrl-C or a failed cell: no further cell starts; the running ones end (they got the Ctrl-C too)
+        pool.shutdown(wait=True, cancel_futures=True)
     if failures:
         raise GridError(f"{len(failures)} cells failed:\n" + "\n".join(failures), code=1)
     return results

@@ -111,3 +111,28 @@ def test_tables_average_t_per_seed_then_seeds_and_stand_beside_the_published(tmp
     table = reproduce.table1(cells, rows, args)
     assert "| FedMPT | 85.00 |" in table and "| FedMPT | voc2007 | 82.00 ± 2.83 | 90.00 |" in table
     assert "| FedMPT | 89.51 |" in table and all(c["rounds"] == 3 and c["clients"] == 2 for c in cells)
+
+
+@pytest.mark.slow
+def test_cells_run_side_by_side_give_the_results_of_one_at_a_time(tmp_path):
+    data_dir = tmp_path / "data"
+    write_folder(data_dir / "folder", rows=ROWS, header="image,labels,split")
+    keep = lambda out: sorted((r["t"], r["mAP"], r["CF1"], r["OF1"]) for r in rows(out))
+    for jobs in ("1", "2"):
+        done = subprocess.run([*grid(tmp_path / f"jobs{jobs}", data_dir, "--jobs", jobs)[:-5], "--rounds", "3", "--",
+                               "--batch-size", "4", "--workers", "0"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert keep(tmp_path / "jobs1") == keep(tmp_path / "jobs2") and len(keep(tmp_path / "jobs2")) == 2
+    assert reproduce.main(["table1", "--out", str(tmp_path / "x"), "--jobs", "0"]) == 2
+
+
+def test_the_dry_run_prices_a_cell_by_its_class_count_from_the_measured_step_times():
+    step_times = {("fedmpt", 20): 100.0, ("fedmpt", 80): 400.0}
+    cell = {"method": "fedmpt", "dataset": "nuswide", "clients": 4}
+    seconds, source = reproduce.seconds_per_round(cell, [], step_times)
+    steps = -(-reproduce.TRAIN_IMAGES["nuswide"] // 32) + 4
+    assert source == "step_time.json" and seconds == pytest.approx((100 + 300 * 61 / 60) * steps / 1000)
+    voc = reproduce.seconds_per_round({**cell, "dataset": "voc2007"}, [], step_times)[0]
+    assert voc == pytest.approx(100 * (-(-5011 // 32) + 4) / 1000)
+    assert reproduce.ms_at([(20, 50.0)], 80) == 50.0

@@ -269,3 +269,11 @@ def test_thresholds_chosen_on_validation_leave_unseen_classes_at_one_half():
     targets = np.array([[1, 0], [0, 1], [1, 0]])
     chosen = evaluation.validation_thresholds(exp, scores, targets)
     assert chosen.tolist() == [metrics.f1_thresholds(scores, targets)[0], 0.5, metrics.f1_thresholds(scores, targets)[1]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_predict_takes_a_device_and_refuses_cuda_where_there_is_none(zsl_run, capsys):
+    out, _ = zsl_run
+    assert predict.main(["--run", str(out), "--evaluate", "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+    assert predict.main(["--run", str(out), "--evaluate", "--device", "cpu"]) == 0
