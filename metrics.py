@@ -166,13 +166,13 @@ def zsl_metrics(scores, targets, unseen, ks=(3, 5)):
     unseen = sorted(set(int(c) for c in unseen))
     seen = [c for c in range(s.shape[1]) if c not in unseen]
     holding = (t[:, unseen] == 1).any(1)
+    zsl = s[holding][:, unseen], t[holding][:, unseen]  # the zero-shot setting's scores and targets
     mean_ap = lambda s_, t_: multilabel_metrics(s_, t_, top_k=1)["mAP"] if t_.size else None
-    out = {"seen_mAP": mean_ap(s[:, seen], t[:, seen]), "unseen_mAP": mean_ap(s[holding][:, unseen], t[holding][:, unseen]),
-           "gzsl_mAP": mean_ap(s, t)}
+    out = {"seen_mAP": mean_ap(s[:, seen], t[:, seen]), "unseen_mAP": mean_ap(*zsl), "gzsl_mAP": mean_ap(s, t)}
     a, b = out["seen_mAP"], out["unseen_mAP"]
     out["H_mAP"] = None if a is None or b is None else (2 * a * b / (a + b) if a + b > 0 else 0.0)
     for k in ks:
-        for name, (s_, t_) in (("unseen", (s[holding][:, unseen], t[holding][:, unseen])), ("gzsl", (s, t))):
+        for name, (s_, t_) in (("unseen", zsl), ("gzsl", (s, t))):
             out[f"{name}_F1@{k}"] = _prf(top_k_predictions(s_, k), t_)["OF1"] if k < s_.shape[1] and len(s_) else None
     return out
 
