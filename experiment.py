@@ -101,10 +101,7 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               f"--parallel-clients {cfg.parallel_clients}: {cfg.method} changes tokens inside CLIP's text encoder "
               "(deep prompts, adapters), so its clients cannot share one encoder call; use --parallel-clients 1")]
     if cfg.unseen or cfg.zsl_split:  # every method scores the classes it never trained on, or says why not
-        known = cfg.method in baselines.METHODS  # an unknown one is already a problem above
-        why = (known and getattr(baselines.model_class(cfg.method), "cannot_score_unseen", "")) or (
-            "contexts of each class's own cannot score a class no client labelled (give --class-ctx 0)"
-            if model_cfg.class_ctx else "")
+        why = zeroshot.cannot_score_unseen(cfg.method, model_cfg.class_ctx)
         rules.append((not why, f"--{'unseen' if cfg.unseen else 'zsl-split'}: {cfg.method} cannot score unseen "
                                f"classes: {why}"))
     problems += [message for ok, message in rules if not ok]

@@ -63,13 +63,21 @@ def local_train(model, global_state, inputs, targets, indices, cfg: Config, lr, 
     fresh every round, so nothing of it outlives the round (nor needs a checkpoint)."""
     model.load_tunable_state(global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
-    loss_fn = asymmetric_loss if cfg.loss == "asl" else bce_loss
+    optimizer, loss_fn = local_optimizer(params, lr), loss_function(cfg)
     totals = StepTotals(model.device)
     for batch_inputs, batch_targets in batches(inputs, targets, client_order(indices, cfg, generator), model.device):
         loss = model.loss(batch_inputs, batch_targets, loss_fn)
         totals.add(loss, train_step(loss, optimizer, params, cfg.grad_clip), len(batch_targets), cfg.grad_clip)
     return model.tunable_state(), len(indices), totals.stats()
+
+
+def local_optimizer(params, lr):
+    """A client's SGD for one round (momentum 0.9, weight decay 1e-5): every training path's."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
+
+
+def loss_function(cfg: Config):
+    return asymmetric_loss if cfg.loss == "asl" else bce_loss
 
 
 def train_step(loss, optimizer, params, grad_clip) -> torch.Tensor:
@@ -144,10 +152,10 @@ def train_together(model, global_state, inputs, targets, client_rows, generators
     (equal to local_train one client after another, up to float rounding: tests/test_parallel.py).
     Needs a method whose text side splits in two (`text_inputs`, `text_from`)."""
     from torch.func import functional_call
-    device, loss_fn = model.device, asymmetric_loss if cfg.loss == "asl" else bce_loss
+    device, loss_fn = model.device, loss_function(cfg)
     states = [{f"model.{name}": t.detach().clone().requires_grad_() for name, t in global_state.items()}
               for _ in client_rows]  # named as inside MethodCall
-    optimizers = [torch.optim.SGD(list(state.values()), lr=lr, momentum=0.9, weight_decay=1e-5) for state in states]
+    optimizers = [local_optimizer(list(state.values()), lr) for state in states]
     orders = [client_order(rows, cfg, generator) for rows, generator in zip(client_rows, generators)]
     loaders = [batches(inputs, targets, order, device) for order in orders]
     totals = [StepTotals(device) for _ in states]

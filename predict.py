@@ -21,8 +21,8 @@ import torch
 
 import data
 import metrics
+import zeroshot
 from errors import FedMPTError, exit_code
-from baselines import model_class
 from evaluation import predict_scores
 from experiment import build_model, frozen_inputs, load_backbone, method_attributes, read_config, zero_shot_metrics
 from loaders.base import UNREADABLE
@@ -40,8 +40,7 @@ def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
     cfg, model_cfg, saved = read_config(run_dir)
     classes = saved["classes"] if classes is None else list(classes)
     if classes != saved["classes"]:
-        why = getattr(model_class(cfg.method), "cannot_score_unseen", "") or (
-            "contexts of each class's own cannot score another class" if model_cfg.class_ctx else "")
+        why = zeroshot.cannot_score_unseen(cfg.method, model_cfg.class_ctx)
         if why:
             raise FedMPTError(f"run {run_dir} ({cfg.method}) cannot score {dataset or 'these'} classes it was not "
                               f"trained on: {why}.")

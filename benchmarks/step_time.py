@@ -90,7 +90,7 @@ def method_model(method, backbone, dataset, options, device):
 def measure(model, stored, targets, device, n_steps) -> dict:
     """ms per training step as federate.py runs it, and the text, transport and loading shares."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-5)
+    optimizer = federate.local_optimizer(params, 1e-3)
     rows = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))  # a shuffled batch
     totals = federate.StepTotals(device)
 

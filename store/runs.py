@@ -32,9 +32,6 @@ def default_out(cfg) -> str:
     return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-write_json_atomic, save_atomic = write_json, lambda obj, path: save_tensors(obj, path)  # old names, until the Flower files move
-
-
 def load_checkpoint(path: Path, fix: str) -> object:
     """torch.load of a checkpoint or state file (tensors only, onto the CPU: a run trained on a
     GPU loads anywhere), with an error that names the file and `fix`."""

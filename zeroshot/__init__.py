@@ -13,7 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import baselines
 from errors import FedMPTError
+
+
+def cannot_score_unseen(method: str, class_ctx: int = 0) -> str:
+    """Why `method` cannot score a class it was not trained on ('' when it can): a tunable
+    tensor of each class's own (the method class's `cannot_score_unseen`, FedMPT's --class-ctx)."""
+    known = method in baselines.METHODS  # an unknown method is refused by its option's check
+    return (known and getattr(baselines.model_class(method), "cannot_score_unseen", "")) or (
+        "contexts of each class's own cannot score a class they were not trained on (give --class-ctx 0)"
+        if class_ctx else "")
 
 
 def unseen_classes(spec: str, classes: list, seed: int, published=None) -> list:
