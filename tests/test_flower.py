@@ -42,7 +42,7 @@ def test_plain_loop_never_imports_flower_and_a_missing_flower_says_what_to_insta
 flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install -r requirements-flower.txt")
 import federate  # noqa: E402
 import flower_app  # noqa: E402,F401
-from launcher.processes import process_tree  # noqa: E402
+from launcher.processes import alive, process_tree, tagged  # noqa: E402
 
 TINY = ["--batch-size", "128"]
 # On a busy machine torch's second thread turns every small op into a wait for a time slice
@@ -75,14 +75,6 @@ def command_line(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie has exited: it only waits for a parent that never reaps it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class FlowerRun:
@@ -127,15 +119,8 @@ class FlowerRun:
 
     def tagged(self) -> list:
         """Running processes whose environment holds this launch's token, wherever their parent is."""
-        marker = b"FEDMPT_LAUNCH=" + json.loads((self.out / "flower" / "processes.json").read_text())["token"].encode()
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        token = json.loads((self.out / "flower" / "processes.json").read_text())["token"]
+        return [pid for pid in tagged(token) if alive(pid)]
 
     def assert_no_process_left(self):
         started = json.loads((self.out / "flower" / "processes.json").read_text())
