@@ -69,13 +69,6 @@ def load_clip(name: str, weights: str = None, random_init: bool = False, seed: i
         socket.setdefaulttimeout(previous)
 
 
-def attend(q, k, v, mask) -> torch.Tensor:
-    """Attention over (G, R, H, L, W/H) tensors with a boolean mask (G, R, 1, L, S), as the 4-d
-    batches fused kernels take."""
-    flat = lambda t: t.expand(*q.shape[:2], *t.shape[2:]).flatten(0, 1)
-    return F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=flat(mask)).unflatten(0, q.shape[:2])
-
-
 class FrozenCLIP(nn.Module):
     """The frozen CLIP, reached into in one place: patch tokens and prompt embeddings."""
 
@@ -86,9 +79,7 @@ class FrozenCLIP(nn.Module):
         self.width = model.text_projection.shape[1]  # D
         self.resolution = model.visual.input_resolution
         self.context_length = model.context_length
-        # How the frozen encoders run for what trains through them (baselines.build sets both from
-        # the run's --text-encoding and --precision): prefixes shared or not, fp32 or bf16 autocast.
-        self.text_encoding, self.precision = "full", "fp32"
+        self.precision = "fp32"  # of the encoders where tuned tensors pass (--precision; baselines.build sets it)
 
     def fingerprint(self) -> str:
         """sha256 of every weight: a saved run names the exact backbone it was trained on
@@ -101,18 +92,12 @@ class FrozenCLIP(nn.Module):
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
-    def shares_prefixes(self) -> bool:
-        """Whether prompts that share a prefix go through encode_shared: --text-encoding shared,
-        or auto on CUDA (on the CPU, auto keeps the full prompts: the offline figures' rounding)."""
-        device = self.model.logit_scale.device.type
-        return self.text_encoding == "shared" or (self.text_encoding == "auto" and device == "cuda")
-
-    def autocast(self):
+    def autocast(self, precision=None):
         """The frozen encoders' precision where tuned tensors pass through them (prompts, deep
         prompts, adapters): bf16 under torch.autocast with --precision bf16, else float32. Callers
         turn what comes out back to float32; frozen features for the store stay float32."""
         device = self.model.logit_scale.device.type
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=(precision or self.precision) == "bf16")
 
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: BatchNorm statistics and dropout stay frozen
@@ -192,40 +177,19 @@ class FrozenCLIP(nn.Module):
         n_cells = pool.positional_embedding.shape[0] - 1
         return v, pool.c_proj(pool.v_proj(x[1:1 + n_cells].permute(1, 0, 2)))
 
-    def encode_prompts(self, embeddings: torch.Tensor, eot: torch.Tensor, after=None) -> torch.Tensor:
-        """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D); `after` as
-        in run_blocks. Exact and short: the text transformer is causal, so no position after an
-        end token changes that end token's output; only the first max(eot) + 1 positions run,
-        under the causal mask cut to them (equal to CLIP's encode_text on the same tokens)."""
+    def encode_prompts(self, embeddings: torch.Tensor, eot: torch.Tensor, after=None, precision=None) -> torch.Tensor:
+        """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D), at the run's
+        precision (float32 out); `after` as in run_blocks. Exact and short: the text transformer is
+        causal, so no position after an end token changes that end token's output; only the first
+        max(eot) + 1 positions run, under the causal mask cut to them (equal to CLIP's encode_text
+        on the same tokens)."""
         m = self.model
         n = int(eot.max()) + 1  # positions that matter, for every prompt of the batch
         mask = torch.full((n, n), float("-inf"), dtype=embeddings.dtype, device=embeddings.device).triu(1)
-        x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
-        x = m.ln_final(x)
-        return self.project(x[torch.arange(x.shape[0], device=x.device), eot])
-
-    def encode_shared(self, prefix, prefix_length, suffix, offset, sees, bins, end) -> torch.Tensor:
-        """CLIP's text encoder on G groups of C prompts, the prompts of a group sharing a prefix:
-        prefix token embeddings (G, Lp, Dt) (group g's first prefix_length[g] real, the rest
-        padding) and the rest of each prompt packed into R rows of Ls slots, suffix (G, R, Ls, Dt):
-        a slot sits at position prefix_length[g] + offset[r, i] of its prompt and attends to the
-        slots sees[r, i] (R, Ls, Ls) of its row (its own prompt's, up to itself); class c's suffix
-        lies in row bins[c], its end token in slot end[g, c]. -> features (G, C, D).
-        The text transformer is causal, so a prefix's hidden states do not depend on what follows:
-        it runs once per group, and every suffix slot attends to its group's prefix keys and
-        values through CLIP's own attention weights. The last block runs only the end tokens'
-        queries. Equal to CLIP's encode_text on the whole prompts."""
-        m, blocks = self.model, self.model.transformer.resblocks
-        (G, Lp, _), (R, Ls) = prefix.shape, offset.shape
-        positions = (prefix_length[:, None, None] + offset).clamp(max=self.context_length - 1)  # (G, R, Ls)
-        xp = prefix + m.positional_embedding[:Lp]  # (G, Lp, W)
-        xs = suffix + m.positional_embedding[positions]  # (G, R, Ls, W)
-        real = torch.arange(Lp, device=prefix.device) < prefix_length[:, None]  # (G, Lp) the unpadded prefix
-        # (G, R, Ls, Lp + Ls): each slot sees its group's real prefix and its own prompt's slots up to itself
-        mask = torch.cat([real[:, None, None].expand(-1, R, Ls, -1), sees.expand(G, -1, -1, -1)], -1)
-        for block in blocks[:-1]:
-            xp, xs = self.shared_block(block, xp, xs, mask)
-        return self.project(m.ln_final(self.shared_ends(blocks[-1], xp, xs, mask, bins, end)))  # (G, C, D)
+        with self.autocast(precision):
+            x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
+            x = m.ln_final(x)
+            return self.project(x[torch.arange(x.shape[0], device=x.device), eot])
 
     def project(self, x) -> torch.Tensor:
         """The end tokens' final projection to CLIP's joint space, outside any autocast: under bf16 it
@@ -233,50 +197,13 @@ class FrozenCLIP(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return x.to(self.model.text_projection.dtype) @ self.model.text_projection
 
-    @staticmethod
-    def shared_qkv(block, x):
-        """Queries, keys and values (..., H, L, W/H) of tokens x (..., L, W) by the block's own weights."""
-        attn, W = block.attn, x.shape[-1]
-        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        return [t.unflatten(-1, (attn.num_heads, W // attn.num_heads)).transpose(-2, -3) for t in qkv]
-
-    @classmethod
-    def shared_block(cls, block, xp, xs, mask):
-        """One CLIP residual attention block on prefixes xp (G, Lp, W) and packed suffixes xs
-        (G, R, Ls, W); mask (G, R, Ls, Lp + Ls): the keys, [prefix, row], each slot attends to."""
-        R, out = xs.shape[1], block.attn.out_proj
-        qp, kp, vp = cls.shared_qkv(block, xp)  # (G, H, Lp, W/H)
-        qs, ks, vs = cls.shared_qkv(block, xs)  # (G, R, H, Ls, W/H)
-        keys = torch.cat([kp[:, None].expand(-1, R, -1, -1, -1), ks], dim=-2)  # (G, R, H, Lp + Ls, W/H)
-        values = torch.cat([vp[:, None].expand(-1, R, -1, -1, -1), vs], dim=-2)
-        yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # the prefixes' own causal attention
-        ys = attend(qs, keys, values, mask[:, :, None])  # (G, R, H, Ls, W/H)
-        xp = xp + out(yp.transpose(-2, -3).flatten(-2))
-        xs = xs + out(ys.transpose(-2, -3).flatten(-2))
-        return xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
-
-    @classmethod
-    def shared_ends(cls, block, xp, xs, mask, bins, end):
-        """The last block, for the end tokens alone (G, C, W): their queries against their rows' keys."""
-        (G, C), attn, W = end.shape, block.attn, xs.shape[-1]
-        _, kp, vp = cls.shared_qkv(block, xp)  # (G, H, Lp, W/H)
-        _, ks, vs = cls.shared_qkv(block, xs)  # (G, R, H, Ls, W/H)
-        x = xs[torch.arange(G, device=xs.device)[:, None], bins, end]  # (G, C, W) the end tokens
-        q = F.linear(block.ln_1(x), attn.in_proj_weight[:W], attn.in_proj_bias[:W])  # (G, C, W) queries only
-        q = q.unflatten(-1, (attn.num_heads, W // attn.num_heads))[:, :, :, None]  # (G, C, H, 1, W/H)
-        keys = torch.cat([kp[:, None].expand(-1, C, -1, -1, -1), ks[:, bins]], dim=-2)  # (G, C, H, Lp + Ls, W/H)
-        values = torch.cat([vp[:, None].expand(-1, C, -1, -1, -1), vs[:, bins]], dim=-2)
-        rows = mask[:, bins].gather(2, end[:, :, None, None].expand(-1, -1, 1, mask.shape[-1]))  # (G, C, 1, Lp+Ls)
-        y = attend(q, keys, values, rows[:, :, None])[:, :, :, 0]  # (G, C, H, W/H)
-        x = x + block.attn.out_proj(y.flatten(-2))
-        return x + block.mlp(block.ln_2(x))
-
     @torch.no_grad()
     def encode_texts(self, texts) -> torch.Tensor:
         """Normalised frozen features (len(texts), D) of plain sentences."""
         tokens = clip.tokenize(texts, context_length=self.context_length, truncate=True)
         tokens = tokens.to(self.model.token_embedding.weight.device)
-        return F.normalize(self.encode_prompts(self.model.token_embedding(tokens), tokens.argmax(dim=-1)), dim=-1)
+        embeddings, eot = self.model.token_embedding(tokens), tokens.argmax(dim=-1)
+        return F.normalize(self.encode_prompts(embeddings, eot, precision="fp32"), dim=-1)  # frozen: float32
 
     @torch.no_grad()
     def similar_texts(self, texts, threshold: float) -> list:

@@ -1,48 +1,22 @@
 """Evaluation: the global model's metrics on the test images each round (both engines), the
 held-out images' (--validation) and the thresholds chosen on them, and the reference scores
-round 0 carries. Also the batch gather the local steps use (federate.local_train).
+round 0 carries.
 """
 import torch
 
 import metrics
 import zeroshot
-
-
-def gather(inputs, rows, device) -> list:
-    """A batch of the frozen inputs (memory-mapped float16 or uint8 in the store) on the
-    device, as float32. Rows that run on (evaluation's) are read as a slice; others by
-    index_select (an 8x faster gather than x[rows] on a memory map), on the way to a GPU
-    straight into pinned memory: one copy on the host, one to the device."""
-    rows = as_slice(rows)
-    cuda = torch.device(device).type == "cuda"
-    batch = []
-    for x in inputs:
-        if isinstance(rows, slice):
-            part = x[rows]  # a view: copied once, to the device or to float32
-        else:
-            part = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, pin_memory=cuda)
-            torch.index_select(x, 0, rows, out=part)
-        batch.append(part.to(device, non_blocking=cuda).float())
-    return batch
-
-
-def as_slice(rows):
-    """Row indices as a slice when they run on by one (a, a+1, ..., b), else as a LongTensor."""
-    if isinstance(rows, slice):
-        return rows
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((rows.diff() == 1).all()):
-        return slice(int(rows[0]), int(rows[-1]) + 1)
-    return rows
+from client import gather
 
 
 @torch.no_grad()
 def predict_scores(model, inputs, batch_size=256, rows=None):
     """Probabilities (n, C) for cached inputs (or their `rows`); the text side is encoded once."""
     T = model.text_features()
-    rows = torch.arange(len(inputs[0])) if rows is None else torch.as_tensor(rows)
-    return torch.cat([torch.sigmoid(model(*gather(inputs, batch, model.device), T=T)).cpu()
-                      for batch in rows.split(batch_size)])
+    n = len(inputs[0])
+    parts = ([slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)] if rows is None
+             else torch.as_tensor(rows).split(batch_size))
+    return torch.cat([torch.sigmoid(model(*gather(inputs, part, model.device), T=T)).cpu() for part in parts])
 
 
 def evaluate_global(exp) -> dict:

@@ -20,7 +20,6 @@ frozen; the contexts, the two adapters and the gate are all that trains and trav
 """
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # raised inside clip
 import clip  # noqa: E402
@@ -39,7 +38,7 @@ class Adapter(nn.Module):
     """Residual bottleneck: x -> (1 - alpha) x + alpha Up(ReLU(Down(x))). Up starts at zero, so
     the adapter starts as a rescaling that cosine similarity ignores."""
 
-    def __init__(self, width: int, reduction: int = 4, alpha: float = 0.2):
+    def __init__(self, width: int, reduction: int, alpha: float):
         super().__init__()
         self.down, self.up, self.alpha = nn.Linear(width, width // reduction), nn.Linear(width // reduction, width), alpha
         nn.init.zeros_(self.up.weight)
@@ -47,43 +46,6 @@ class Adapter(nn.Module):
 
     def forward(self, x):
         return (1 - self.alpha) * x + self.alpha * self.up(F.relu(self.down(x)))
-
-
-def option(default, help: str, **rules):
-    """A config field with its help and rules (`choices`, `range` as "(0, 1]" or "[1, inf)",
-    `shown` for a default that is computed, `execution=True` for how a run is executed rather
-    than what it computes, `added` for an option newer than saved runs: their config.json may lack
-    it): argparse, validation and docs/usage.md's table are made from them (tools/options.py)."""
-    return field(default=default, metadata={"help": help, **rules})
-
-
-@dataclass
-class ModelConfig:
-    n_ctx: int = option(16, "M context tokens per condition and sign", range="[1, inf)")
-    class_ctx: int = option(0, "FedMPT: Mc context tokens of each class's own per sign, after the shared ones "
-                               "(CoOp's class-specific context; 0 = the paper's shared contexts)", range="[0, inf)")
-    ot_eps: float = option(0.1, "entropic regularisation eps of the region-condition transport", range="(0, inf)")
-    ot_iters: int = option(100, "Sinkhorn iterations at most", range="[1, inf)")
-    ot: str = option("sinkhorn", "the transport: sinkhorn, or uniform (the independent plan: ablation)",
-                     choices=("sinkhorn", "uniform"))
-    ot_rho: float = option(0.1, "KL weight rho of the region marginal: semi-relaxed transport (regions may "
-                                "stay out); inf = the exact marginal of the specification", range="(0, inf]")
-    gate: str = option("mlp", "the gate over conditions: mlp, or uniform (weights 1/K: ablation)",
-                       choices=("mlp", "uniform"))
-    adapter_reduction: int = option(4, "bottleneck reduction of the two adapters", range="[1, inf)")
-    adapter_alpha: float = option(0.5, "residual mix of the adapters (0.2, CLIP-Adapter's, learned too slowly "
-                                       "offline; 0.8 diverged)", range="[0, 1]")
-    text_encoding: str = option("auto", "how prompts go through CLIP's text encoder: shared (a prefix the "
-                                         "classes of a condition share runs once: 2.5x faster offline), full "
-                                         "(every prompt whole) or auto (shared on CUDA, full on the CPU); exact "
-                                         "both, they differ by float rounding", choices=("auto", "shared", "full"),
-                                execution=True)
-    precision: str = option("fp32", "fp32, or bf16: the frozen encoders under autocast; the similarities, the "
-                                    "transport, the gate, the logits, the loss and the tunable state stay float32",
-                            choices=("fp32", "bf16"), added="0.2")
-    pooling: str = option("regions", "fedtpg, fed-maple, fedmvp: regions (DualCoOp's class-specific region "
-                                     "aggregation, the paper's protocol) or global (the global feature alone)",
-                          choices=("regions", "global"))
 
 
 @contextmanager
@@ -109,9 +71,9 @@ class PromptModel(nn.Module):
 
     encode_images(images) -> tuple   the frozen inputs of a batch, computed once (input_kind names them)
     text_features()                  the text side, reused over a whole evaluation
-    text_inputs(), text_from(E)      (optional) the text side in two: the prompts for CLIP's text encoder
-                                     and what follows it; several clients' prompts then share one
-                                     encoder call (--parallel-clients)
+    text_inputs(), text_from(E)      (optional) the text side in two: the whole prompts for CLIP's text
+                                     encoder and what follows it, text_features = text_from(encode_prompts(
+                                     *text_inputs())); the fast paths (speed/) encode them their own way
     forward(*inputs, T=None)         logits (B, C); sigmoid gives the probabilities
     (constructor)                    takes `seed` and draws every initial value inside `seeded(seed)`
     loss(inputs, targets, loss_fn, T=None)   the training loss of a batch (T: text features given)
@@ -130,7 +92,10 @@ class PromptModel(nn.Module):
         return "v,P"
 
     def text_features(self):
-        return None
+        return self.text_from(self.backbone.encode_prompts(*self.text_inputs()))
+
+    def text_inputs(self):
+        return self.prompts()
 
     def loss(self, inputs, targets, loss_fn, T=None):
         return loss_fn(self(*inputs, T=T), targets)
@@ -160,7 +125,7 @@ class FedMPT(PromptModel):
     """The model of the module docstring: condition prompts, transport, gate."""
     learning_rate = 0.1  # SGD rate: the best final validation mAP on the offline world (docs/sweeps.md)
 
-    def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg: ModelConfig, seed: int):
+    def __init__(self, backbone: FrozenCLIP, class_names, conditions, cfg, seed: int):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         D = backbone.width
@@ -174,14 +139,11 @@ class FedMPT(PromptModel):
             self.gate = ConditionGate(D, len(conditions), uniform=cfg.gate == "uniform" or len(conditions) == 1)
 
     def text_features(self) -> torch.Tensor:
-        """All 2*K*C condition prompts through the text encoder in one call -> (2, K, C, D)."""
-        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
-
-    def text_inputs(self):
-        return self.prompts.inputs(self.backbone)
+        """All 2*K*C condition prompts through CLIP's text encoder in one call -> (2, K, C, D)."""
+        return self.text_from(self.backbone.encode_prompts(*self.prompts()))
 
     def text_from(self, encoded):
-        """Text features (2, K, C, D) from the encoder's output (2*K*C, D): the adapter, normalised."""
+        """The text adapter on the encoder's output (2*K*C, D), normalised -> (2, K, C, D)."""
         K, C = self.prompts.shape
         return F.normalize(self.text_adapter(encoded), dim=-1).reshape(2, K, C, -1)
 
@@ -235,3 +197,6 @@ def bce_loss(logits, targets):
     known = (targets >= 0).to(logits.dtype)
     return (F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
             * known).sum() / len(logits)
+
+
+LOSSES = {"asl": asymmetric_loss, "bce": bce_loss}  # --loss: the option's choices are these keys

@@ -7,13 +7,13 @@
   prepares it (experiment.prepare, then its own images' frozen features: training_inputs, one
   encoding per run; a kit of tensors and plain values goes to a node-local cache, from which each
   later message builds the model again: client_kit); a train message runs
-  federate.local_train with the plain loop's generator seed (federate.client_generator) and
+  client.local_train with the plain loop's generator seed (federate.client_generator) and
   cosine learning rate.
 - `server_app` (beside the SuperLink): FedMPTStrategy, Flower's FedAvg made to follow
   federate.run: the same client sampling (federate.sample_clients), the same
   federate.accept_and_aggregate (validation, rejection, the --aggregate rule weighted by
-  num-examples) and the same round record (federate.record_round: central evaluation,
-  metrics.json, checkpoint.pt). It builds the test side only (experiment.assemble).
+  num-examples) and the same round row (federate.evaluate_round: central evaluation; save_round:
+  metrics.json, checkpoint.pt). It builds the test side only (experiment.test_side).
 - `main` (this command's process): launcher/flower.py's `launch` starts the processes, runs
   `flwr run --stream`, reads the real status and stops every process again.
 
@@ -41,13 +41,13 @@ import experiment
 import federate
 import zeroshot
 from errors import FedMPTError, exit_code
-from experiment import Config, Experiment
-from fedmpt import ModelConfig
-from launcher.flower import FlowerConfig, launch
-from store import features
+from client import local_train
+from experiment import Experiment
+from launcher.flower import launch
+from options import Config, FlowerConfig, ModelConfig, build_parser, config_from
+from store import features, runs
 from store.files import save_tensors
 from store.runs import load_checkpoint
-from tools.options import build_parser, config_from
 
 try:
     from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -102,16 +102,18 @@ def client_kit(context):
     if kit is not None:
         return client, {**kit, "model": kit_model(cfg, model_cfg, kit),
                         "inputs": features.open_store(kit["key"], kit["cache_dir"])}, cache
-    parts = experiment.prepare(cfg, model_cfg)
-    inputs, targets, key = experiment.client_part(parts, client)  # this client's images only
-    if int(node["num-partitions"]) != len(parts.clients.splits):
+    exp = experiment.prepare(*experiment.resolve(cfg, model_cfg))
+    client_splits = exp.clients.splits
+    if not 0 <= client < len(client_splits) or int(node["num-partitions"]) != len(client_splits):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
-                          f"does not fit this run's {len(parts.clients.splits)} clients.")
-    kit = {"y": targets, "key": key, "cache_dir": parts.cfg.cache_dir, "classes": zeroshot.seen_view(parts.train_set, parts.unseen).classes,
-           "conditions": parts.conditions, "attributes": parts.attributes}
+                          f"does not fit this run's {len(client_splits)} clients (0 to {len(client_splits) - 1}).")
+    inputs, targets = experiment.training_inputs(exp, client_splits[client])  # this client's images only
+    kit = {"y": targets, "key": exp.store_keys["train"], "cache_dir": exp.cfg.cache_dir,
+           "classes": zeroshot.seen_view(exp.train_set, exp.unseen).classes, "conditions": exp.conditions,
+           "attributes": exp.attributes}
     cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the kits: this user's only
     save_tensors(kit, cache)
-    return client, {**kit, "model": parts.model, "inputs": inputs}, cache
+    return client, {**kit, "model": exp.model, "inputs": inputs}, cache
 
 
 def read_kit(path: Path):
@@ -138,13 +140,14 @@ def kit_model(cfg, model_cfg, kit):
     """The model the node prepared, built again from the options and the kit: the same backbone
     (checked by its fingerprint: the cached inputs were encoded with it), classes, conditions and
     attributes; its tunable values come with each train message."""
-    cfg, device, _ = experiment.resolve(cfg, model_cfg)
+    cfg, model_cfg, device, _ = experiment.resolve(cfg, model_cfg)
     backbone = experiment.load_backbone(cfg, device)
     if backbone.fingerprint() != kit["key"].get("backbone_sha256"):
         raise FedMPTError(f"the CLIP weights ({cfg.clip_weights or cfg.clip}) changed after this node prepared "
                           "this run's features; restart the run (a new run prepares again).")
-    return experiment.build_model(cfg.method, backbone, kit["classes"], kit["conditions"], model_cfg,
-                                  kit["attributes"], seed=cfg.seed).to(device)
+    model = experiment.build_model(cfg.method, backbone, kit["classes"], kit["conditions"], model_cfg,
+                                   kit["attributes"], seed=cfg.seed)
+    return experiment.place(model, cfg, device)
 
 
 @client_app.query()
@@ -161,9 +164,9 @@ def train(message, context):
     round_index = int(message.content["config"]["server-round"])
     global_state = dict(message.content["arrays"].to_torch_state_dict())
     generator = federate.client_generator(cfg, round_index, client)
-    lr = federate.cosine_lr(cfg.lr, round_index, cfg.rounds)
+    lr = federate.cosine_lr(cfg.lr, round_index, cfg.rounds)  # launch resolved the method's own rate
     indices = torch.arange(len(kit["y"]))  # the kit holds this client's images only, in split order
-    state, n, stats = federate.local_train(kit["model"], global_state, kit["inputs"], kit["y"],
+    state, n, stats = local_train(kit["model"], global_state, kit["inputs"], kit["y"],
                                            indices, cfg, lr, generator)
     if round_index == cfg.rounds:
         cache.unlink(missing_ok=True)  # the last round: give the node its disk back
@@ -248,7 +251,7 @@ class FedMPTStrategy(FedAvg):
         return ArrayRecord(aggregated), summary
 
     def evaluate_and_record(self, server_round, arrays):
-        """Strategy.start's evaluate_fn: the plain loop's round record (federate.record_round)."""
+        """Strategy.start's evaluate_fn: the plain loop's round row, saved (federate.evaluate_round, save_round)."""
         exp = self.exp
         self.global_state = ordered_state(arrays, self.reference)
         exp.model.load_tunable_state(self.global_state)
@@ -257,7 +260,8 @@ class FedMPTStrategy(FedAvg):
         else:
             stats, seconds = self.round["stats"], time.time() - self.round["start"]
             loss, extra = stats["loss"], federate.training_columns(stats, self.round["aggregated"], self.round["rejected"])
-        row = federate.record_round(exp, self.history, server_round, loss, seconds, extra, self.rng)
+        row = federate.evaluate_round(exp, server_round, loss, seconds, extra)
+        federate.save_round(exp, self.history, row, self.rng if server_round else None)
         return MetricRecord({"mAP": row["mAP"], "CF1": row["CF1"], "OF1": row["OF1"]})
 
 
@@ -267,9 +271,11 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid, context):
     cfg, model_cfg, flower_cfg = run_options(context.run_config)
-    parts = experiment.prepare(cfg, model_cfg)  # the server evaluates; it trains no client
-    exp = experiment.assemble(parts, None, experiment.new_run_directory(parts.cfg),
-                              record={"engine": "flower", **dataclasses.asdict(flower_cfg)})
+    cfg, model_cfg, device, root = experiment.resolve(cfg, model_cfg)
+    out = experiment.new_run_directory(cfg)
+    exp = experiment.prepare(cfg, model_cfg, device, root)
+    experiment.test_side(exp)  # the server evaluates; it trains no client
+    exp.out, exp.resolved = out, experiment.describe(exp, out, {"engine": "flower", **dataclasses.asdict(flower_cfg)})
     experiment.save_run_directory(exp)
     strategy = FedMPTStrategy(exp, flower_cfg)  # launch made every path absolute
     print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
@@ -278,7 +284,7 @@ def server_main(grid, context):
                    evaluate_fn=strategy.evaluate_and_record)
     save_tensors(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
-    federate.warn_if_untrained(strategy.history, exp.cfg.lr)
+    runs.warn_if_untrained(strategy.history, exp.cfg.lr)
 
 
 def main(argv=None) -> int:

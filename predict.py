@@ -9,7 +9,6 @@ are the classes whose probability reaches their threshold: the run's thresholds.
 per class on its held-out training images: a run trained with --validation) when it has one,
 else 0.5; `--threshold T` sets one for every class.
 """
-import argparse
 import csv
 import io
 import json
@@ -24,11 +23,12 @@ import metrics
 import zeroshot
 from errors import FedMPTError, exit_code
 from evaluation import predict_scores
-from experiment import build_model, frozen_inputs, load_backbone, method_attributes, read_config, zero_shot_metrics
+from experiment import build_model, frozen_inputs, load_backbone, method_attributes, place, zero_shot_metrics
+from options import Config, build_parser
 from loaders.base import UNREADABLE
 from store import features
 from store.files import write_atomic, write_json
-from store.runs import read_checkpoint, read_state
+from store.runs import read_checkpoint, read_config, read_state
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -53,7 +53,8 @@ def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
     attributes = method_attributes(cfg, classes)
     model = build_model(cfg.method, backbone, classes, saved["condition_set"], model_cfg,
-                        attributes, seed=cfg.seed).to(device).eval()  # the trained state replaces every value
+                        attributes, seed=cfg.seed)  # the trained state replaces every value
+    model = place(model, cfg, device).eval()
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
@@ -109,8 +110,11 @@ def score_images(model, files, batch_size=64):
 
 
 def parse_options(argv):
-    parser = argparse.ArgumentParser(prog="predict.py", description="Label images with a finished run, or "
-                                     "evaluate its global model (--evaluate).")
+    parser = build_parser([Config], prog="predict.py", description="Label images with a finished run, or evaluate "
+                          "its global model (--evaluate) on the test split of --dataset at --root.",
+                          only=("dataset", "root", "device"),
+                          defaults={"dataset": ("", "the run's own"), "root": ("", "the run's own root (data/<dataset> "
+                                                                               "for another --dataset)")})
     parser.add_argument("--run", required=True, help="run directory (config.json + state.pt)")
     parser.add_argument("paths", nargs="*", help="image files or folders to label")
     parser.add_argument("--threshold", type=float, default=None,
@@ -119,10 +123,6 @@ def parse_options(argv):
     parser.add_argument("--out", default="", help="write results to FILE.csv or FILE.json")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--evaluate", action="store_true", help="evaluate on a test split instead")
-    parser.add_argument("--dataset", default="", help="--evaluate: default the run's own dataset")
-    parser.add_argument("--root", default="", help="--evaluate: default the run's own root (data/<dataset> for "
-                        "another --dataset)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when visible")
     args = parser.parse_args(argv)
     if args.evaluate == bool(args.paths):
         raise FedMPTError("give image files or folders to label, or --evaluate (not both).")

@@ -39,11 +39,7 @@ def model_class(method: str):
 
 def build(method: str, backbone, class_names, conditions, cfg, attributes=(), *, seed: int):
     """The model of `method` on a frozen backbone (FedMPT takes the conditions, FedMVP the
-    attribute descriptions); `seed` decides every initial value of its tunable tensors. How the
-    frozen CLIP runs is the run's too: its text prefixes shared or not (`--text-encoding`) and
-    its precision (`--precision`)."""
-    backbone.text_encoding = getattr(cfg, "text_encoding", "auto")
-    backbone.precision = getattr(cfg, "precision", "fp32")
+    attribute descriptions); `seed` decides every initial value of its tunable tensors."""
     if method == "fedmpt":
         return model_class(method)(backbone, class_names, conditions, cfg, seed=seed)
     return model_class(method)(backbone, class_names, conditions, cfg, attributes=attributes, seed=seed)

@@ -34,7 +34,7 @@ def class_prompts(backbone: FrozenCLIP, class_names, n_ctx, signs=2) -> Conditio
 
 def encode_class_prompts(backbone: FrozenCLIP, prompts, context=None, after=None) -> torch.Tensor:
     """Normalised text features (S, C, D) of class prompts."""
-    return class_features(prompts, prompts.encode(backbone, context, after))
+    return class_features(prompts, backbone.encode_prompts(*prompts(context), after))
 
 
 def class_features(prompts, encoded) -> torch.Tensor:

@@ -24,12 +24,6 @@ class FedPosCoOp(PromptModel):
             self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=1)
             self.negative = normal_parameter(len(class_names), backbone.width, std=1.0)  # (C, D)
 
-    def text_features(self):
-        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
-
-    def text_inputs(self):
-        return self.prompts.inputs(self.backbone)
-
     def text_from(self, encoded):
         positive = class_features(self.prompts, encoded)[0]
         return torch.stack([positive, F.normalize(self.negative, dim=-1)])  # (2, C, D)

@@ -80,12 +80,6 @@ class FedMVP(PromptModel):
     def input_kind(self):
         return "v,images" if self.backbone.is_vit else "v,grid"
 
-    def text_features(self):
-        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
-
-    def text_inputs(self):
-        return self.prompts.inputs(self.backbone)
-
     def text_from(self, encoded):
         return class_features(self.prompts, encoded)
 

@@ -36,13 +36,10 @@ class FedTPG(PromptModel):
             self.generator = nn.TransformerDecoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0,
                                                         batch_first=True)
 
-    def text_features(self):
-        return self.text_from(self.prompts.run(self.backbone, self.text_inputs()))
-
     def text_inputs(self):
         context = self.generator(self.queries[None], self.to_width(self.names)[None])[0]  # (2M, Dt)
         context = self.token_scale * context.reshape(2, 1, self.n_ctx, -1)  # (S, K=1, M, Dt)
-        return self.prompts.inputs(self.backbone, context)
+        return self.prompts(context)
 
     def text_from(self, encoded):
         return class_features(self.prompts, encoded)

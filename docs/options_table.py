@@ -1,4 +1,4 @@
-"""docs/usage.md's table of every option, made from the config dataclasses (tools/options.py).
+"""docs/usage.md's table of every option, made from the config dataclasses (options.py).
 
     python docs/options_table.py            # print it
     python docs/options_table.py --write    # rewrite it in docs/usage.md (a test checks it is current)
@@ -8,18 +8,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from experiment import Config  # noqa: E402
-from fedmpt import ModelConfig  # noqa: E402
-from launcher.flower import FlowerConfig  # noqa: E402
-from tools.options import BEGIN, END, options_table  # noqa: E402
+from options import BEGIN, END, Config, FlowerConfig, ModelConfig, options_table  # noqa: E402
 
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
 
 def sections() -> list:
-    return [("Data, clients and training (`experiment.Config`)", Config),
-            ("The model (`fedmpt.ModelConfig`)", ModelConfig),
-            ("Flower only: `python flower_app.py` (`launcher.flower.FlowerConfig`)", FlowerConfig)]
+    return [("Data, clients, training and how the run is executed (`options.Config`)", Config),
+            ("The methods' models (`options.ModelConfig`)", ModelConfig),
+            ("Flower only: `python flower_app.py` (`options.FlowerConfig`)", FlowerConfig)]
 
 
 def usage_with_table(text: str, table: str) -> str:

@@ -22,32 +22,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from errors import FedMPTError
-from experiment import Config, validate
-from fedmpt import ModelConfig, option
+from options import Config, FlowerConfig, ModelConfig, field_problems, learning_rate, validate
 from launcher.processes import (TOKEN_VARIABLE, accepts_connections, free_ports, log_tail, new_token, start,
                                 stop_processes)
 from shapes.model import WEIGHTS
 from store.files import write_json
 from store.runs import default_out
-from tools.options import field_problems
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml + this repository's code
 ATTEMPTS = 3  # tries at starting the local federation when a port was taken meanwhile
 PORT_TAKEN = "address already in use"  # what a component's log says when it cannot bind
 CONNECT_SECONDS = 90  # for every local SuperNode to come online
-
-
-@dataclass
-class FlowerConfig:
-    superlink: str = option("", "HOST:PORT (or a Flower connection name) of a running SuperLink",
-                            shown="start one here")
-    round_timeout: float = option(3600.0, "seconds an exchange (the preparation, each round) waits for replies",
-                                  range="(0, inf)")
-    min_nodes: int = option(1, "SuperNodes connected before a round starts", range="[1, inf)")
 
 
 def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = FlowerConfig()):
@@ -70,7 +58,7 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
               file=sys.stderr, flush=True)
     absolute = lambda path: str(Path(path).expanduser().resolve()) if path and path != "none" else path
     cfg = dataclasses.replace(  # the apps run in other processes, other directories
-        cfg, root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
+        cfg, lr=learning_rate(cfg), root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
         cache_dir=absolute(cfg.cache_dir),
         out=absolute(default_out(cfg)),
         clip_weights=absolute(cfg.clip_weights or (str(WEIGHTS) if cfg.clip == "shapes"

@@ -12,19 +12,26 @@
 Every file is written whole or not at all (store/files.py); checkpoint.pt before metrics.json,
 so that metrics.json never runs ahead of what --resume continues from.
 Checkpoints load as tensors only (`weights_only=True`): a planted file cannot run code.
+
+Also what a run does around its rounds: `resume` (the run's own options and checkpoint), the
+thread note, how a failing or interrupted round ends the run, and the checks after the last round.
 """
 import dataclasses
 import json
+import os
 import pickle
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from errors import FedMPTError
+from errors import FedMPTError, Interrupted, RunFailed
+from options import Config, ModelConfig, config_from, field_problems, flag
 from store.files import save_tensors, write_json
-from tools.options import config_from, field_problems, flag
 
 
 def default_out(cfg) -> str:
@@ -133,3 +140,149 @@ def save_round(out: Path, history: list, global_state: dict, round_index: int, r
         save_tensors({"global_state": global_state, "round": round_index, "history": history,
                       "rng_state": rng_state}, out / "checkpoint.pt", fix)
     write_json(out / "metrics.json", history, fix)
+
+
+# What config.json holds besides the options (describe(), the engines' records, resume's notes).
+RUN_RECORD = ("root", "device_used", "out", "classes", "condition_set", "attribute_source", "tunable_params",
+              "backbone_sha256", "feature_cache", "loss_over_images", "encoded_images", "client_sizes", "client_names",
+              "label_skew", "images", "similar_class_pairs", "masked_positives", "skipped_images", "engine",
+              "superlink", "round_timeout", "min_nodes", "extended", "unseen_classes", "negative_only_images")
+
+
+def read_config(run_dir: str):
+    """(Config, ModelConfig, the whole config.json) of a run, checked (read_run_config)."""
+    return read_run_config(run_dir, (Config, ModelConfig), RUN_RECORD)
+
+
+def resume(run_dir: str, given: dict = None):
+    """--resume RUN: (Config, ModelConfig, checkpoint or None). The run's own options (resume_config),
+    its checkpoint.pt checked before the long setup, and --rounds beside it extending the run."""
+    cfg, model_cfg = resume_config(run_dir, given)
+    path, checkpoint = Path(run_dir) / "checkpoint.pt", None
+    if path.exists():
+        checkpoint = read_checkpoint(path, "restore it, or delete it to train the run again from round 0 with --resume")
+    if "rounds" in (given or {}):
+        extend_rounds(run_dir, cfg.rounds, checkpoint["round"] if checkpoint else 0)
+    return cfg, model_cfg, checkpoint
+
+
+def resume_config(run_dir: str, given: dict = None):
+    """The run's own options; its conditions from the copy it saved (an edited source file
+    must not change a resumed model). `given`: options named beside --resume, {name: value}.
+    Those that only say how the run is executed (the fields marked `execution`) apply, and
+    --rounds may extend the run; any other is refused: it would change what the saved rounds
+    were trained with."""
+    cfg, model_cfg, _ = read_config(run_dir)
+    given = {name: value for name, value in (given or {}).items() if name != "resume"}
+    execution = {f.name for f in dataclasses.fields(Config) if f.metadata.get("execution")}
+    refused = [flag(name) for name in given if name not in execution | {"rounds"}]
+    if refused:
+        raise FedMPTError(f"--resume {run_dir} continues the run with its own options; {', '.join(refused)} would change "
+                          "what its saved rounds were trained with. Start a new run (another --out) to change them; "
+                          f"beside --resume only --rounds (to extend it), {', '.join(flag(n) for n in sorted(execution))} "
+                          "apply.")
+    for name, value in given.items():
+        setattr(cfg, name, value)
+    cfg.out, cfg.resume = str(run_dir), str(run_dir)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        print("note: the run was trained with --device cuda; no CUDA device is visible here, so it "
+              "continues on the CPU.", file=sys.stderr)
+        cfg.device = "cpu"
+    if cfg.conditions != "none" and (Path(run_dir) / "conditions.json").exists():
+        cfg.conditions = str(Path(run_dir) / "conditions.json")
+    if (Path(run_dir) / "attributes.json").exists():
+        cfg.attributes = str(Path(run_dir) / "attributes.json")
+    return cfg, model_cfg
+
+
+def continue_from(checkpoint: dict, rng: np.random.Generator, out: Path):
+    """A resumed run's history and first round; the client-sampling generator as it was. A run
+    stopped between the two writes of a round: metrics.json catches up with checkpoint.pt."""
+    rng.bit_generator.state = checkpoint["rng_state"]
+    print(f"resuming {out} after round {checkpoint['round']}")
+    write_json(out / "metrics.json", checkpoint["history"])
+    return checkpoint["history"], checkpoint["round"] + 1
+
+
+def use_threads(threads: int):
+    """--threads N sets torch's CPU threads; with 0 (torch's default, one per core) a run that
+    starts on busy cores says that one thread would be faster there (docs/usage.md)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if cores > 1 and load >= 0.75 * cores:
+        print(f"note: the CPUs are busy (load {load:.1f} on {cores} cores); a run that shares them is faster "
+              "with --threads 1 (docs/usage.md).", file=sys.stderr)
+
+
+@contextmanager
+def client_failure(round_index: int, clients: list):
+    """A client update that raises (out of memory, a bug) stops the run in one process: RunFailed."""
+    try:
+        yield
+    except Exception as error:
+        oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
+            or "can't allocate memory" in str(error)
+        who = f"client {clients[0]}" if len(clients) == 1 else f"clients {clients}"
+        raise RunFailed(f"round {round_index}, {who}: {type(error).__name__}: {error}"
+                        + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
+
+
+@contextmanager
+def round_failure(out: Path, round_index: int):
+    """A round that fails (RunFailed: its traceback goes to error.log) or is interrupted (Ctrl-C)
+    ends the run with what was kept and how to continue it."""
+    try:
+        yield
+    except RunFailed as failure:
+        (out / "error.log").write_text("".join(traceback.format_exception(failure.__cause__)))
+        kept = f"checkpoint.pt keeps round {round_index - 1}" if round_index > 1 else "no round finished"
+        raise RunFailed(f"{failure} (traceback in {out / 'error.log'}; {kept}; fix the cause and "
+                        f"continue with --resume {out})") from failure.__cause__
+    except KeyboardInterrupt:
+        kept = (f"{out / 'checkpoint.pt'} keeps round {round_index - 1}" if round_index > 1
+                else "no round had finished")
+        raise Interrupted(f"interrupted in round {round_index}: {kept}; continue with "
+                          f"python federate.py --resume {out}") from None
+
+
+def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
+    """After the last round: a model that ranks the test images no better than the label prior
+    (within `margin` mAP) learned nothing usable, whatever the exit code says; say so, and how
+    to tell a collapse (round 0 was better) from a task the backbone cannot see."""
+    final, start, prior = history[-1]["mAP"], history[0]["mAP"], history[0]["label_prior_mAP"]
+    if final > prior + margin:
+        return False
+    collapsed = start > prior + margin
+    print(f"warning: the final model ranks the test images no better than the label prior (final mAP "
+          f"{final:.2f}, label prior {prior:.2f}, round 0 {start:.2f}). "
+          + (f"Training lost what round 0 had: the steps were too large for this data; try --lr {lr / 3:.3g}, "
+             "or --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md)."
+             if collapsed else
+             "It never rose above it: check the labels, and the vocabulary warning above if any."),
+          file=sys.stderr)
+    return True
+
+
+def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0) -> bool:
+    """After the last round: a run whose training loss and gradient norm stayed flat over its
+    `last` rounds (loss within 2%, gradient norm within half its mean) while its final mAP is
+    within `margin` of the label prior stopped learning early; say so, with what to try."""
+    rows = [row for row in history[1:] if row.get("loss") is not None and not row.get("failed")][-last:]
+    if len(rows) < last or history[-1]["mAP"] > history[0]["label_prior_mAP"] + margin:
+        return False
+    spread = lambda key: np.ptp([row[key] for row in rows]) / max(abs(np.mean([row[key] for row in rows])), 1e-12)
+    if spread("loss") > 0.02 or spread("grad_norm") > 0.5:
+        return False
+    print(f"warning: training stopped learning: over rounds {rows[0]['round']}-{rows[-1]['round']} the loss stayed at "
+          f"{rows[-1]['loss']:.4g} and the gradient norm at {rows[-1]['grad_norm']:.3g}, and the final mAP "
+          f"{history[-1]['mAP']:.2f} is within {margin:g} of the label prior {history[0]['label_prior_mAP']:.2f}. "
+          f"Try --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md), another "
+          f"--lr than {lr:g}, or for FedMPT --class-ctx 4; compare the choices on --validation.", file=sys.stderr)
+    return True
+
+
+def check_the_end(history: list, lr: float):
+    """The checks after the last round: a model no better than the label prior, or one that stopped learning."""
+    warn_if_untrained(history, lr) or warn_if_stalled(history, lr)
