@@ -79,7 +79,7 @@ class FrozenCLIP(nn.Module):
         self.width = model.text_projection.shape[1]  # D
         self.resolution = model.visual.input_resolution
         self.context_length = model.context_length
-        self.precision = "fp32"  # of the encoders where tuned tensors pass (--precision; baselines.build sets it)
+        self.precision = "fp32"  # of the encoders where tuned tensors pass (--precision; experiment.load_backbone sets it)
 
     def fingerprint(self) -> str:
         """sha256 of every weight: a saved run names the exact backbone it was trained on
@@ -188,14 +188,9 @@ class FrozenCLIP(nn.Module):
         mask = torch.full((n, n), float("-inf"), dtype=embeddings.dtype, device=embeddings.device).triu(1)
         with self.autocast(precision):
             x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
-            x = m.ln_final(x)
-            return self.project(x[torch.arange(x.shape[0], device=x.device), eot])
-
-    def project(self, x) -> torch.Tensor:
-        """The end tokens' final projection to CLIP's joint space, outside any autocast: under bf16 it
-        would round the features themselves."""
-        with torch.autocast(x.device.type, enabled=False):
-            return x.to(self.model.text_projection.dtype) @ self.model.text_projection
+            x = m.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]  # (P, Dt) the end tokens
+        with torch.autocast(x.device.type, enabled=False):  # the projection in float32: bf16 would round the features
+            return x.to(m.text_projection.dtype) @ m.text_projection
 
     @torch.no_grad()
     def encode_texts(self, texts) -> torch.Tensor:

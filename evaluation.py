@@ -29,8 +29,8 @@ def evaluate_global(exp) -> dict:
     result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
     if exp.unseen:
         result.update(metrics.zsl_metrics(scores, y, exp.unseen))
-    if exp.biased_pairs:  # how much the spurious companions of training still drive predictions
-        bias = metrics.bias_metrics(scores, y, exp.biased_pairs)
+    if exp.test_set.biased_pairs:  # how much the spurious companions of training still drive predictions
+        bias = metrics.bias_metrics(scores, y, exp.test_set.biased_pairs)
         result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
     if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
         val_scores, val_y = validation_scores(exp)

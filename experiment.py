@@ -29,14 +29,6 @@ from store import features, runs
 
 
 @dataclass
-class Clients:
-    splits: list  # rows of the training set each client holds
-    names: list  # the sites' names where the dataset names them, else None
-    validation: list  # rows held out from every client (--validation)
-    pool: list  # the other rows
-
-
-@dataclass
 class Experiment:
     """Everything a run needs. `prepare` fills the first part; setup's later stages the rest."""
     cfg: Config  # as resolved: the method's own --lr, `clients` the number of sites where the dataset names them
@@ -48,7 +40,10 @@ class Experiment:
     train_set: object  # the datasets (their images, classes, targets)
     test_set: object
     unseen: list  # class indices no client labels (--unseen, --zsl-split)
-    clients: Clients
+    splits: list  # rows of the training set each client holds
+    client_names: list  # the sites' names where the dataset names them, else None
+    validation: list  # rows held out from every client (--validation)
+    pool: list  # the other rows
     similar: list  # class pairs the backbone's text side hardly tells apart
     model: PromptModel  # on the class names the clients label (all of them without unseen classes)
     scorer: PromptModel  # the model on every class name, scoring with model's state (`model` itself without)
@@ -61,18 +56,6 @@ class Experiment:
     encoded: int = 0  # images encoded now (not found in the feature store)
     out: Path = None
     resolved: dict = None  # what config.json holds
-
-    @property
-    def splits(self) -> list:  # rows of exp.train each client holds
-        return self.clients.splits
-
-    @property
-    def validation(self) -> list:  # rows of exp.train held out (--validation)
-        return self.clients.validation
-
-    @property
-    def biased_pairs(self) -> list:  # class index pairs for the bias metrics (the shapes world); [] elsewhere
-        return self.test_set.biased_pairs
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None) -> Experiment:
@@ -95,22 +78,27 @@ def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Expe
     """(resolved options) -> data -> (seen classes) -> clients -> backbone -> model."""
     conditions = load_conditions(cfg.conditions, cfg.dataset)
     train_set, test_set = load_data(cfg, root)
-    unseen = zeroshot.unseen_classes(cfg.unseen, train_set.classes, cfg.seed, getattr(train_set, "unseen_names", None))
-    labelled = zeroshot.seen_view(train_set, unseen)  # what the clients label: no unseen class
-    cfg, clients = split_clients(cfg, labelled)
+    unseen, labelled = [], train_set  # labelled: what the clients label, no unseen class
+    if cfg.unseen or cfg.zsl_split:
+        unseen = zeroshot.unseen_classes(cfg.unseen, train_set.classes, cfg.seed, getattr(train_set, "unseen_names", None))
+        labelled = zeroshot.seen_view(train_set, unseen)
+    cfg, client_splits, client_names, validation, pool = split_clients(cfg, labelled)
     backbone = load_backbone(cfg, device)
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
     attributes = method_attributes(cfg, train_set.classes)
-    build = lambda names: place(build_model(cfg.method, backbone, names, conditions, model_cfg, attributes,
-                                            seed=cfg.seed), cfg, device)  # its initial values follow --seed
-    model = build(labelled.classes)
-    scorer = build(train_set.classes) if unseen else model  # scores every class with model's state
+    # the model's initial values follow --seed; its text side runs as --text-encoding asks (speed/)
+    model = build_model(cfg.method, backbone, labelled.classes, conditions, model_cfg, attributes, seed=cfg.seed)
+    model = speed.with_text_encoding(model.to(device), cfg.text_encoding)
+    scorer = model  # with unseen classes: the model on every class name, scoring with model's state
+    if unseen:
+        scorer = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes, seed=cfg.seed)
+        scorer = speed.with_text_encoding(scorer.to(device), cfg.text_encoding)
     # --label-mask: what the clients' annotators left out (after the split and the store key:
     # neither depends on it); the test labels stay whole
-    train_targets = data.mask_positives(labelled.targets, cfg.label_mask, cfg.seed)
-    return Experiment(cfg, model_cfg, device, root, conditions, attributes, train_set, test_set, unseen, clients,
-                      similar, model, scorer, train_targets)
+    train_targets = data.mask_positives(labelled.targets, cfg.label_mask, cfg.seed) if cfg.label_mask else labelled.targets
+    return Experiment(cfg, model_cfg, device, root, conditions, attributes, train_set, test_set, unseen, client_splits,
+                      client_names, validation, pool, similar, model, scorer, train_targets)
 
 
 # ---- The stages ---------------------------------------------------------------------------
@@ -129,9 +117,10 @@ def load_data(cfg: Config, root: str):
     if cfg.download:
         from tools import download
         download.download_voc2007(root)
-    train_set, test_set = (data.keep_min_labels(data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.
-                                                                  skip_unreadable, zsl_split=cfg.zsl_split), cfg.min_labels)
-                           for split in ("train", "test"))
+    train_set, test_set = (data.load_dataset(cfg.dataset, root, split, skip_unreadable=cfg.skip_unreadable,
+                                             zsl_split=cfg.zsl_split) for split in ("train", "test"))
+    if cfg.min_labels:
+        train_set, test_set = (data.keep_min_labels(split_set, cfg.min_labels) for split_set in (train_set, test_set))
     if not (test_set.targets == 1).any():
         raise FedMPTError(f"the test split of {cfg.dataset} at {root} has {len(test_set)} images and not one positive "
                           "label: there is nothing to evaluate. Check its labels (for a folder dataset, the labels "
@@ -140,13 +129,14 @@ def load_data(cfg: Config, root: str):
 
 
 def split_clients(cfg: Config, train_set):
-    """(cfg, Clients): the validation rows held out, the rest split into clients (splits.py)."""
+    """(cfg, client splits, client names, validation rows, the other rows): the validation rows
+    held out, the rest split into clients (splits.py)."""
     validation, pool = splits.hold_out(len(train_set), cfg.validation, cfg.seed)
     cfg, client_splits, names = splits.make_clients(cfg, train_set.subset(pool) if validation else train_set)
     if validation:  # back to rows of the whole training set
         client_splits = [[pool[i] for i in s] for s in client_splits]
     print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=names))
-    return cfg, Clients(client_splits, names, validation, pool)
+    return cfg, client_splits, names, validation, pool
 
 
 def load_backbone(cfg: Config, device="cpu", random_init=None):
@@ -177,8 +167,11 @@ def build_model(method, backbone, classes, conditions, model_cfg, attributes=Non
     """The method's model on the frozen backbone; prompts say `data.prompt_name` of each class.
     `seed` (a run's --seed) decides every initial value of its tunable tensors."""
     names = [data.prompt_name(c) for c in classes]
-    sentences = [t for c in classes for t in attributes["attributes"][c]] if attributes else ()
-    return baselines.build(method, backbone, names, conditions["conditions"], model_cfg, sentences, seed=seed)
+    if method != "fedmvp":  # FedMPT takes the conditions, FedMVP the attribute descriptions
+        return baselines.model_class(method)(backbone, names, conditions["conditions"], model_cfg, seed=seed)
+    sentences = [t for c in classes for t in attributes["attributes"][c]]
+    return baselines.model_class(method)(backbone, names, conditions["conditions"], model_cfg, attributes=sentences,
+                                         seed=seed)
 
 
 def frozen_inputs(encode, split_set, kind, backbone_sha256, cfg: Config, device):
@@ -226,11 +219,6 @@ def similar_classes(backbone, classes, threshold=SIMILAR_TEXT) -> list:
     return pairs
 
 
-def place(model: PromptModel, cfg: Config, device) -> PromptModel:
-    """The model on its device, its text encoder run as --text-encoding asks (speed/)."""
-    return speed.with_text_encoding(model.to(device), cfg.text_encoding)
-
-
 def load_state(exp: Experiment, state: dict):
     """A saved tunable state (--resume) into the model; one that does not fit is a FedMPTError."""
     try:
@@ -256,8 +244,10 @@ def test_side(exp: Experiment):
     cfg, model, test_set, train_set = exp.cfg, exp.model, exp.test_set, exp.train_set
     backbone, sha256 = model.backbone, model.backbone.fingerprint()
     n_classes = len(train_set.classes)  # every class (an unseen one ranks alike on every image: its prevalence)
-    exp.prior_mAP = label_prior_mAP(zeroshot.every_column(exp.train_targets[exp.clients.pool], exp.unseen, n_classes, 0),
-                                    test_set, n_classes)
+    seen = exp.train_targets[exp.pool]
+    prior = metrics.label_prior_scores(zeroshot.every_column(seen, exp.unseen, n_classes, 0) if exp.unseen else seen,
+                                       len(test_set))  # every test image ranked by the training label frequencies
+    exp.prior_mAP = metrics.multilabel_metrics(prior, test_set.targets, top_k=min(3, n_classes))["mAP"]
     test, exp.store_keys["test"], n = frozen_inputs(model.encode_images, test_set, model.input_kind(), sha256, cfg,
                                                     exp.device)
     exp.test, exp.encoded = (test, test_set.targets), exp.encoded + n
@@ -270,31 +260,24 @@ def test_side(exp: Experiment):
     exp.zero_shot = zero_shot_metrics(backbone, v, test_set, train_set.classes, exp.unseen)
 
 
-def label_prior_mAP(train_targets, test_set, n_classes) -> float:
-    """mAP of ranking every test image by the training label frequencies alone."""
-    scores = metrics.label_prior_scores(train_targets, len(test_set))
-    return metrics.multilabel_metrics(scores, test_set.targets, top_k=min(3, n_classes))["mAP"]
-
-
 def describe(exp: Experiment, out, record=None) -> dict:
     """config.json: every resolved option and what the run was built from."""
-    cfg, train_set, test_set, clients = exp.cfg, exp.train_set, exp.test_set, exp.clients
-    client_splits = clients.splits
+    cfg, train_set, test_set, client_splits = exp.cfg, exp.train_set, exp.test_set, exp.splits
     return {**dataclasses.asdict(cfg), **dataclasses.asdict(exp.model_cfg), "root": exp.root,
             "device_used": exp.device, "out": str(out), "classes": train_set.classes,
             "condition_set": exp.conditions, "attribute_source": (exp.attributes or {}).get("source"),
             "tunable_params": sum(t.numel() for t in exp.model.tunable_state().values()),
             "backbone_sha256": exp.model.backbone.fingerprint(), "feature_cache": str(features.cache_root(cfg.cache_dir)),
             "loss_over_images": "mean", "encoded_images": exp.encoded,
-            "client_sizes": [len(s) for s in client_splits], "client_names": clients.names,
+            "client_sizes": [len(s) for s in client_splits], "client_names": exp.client_names,
             "label_skew": splits.label_skew(train_set.targets, client_splits),
-            "images": {"train": len(train_set) - len(clients.validation), "validation": len(clients.validation),
+            "images": {"train": len(train_set) - len(exp.validation), "validation": len(exp.validation),
                        "test": len(test_set)},
             "similar_class_pairs": [[a, b, round(c, 4)] for a, b, c in exp.similar[:50]],
             "masked_positives": int((exp.train_targets == -1).sum() - (zeroshot.seen_view(train_set, exp.unseen).
-                                                                        targets == -1).sum()),
+                                                                        targets == -1).sum()) if cfg.label_mask else 0,
             "unseen_classes": [train_set.classes[c] for c in exp.unseen],
-            "negative_only_images": zeroshot.negative_only(train_set, exp.unseen),
+            "negative_only_images": zeroshot.negative_only(train_set, exp.unseen) if exp.unseen else 0,
             "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
 
 
@@ -312,7 +295,7 @@ def save_run_directory(exp: Experiment):
     if not exp.cfg.resume:
         runs.write_run_files(exp.out, exp.resolved, exp.conditions, exp.attributes)
     splits.plot_client_distributions(exp.train_set.targets, exp.splits, exp.train_set.classes,
-                                     exp.out / "clients.png", names=exp.clients.names)
+                                     exp.out / "clients.png", names=exp.client_names)
     print(f"options and sizes: {exp.out / 'config.json'}; conditions ({exp.conditions['source']}): "
           f"{', '.join(map(repr, exp.conditions['conditions']))}")
 

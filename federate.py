@@ -155,8 +155,9 @@ def save_round(exp: Experiment, history: list, row: dict, rng=None):
     client-sampling generator: what --resume continues from) and metrics.json; print the row."""
     history.append(row)
     runs.save_round(exp.out, history, exp.model.tunable_state(), row["round"], rng.bit_generator.state if rng else None)
-    number = lambda key: float("nan") if row.get(key) is None else row[key]  # round 0 has no training
-    tqdm.write(f"{row['round']:>5} {number('loss'):>10.4f} {number('clip_share'):>7.0%} {number('grad_norm'):>9.2f} "
+    loss, clipped, norm = (float("nan") if row.get(key) is None else row[key]  # round 0 has no training
+                           for key in ("loss", "clip_share", "grad_norm"))
+    tqdm.write(f"{row['round']:>5} {loss:>10.4f} {clipped:>7.0%} {norm:>9.2f} "
                f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {row['seconds']:>8.1f}")
     sys.stdout.flush()
 
@@ -201,7 +202,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         print(f"wrote {out / 'plans.png'}")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
-    runs.check_the_end(history, cfg.lr)
+    runs.warn_if_untrained(history, cfg.lr) or runs.warn_if_stalled(history, cfg.lr)
     return history
 
 

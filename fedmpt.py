@@ -60,12 +60,6 @@ def seeded(seed: int):
         yield
 
 
-def sinkhorn_tolerance(S: torch.Tensor) -> float:
-    """ot.sinkhorn's stopping test on the CPU (1e-6, checked every 10 iterations); on CUDA none: the
-    transport runs its full --ot-iters, as a test would stop the GPU to wait for the host."""
-    return 0.0 if S.is_cuda else 1e-6
-
-
 class PromptModel(nn.Module):
     """What the federated loop asks of a method (FedMPT below, the baselines in baselines/):
 
@@ -147,13 +141,10 @@ class FedMPT(PromptModel):
         K, C = self.prompts.shape
         return F.normalize(self.text_adapter(encoded), dim=-1).reshape(2, K, C, -1)
 
-    def forward(self, v: torch.Tensor, P: torch.Tensor, T: torch.Tensor = None):
-        """Logits (B, C) from frozen image features v (B, D) and P (B, N, D). Pass T to reuse
-        the text features (evaluation: they do not depend on the image)."""
-        return self.explain(v, P, T)[0]
-
-    def explain(self, v, P, T=None):
-        """Logits (B, C), the transport plans Q (B, 2, C, N, K) and the gate g (B, K)."""
+    def forward(self, v: torch.Tensor, P: torch.Tensor, T: torch.Tensor = None, plans: bool = False):
+        """Logits (B, C) from frozen image features v (B, D) and P (B, N, D); with plans=True also
+        the transport plans Q (B, 2, C, N, K) and the gate g (B, K). Pass T to reuse the text
+        features (evaluation: they do not depend on the image)."""
         T = self.text_features() if T is None else T  # (2, K, C, D)
         K = T.shape[1]
         P = F.normalize(self.patch_adapter(P), dim=-1)  # (B, N, D)
@@ -163,11 +154,11 @@ class FedMPT(PromptModel):
         if self.cfg.ot == "uniform":
             Q = ot.uniform_plan(S)
         else:
-            Q = ot.sinkhorn(1 - S.detach(), self.cfg.ot_eps, n_iters=self.cfg.ot_iters, rho=self.cfg.ot_rho,
-                            tol=sinkhorn_tolerance(S))
+            Q = ot.sinkhorn(1 - S.detach(), self.cfg.ot_eps, n_iters=self.cfg.ot_iters, rho=self.cfg.ot_rho)
         z = K * (Q * S).sum(dim=-2)  # (B, 2, C, K)
         g = self.gate(v)  # (B, K)
-        return self.backbone.logit_scale * torch.einsum("bk,bck->bc", g, z[:, 0] - z[:, 1]), Q, g
+        logits = self.backbone.logit_scale * torch.einsum("bk,bck->bc", g, z[:, 0] - z[:, 1])
+        return (logits, Q, g) if plans else logits
 
 
 def asymmetric_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, clip_margin=0.05):

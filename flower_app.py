@@ -39,6 +39,7 @@ import torch
 import evaluation
 import experiment
 import federate
+import speed
 import zeroshot
 from errors import FedMPTError, exit_code
 from client import local_train
@@ -103,7 +104,7 @@ def client_kit(context):
         return client, {**kit, "model": kit_model(cfg, model_cfg, kit),
                         "inputs": features.open_store(kit["key"], kit["cache_dir"])}, cache
     exp = experiment.prepare(*experiment.resolve(cfg, model_cfg))
-    client_splits = exp.clients.splits
+    client_splits = exp.splits
     if not 0 <= client < len(client_splits) or int(node["num-partitions"]) != len(client_splits):
         raise FedMPTError(f"--node-config partition-id={client} num-partitions={node['num-partitions']} "
                           f"does not fit this run's {len(client_splits)} clients (0 to {len(client_splits) - 1}).")
@@ -147,7 +148,7 @@ def kit_model(cfg, model_cfg, kit):
                           "this run's features; restart the run (a new run prepares again).")
     model = experiment.build_model(cfg.method, backbone, kit["classes"], kit["conditions"], model_cfg,
                                    kit["attributes"], seed=cfg.seed)
-    return experiment.place(model, cfg, device)
+    return speed.with_text_encoding(model.to(device), cfg.text_encoding)
 
 
 @client_app.query()

@@ -58,29 +58,21 @@ def average_precision(scores, labels):
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
-def _safe_div(a, b):
-    """a / b elementwise, 0 where b == 0."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
-
-
-def _f1(p, r):
-    return float(2 * p * r / (p + r)) if p + r > 0 else 0.0
-
-
 def _prf(pred, targets, suffix=""):
     """CP, CR, CF1, OP, OR, OF1 (percent) for a boolean prediction matrix.
 
-    Pairs with target -1 are dropped from predictions and positives.
+    Pairs with target -1 are dropped from predictions and positives. A ratio a / b is 0 where
+    b == 0, an F1 is 0 where its precision and recall are both 0.
     """
     pred = pred & (targets != -1)
     pos = targets == 1
-    tp, n_pred, n_pos = (pred & pos).sum(0), pred.sum(0), pos.sum(0)
-    cp = _safe_div(tp, n_pred).mean() if tp.size else 0.0
-    cr = _safe_div(tp, n_pos).mean() if tp.size else 0.0
-    op, or_ = _safe_div(tp.sum(), n_pred.sum()), _safe_div(tp.sum(), n_pos.sum())
-    vals = {"CP": cp, "CR": cr, "CF1": _f1(cp, cr),
-            "OP": op, "OR": or_, "OF1": _f1(op, or_)}
+    tp, n_pred, n_pos = (np.asarray(x, float) for x in ((pred & pos).sum(0), pred.sum(0), pos.sum(0)))
+    # per class (C,), then pooled over classes (one value each)
+    (cp, cr), (op, or_) = [[np.divide(a, b, out=np.zeros_like(a), where=b > 0) for b in (p, n)]
+                           for a, p, n in ((tp, n_pred, n_pos), (tp.sum(), n_pred.sum(), n_pos.sum()))]
+    cp, cr = (cp.mean(), cr.mean()) if tp.size else (0.0, 0.0)
+    cf1, of1 = (float(2 * p * r / (p + r)) if p + r > 0 else 0.0 for p, r in ((cp, cr), (op, or_)))
+    vals = {"CP": cp, "CR": cr, "CF1": cf1, "OP": op, "OR": or_, "OF1": of1}
     return {k + suffix: 100.0 * float(v) for k, v in vals.items()}
 
 
@@ -185,7 +177,8 @@ def label_prior_scores(train_targets, n_images):
     class's test prevalence and the mAP is the mean test prevalence.
     """
     _, t = _validate(train_targets, train_targets)
-    freq = _safe_div((t == 1).sum(0), (t != -1).sum(0))
+    positives, known = np.asarray((t == 1).sum(0), float), np.asarray((t != -1).sum(0), float)
+    freq = np.divide(positives, known, out=np.zeros_like(positives), where=known > 0)
     return np.tile(freq, (int(n_images), 1))
 
 

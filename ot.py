@@ -36,7 +36,8 @@ a, b : Tensor (..., N) / (..., K), optional; default uniform 1/N, 1/K.
 n_iters : int, maximal number of iterations (one = an f and a g update).
 tol : float, stop once max over problems of ``||Q 1 - a||_1 < tol``
     (the column marginal is exact after each g update). ``tol <= 0``: run
-    exactly ``n_iters`` iterations.
+    exactly ``n_iters`` iterations. Default: 1e-6 on the CPU; on CUDA none (the
+    full ``n_iters``), as the test would stop the GPU to wait for the host.
 check_every : int, test the error only every ``check_every`` iterations, so
     that on CUDA the host synchronises (``.item()``) rarely.
 rho : float, optional. Semi-relaxed transport: the row marginal becomes a
@@ -100,11 +101,12 @@ def _marginals(cost, a, b):
     return C, a, b
 
 
-def sinkhorn(cost, eps, a=None, b=None, n_iters=100, tol=1e-6, check_every=10, rho=math.inf):
+def sinkhorn(cost, eps, a=None, b=None, n_iters=100, tol=None, check_every=10, rho=math.inf):
     """Entropic OT plans Q (..., N, K) for costs (..., N, K); see module docs."""
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     C, a, b = _marginals(cost, a, b)                   # (..., N, K), (..., N), (..., K)
+    tol = (0.0 if C.is_cuda else 1e-6) if tol is None else tol
     log_a, log_b = a.log(), b.log()                    # -inf where the mass is 0
     # f and g below hold the potentials divided by eps; the cost is stored as C^T/eps,
     # (..., K, N), so that the long axis N is contiguous (faster logsumexp on CPU).

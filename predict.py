@@ -23,7 +23,8 @@ import metrics
 import zeroshot
 from errors import FedMPTError, exit_code
 from evaluation import predict_scores
-from experiment import build_model, frozen_inputs, load_backbone, method_attributes, place, zero_shot_metrics
+import speed
+from experiment import build_model, frozen_inputs, load_backbone, method_attributes, zero_shot_metrics
 from options import Config, build_parser
 from loaders.base import UNREADABLE
 from store import features
@@ -54,7 +55,7 @@ def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
     attributes = method_attributes(cfg, classes)
     model = build_model(cfg.method, backbone, classes, saved["condition_set"], model_cfg,
                         attributes, seed=cfg.seed)  # the trained state replaces every value
-    model = place(model, cfg, device).eval()
+    model = speed.with_text_encoding(model.to(device), cfg.text_encoding).eval()
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")

@@ -136,23 +136,20 @@ def label_skew(targets: torch.Tensor, splits) -> float:
     """Mean over clients of the total variation distance between a client's label distribution
     and the whole set's: 0.5 * sum_c |p_i(c) - p(c)|, p(c) = label counts normalised to sum 1.
     0 for IID clients; it grows with the heterogeneity t."""
-    def distribution(indices):
-        shares = label_shares(targets, indices)  # (C,)
-        return shares / shares.sum().clamp_min(1e-12)
-    overall = distribution(range(len(targets)))
-    return float(np.mean([0.5 * (distribution(s) - overall).abs().sum().item() for s in splits]))
+    shares = [label_shares(targets, indices) for indices in [range(len(targets)), *splits]]  # each (C,)
+    overall, *clients = [s / s.sum().clamp_min(1e-12) for s in shares]
+    return float(np.mean([0.5 * (client - overall).abs().sum().item() for client in clients]))
 
 
 def split_report(targets: torch.Tensor, splits, classes, top: int = 3, names=None) -> str:
     """Per client: image count and its most frequent labels with the share of its images that
     carry each; the whole training set first for comparison, and the label skew. `names`: the
     clients' names (default client 0, client 1, ...)."""
-    names = names or [f"client {i}" for i in range(len(splits))]
-    def row(name, indices):
-        shares = label_shares(targets, indices)  # (C,)
-        labels = ", ".join(f"{classes[c]} {shares[c]:.0%}" for c in shares.argsort(descending=True)[:top].tolist())
-        return f"{name:>10} {len(indices):>7} images   {labels}"
-    rows = [row("all", range(len(targets)))] + [row(name, s) for name, s in zip(names, splits)]
+    groups = [("all", range(len(targets)))] + list(zip(names or [f"client {i}" for i in range(len(splits))], splits))
+    shares = [label_shares(targets, indices) for _, indices in groups]  # each (C,)
+    rows = [f"{name:>10} {len(indices):>7} images   "
+            + ", ".join(f"{classes[c]} {share[c]:.0%}" for c in share.argsort(descending=True)[:top].tolist())
+            for (name, indices), share in zip(groups, shares)]
     return "\n".join(rows + [f"label skew (mean total variation to all): {label_skew(targets, splits):.3f}"])
 
 

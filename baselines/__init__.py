@@ -35,11 +35,3 @@ def model_class(method: str):
     """The class of a method, its module imported now."""
     module, name = METHODS[method].split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def build(method: str, backbone, class_names, conditions, cfg, attributes=(), *, seed: int):
-    """The model of `method` on a frozen backbone (FedMPT takes the conditions, FedMVP the
-    attribute descriptions); `seed` decides every initial value of its tunable tensors."""
-    if method == "fedmpt":
-        return model_class(method)(backbone, class_names, conditions, cfg, seed=seed)
-    return model_class(method)(backbone, class_names, conditions, cfg, attributes=attributes, seed=seed)

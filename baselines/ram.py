@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import ot
 from baselines.common import class_prompts, encode_class_prompts, region_logits, vision_width
-from fedmpt import PromptModel, seeded, sinkhorn_tolerance
+from fedmpt import PromptModel, seeded
 
 
 class LocalAdapter(nn.Module):
@@ -98,6 +98,6 @@ class FedRAM(PromptModel):
         _, P = self.image_features(x)
         P = F.normalize(P, dim=-1)
         S = torch.einsum("bnd,cd->bnc", P, T[0])  # (B, N, C) positive cosines
-        Q = ot.sinkhorn(1 - S.detach(), self.ot_eps, tol=sinkhorn_tolerance(S))  # rows 1/N, columns 1/C; detached
+        Q = ot.sinkhorn(1 - S.detach(), self.ot_eps)  # rows 1/N, columns 1/C; detached
         weights = Q.transpose(1, 2) * Q.shape[-1]  # (B, C, N), each class's weights sum to 1
         return region_logits(P, T, weights, self.backbone.logit_scale)

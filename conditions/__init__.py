@@ -64,8 +64,9 @@ def condition_problems(conditions, class_names, k=None, context_length=77, n_ctx
     if duplicates:
         problems.append(f"conditions repeat (ignoring case): {', '.join(map(repr, duplicates))}")
     names = {n.lower() for n in class_names} | {data.prompt_name(n).lower() for n in class_names}
-    longest = max((data.prompt_name(n) for n in class_names), default="",
-                  key=lambda name: prompt_length("", name, n_ctx))
+    prompted = [data.prompt_name(n) for n in class_names]
+    lengths = [prompt_length("", name, n_ctx) for name in prompted]
+    longest = prompted[lengths.index(max(lengths))] if prompted else ""  # the first of the longest
     for condition in conditions:
         if not condition.isprintable() or not 1 <= len(condition.split()) <= 4:
             problems.append(f"{condition!r} is not 1-4 words of printable text")

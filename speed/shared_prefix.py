@@ -111,8 +111,9 @@ def encode_shared(backbone, layout: SharedLayout, embeddings) -> torch.Tensor:
     mask = torch.cat([real[:, None, None].expand(-1, R, Ls, -1), layout.sees.expand(G, -1, -1, -1)], -1)
     for block in blocks[:-1]:
         xp, xs = shared_block(block, xp, xs, mask)
-    ends = shared_ends(blocks[-1], xp, xs, mask, layout.bins, end)  # (G, C, W)
-    return backbone.project(m.ln_final(ends)).flatten(0, 1)
+    ends = m.ln_final(shared_ends(blocks[-1], xp, xs, mask, layout.bins, end))  # (G, C, W)
+    with torch.autocast(ends.device.type, enabled=False):  # as encode_prompts: the projection in float32
+        return (ends.to(m.text_projection.dtype) @ m.text_projection).flatten(0, 1)
 
 
 def shared_qkv(block, x):

@@ -282,7 +282,3 @@ def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0
           f"--lr than {lr:g}, or for FedMPT --class-ctx 4; compare the choices on --validation.", file=sys.stderr)
     return True
 
-
-def check_the_end(history: list, lr: float):
-    """The checks after the last round: a model no better than the label prior, or one that stopped learning."""
-    warn_if_untrained(history, lr) or warn_if_stalled(history, lr)

@@ -25,7 +25,7 @@ def plot_transport(model, dataset, inputs, conditions, classes, path, n_images=4
     """Save the picture to `path` and return the per-image numbers it shows."""
     indices = pick_images(dataset.targets, n_images)
     v, P = (x[indices].to(model.device).float() for x in inputs)
-    logits, Q, g = model.explain(v, P)
+    logits, Q, g = model(v, P, plans=True)
     probs = torch.sigmoid(logits).cpu()
     K, side = len(conditions), int(math.isqrt(P.shape[1]))
     figure, axes = plt.subplots(len(indices), K + 2, figsize=(2.1 * (K + 2), 2.2 * len(indices)), squeeze=False)
