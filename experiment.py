@@ -130,7 +130,8 @@ def resume_config(run_dir: str, given: dict = None):
     Those that only say how the run is executed (--device, --threads, --workers, --cache-dir)
     apply, and --rounds may extend the run; any other is refused: it would change what the
     saved rounds were trained with."""
-    cfg, model_cfg, _ = read_config(run_dir)
+    cfg, model_cfg, saved = read_config(run_dir)
+    cfg.unseen = zeroshot.resumed_unseen(cfg.unseen, saved)  # the names it resolved, not the file read again
     given = {name: value for name, value in (given or {}).items() if name != "resume"}
     execution = {f.name for f in dataclasses.fields(Config) if f.metadata.get("execution")}
     refused = [flag(name) for name in given if name not in execution | {"rounds"}]

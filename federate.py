@@ -36,7 +36,7 @@ from experiment import Config, Experiment, count_params, resume_config, setup, v
 from fedmpt import ModelConfig, asymmetric_loss, bce_loss
 from prompts import stack_inputs
 from store.files import save_tensors, write_json
-from store.runs import extend_rounds, read_checkpoint, save_round
+from store.runs import check_extension, check_trained, extend_rounds, read_checkpoint, save_round
 from tools.options import build_parser, config_from, given_options
 
 
@@ -347,12 +347,15 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
             checkpoint = read_checkpoint(path, "restore it, or delete it to train the run again from round 0 "
                                          "with --resume")
         if "rounds" in (given or {}):
-            extend_rounds(run_dir, cfg.rounds, checkpoint["round"] if checkpoint else 0)
+            check_extension(run_dir, cfg.rounds, checkpoint["round"] if checkpoint else 0)
     validate(cfg, model_cfg)  # bad options first, before anything else is said or built
     use_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"}, state=checkpoint and checkpoint["global_state"])
     cfg, model, out = exp.cfg, exp.model, exp.out
+    if cfg.resume and "rounds" in (given or {}):  # every check passed: only now config.json records it
+        extend_rounds(cfg.resume, cfg.rounds, checkpoint["round"] if checkpoint else 0)
     global_state, history, first_round = model.tunable_state(), [], 1
+    start_state = global_state
     rng = np.random.default_rng(cfg.seed)
     if checkpoint is not None:  # setup loaded its global state into the model
         history, first_round = checkpoint["history"], checkpoint["round"] + 1
@@ -384,6 +387,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         model.load_tunable_state(global_state)
         record_round(exp, history, round_index, stats["loss"], time.time() - start, rng=rng,
                      extra=training_columns(stats, n_aggregated, rejected))
+    check_trained(history, first_round, start_state, global_state)  # a run that could not train: exit 1
     save_tensors(global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")
     if exp.validation:  # what predict.py labels with: thresholds chosen on held-out training images
         write_json(out / "thresholds.json", thresholds_record(exp, history[-1]["round"]))
