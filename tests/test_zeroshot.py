@@ -277,3 +277,27 @@ def test_predict_takes_a_device_and_refuses_cuda_where_there_is_none(zsl_run, ca
     assert predict.main(["--run", str(out), "--evaluate", "--device", "cuda"]) == 2
     assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
     assert predict.main(["--run", str(out), "--evaluate", "--device", "cpu"]) == 0
+
+
+def test_a_split_file_path_that_climbs_out_of_the_root_is_refused(tmp_path):
+    """#33 item 5: ../../../../etc/passwd in a split file must not resolve outside ROOT."""
+    from loaders.zsl import SPLITS
+    seen, unseen = [f"seen{i:02d}" for i in range(48)], [f"unseen{i:02d}" for i in range(17)]
+    files = SPLITS["coco2014", "48/17"]
+    write_split(tmp_path / "root", files, seen, unseen)
+    path = tmp_path / "root" / "annotations" / files[2]
+    content = json.loads(path.read_text())
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    content["images"][1][0] = "../outside.jpg"
+    path.write_text(json.dumps(content))
+    with pytest.raises(FedMPTError) as raised:
+        data.load_dataset("coco2014", tmp_path / "root", "test", zsl_split="48/17")
+    assert f"{files[2]} entry 2" in str(raised.value) and "outside the dataset root" in str(raised.value)
+
+
+def test_an_unseen_file_that_is_not_utf8_names_the_file(tmp_path):
+    """#33 item 11."""
+    names = tmp_path / "unseen.txt"
+    names.write_bytes(b"ring\n\xff\n")
+    with pytest.raises(FedMPTError, match="unseen.txt: the file is not UTF-8"):
+        zeroshot.unseen_classes(str(names), ["ring", "star"], 0)
