@@ -28,8 +28,22 @@ from tools.options import config_from, field_problems, flag
 
 
 def default_out(cfg) -> str:
-    """--out, else runs/<dataset>-<method>-<timestamp>."""
-    return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """--out, else runs/<dataset>-<method>-<timestamp>; refused at once where it cannot be a
+    run directory (check_out_folder)."""
+    out = cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_folder(out)
+    return out
+
+
+def check_out_folder(out, option: str = "--out"):
+    """A folder to write into: FedMPTError when `out`, or a folder on its path, is an existing
+    file (or a link this code did not create), before anything is built or written."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.is_symlink() and path == out:
+            raise FedMPTError(f"{option} {out} is a symbolic link (to {path.readlink()}); give the folder itself.")
+        if path.exists() and not path.is_dir():
+            raise FedMPTError(f"{option} {out}: {path} is a file, not a folder; give another {option}.")
 
 
 def load_checkpoint(path: Path, fix: str) -> object:

@@ -214,3 +214,18 @@ def test_resume_keeps_the_unseen_classes_it_resolved_not_the_file(unseen_run, tm
         assert "ring" not in seen["classes"] and "star" not in seen["classes"] and "circle" in seen["classes"]
     finally:
         unseen_run[1].write_text("ring\nstar\n")
+
+
+@pytest.mark.parametrize("under", ["", "run"])
+def test_an_out_at_or_under_an_existing_file_is_refused_before_setup(tmp_path, capsys, monkeypatch, under):
+    """#33 item 11: --out at (or under) a file ends in one error line at once, the file untouched."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the run was built")
+    monkeypatch.setattr(federate, "validate", lambda *a: None)
+    import experiment
+    monkeypatch.setattr(experiment, "build", reached)
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    assert federate.main(["--out", str(file / under if under else file), "--threads", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{file} is a file, not a folder" in error and "Traceback" not in error and file.read_text() == "mine\n"
