@@ -35,6 +35,15 @@ def default_out(cfg) -> str:
     return out
 
 
+def check_new_run(out, resume_hint: str = "python federate.py --resume"):
+    """An --out for a new run: FedMPTError, before anything starts, when it is a file or already
+    holds a run (its metrics.json or config.json): nothing of that run is overwritten."""
+    check_out_folder(out)
+    if (Path(out) / "metrics.json").exists() or (Path(out) / "config.json").exists():
+        raise FedMPTError(f"--out {out} already holds a run; continue it with {resume_hint} {out}, or choose another "
+                          "--out.")
+
+
 def check_out_folder(out, option: str = "--out"):
     """A folder to write into: FedMPTError when `out`, or a folder on its path, is an existing
     file (or a link this code did not create), before anything is built or written."""
