@@ -171,8 +171,10 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
     runs.use_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"}, state=checkpoint and checkpoint["global_state"])
     cfg, model, out = exp.cfg, exp.model, exp.out
+    if cfg.resume and "rounds" in (given or {}):  # every check passed: only now config.json records it
+        runs.extend_rounds(cfg.resume, cfg.rounds, checkpoint["round"] if checkpoint else 0)
     global_state, history, first_round = model.tunable_state(), [], 1
-    rng = np.random.default_rng(cfg.seed)
+    start_state, rng = global_state, np.random.default_rng(cfg.seed)
     if checkpoint is not None:  # setup loaded its global state into the model
         history, first_round = runs.continue_from(checkpoint, rng, out)
 
@@ -192,6 +194,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
                              training_columns(stats, n_aggregated, rejected))
         save_round(exp, history, row, rng)
 
+    runs.check_trained(history, first_round, start_state, global_state)  # a run that could not train: exit 1
     save_tensors(global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")
     if exp.validation:  # what predict.py labels with: thresholds chosen on held-out training images
         write_json(out / "thresholds.json", thresholds_record(exp, history[-1]["round"]))

@@ -145,14 +145,19 @@ def f1_thresholds(scores, targets, default=0.5):
 
 def zsl_metrics(scores, targets, unseen, ks=(3, 5)):
     """Zero-shot figures (percent) for the class indices `unseen` (classes no client labelled):
-      seen_mAP    the seen classes on every image
-      unseen_mAP  the unseen classes on the images holding one (the zero-shot setting)
-      H_mAP       the harmonic mean of the two (the base-to-novel figure)
-      gzsl_mAP    every class on every image (the generalized setting)
+      seen_mAP        the seen classes on every image
+      unseen_mAP      the unseen classes on the images holding one (the zero-shot setting)
+      unseen_mAP_all  the unseen classes on every image (beside it: a figure that can fail)
+      H_mAP           the harmonic mean of seen_mAP and unseen_mAP (the base-to-novel figure)
+      gzsl_mAP        every class on every image (the generalized setting)
       unseen_F1@K, gzsl_F1@K  F1 of each image's K highest-scoring classes, among the same
                   classes and images, pooled: precision = hits / predictions, recall = hits /
                   positives (as the zero-shot multi-label works report it); None where K is
                   not below the number of classes scored.
+    The unseen figures need a positive and a negative to rank: a class whose every scored image holds it
+    (one unseen class in the zero-shot setting: every image there holds it) has none, and a
+    figure whose classes all lack one is undefined, None, with the reason under
+    `<figure>_undefined`, never the 100 it would read by construction.
     -1 pairs are ignored, as everywhere here."""
     s, t = _validate(scores, targets)
     unseen = sorted(set(int(c) for c in unseen))
@@ -160,13 +165,34 @@ def zsl_metrics(scores, targets, unseen, ks=(3, 5)):
     holding = (t[:, unseen] == 1).any(1)
     zsl = s[holding][:, unseen], t[holding][:, unseen]  # the zero-shot setting's scores and targets
     mean_ap = lambda s_, t_: multilabel_metrics(s_, t_, top_k=1)["mAP"] if t_.size else None
-    out = {"seen_mAP": mean_ap(s[:, seen], t[:, seen]), "unseen_mAP": mean_ap(*zsl), "gzsl_mAP": mean_ap(s, t)}
+    out = {"seen_mAP": mean_ap(s[:, seen], t[:, seen]), "gzsl_mAP": mean_ap(s, t)}
+    reasons = {}
+    for name, (s_, t_) in (("unseen_mAP", zsl), ("unseen_mAP_all", (s[:, unseen], t[:, unseen]))):
+        out[name], why = ranked_mean_ap(s_, t_)
+        if why:
+            reasons[f"{name}_undefined"] = why
     a, b = out["seen_mAP"], out["unseen_mAP"]
     out["H_mAP"] = None if a is None or b is None else (2 * a * b / (a + b) if a + b > 0 else 0.0)
+    if out["H_mAP"] is None and reasons:
+        reasons["H_mAP_undefined"] = "; ".join(reasons.values())
     for k in ks:
         for name, (s_, t_) in (("unseen", zsl), ("gzsl", (s, t))):
             out[f"{name}_F1@{k}"] = _prf(top_k_predictions(s_, k), t_)["OF1"] if k < s_.shape[1] and len(s_) else None
-    return out
+    return {**out, **reasons}
+
+
+def ranked_mean_ap(scores, targets) -> tuple:
+    """(mAP in percent over the classes with both a positive and a negative among these images,
+    '') or (None, why) when no class has both."""
+    if not targets.size:
+        return None, "no image to score"
+    rankable = [c for c in range(targets.shape[1])
+                if (targets[:, c] == 1).any() and (targets[:, c] == 0).any()]
+    if not rankable:
+        return None, (f"none of its {targets.shape[1]} class(es) has both a positive and a negative among the "
+                      f"{len(targets)} images scored (every image holds it): an AP there is 100 by construction")
+    aps = [average_precision(scores[targets[:, c] != -1, c], targets[targets[:, c] != -1, c]) for c in rankable]
+    return 100 * float(np.mean(aps)), ""
 
 
 def label_prior_scores(train_targets, n_images):

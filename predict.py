@@ -29,7 +29,7 @@ from options import Config, build_parser
 from loaders.base import UNREADABLE
 from store import features
 from store.files import write_atomic, write_json
-from store.runs import read_checkpoint, read_config, read_state
+from store.runs import read_checkpoint, read_config, read_state, require_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -39,6 +39,7 @@ def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
     `classes` (another dataset's, `dataset`): the text side is built for those names and scores
     them with the trained state (cross-dataset transfer), where the method can."""
     cfg, model_cfg, saved = read_config(run_dir)
+    require_record(run_dir, saved, ("classes", "condition_set"))
     classes = saved["classes"] if classes is None else list(classes)
     if classes != saved["classes"]:
         why = zeroshot.cannot_score_unseen(cfg.method, model_cfg.class_ctx)
@@ -113,7 +114,7 @@ def score_images(model, files, batch_size=64):
 def parse_options(argv):
     parser = build_parser([Config], prog="predict.py", description="Label images with a finished run, or evaluate "
                           "its global model (--evaluate) on the test split of --dataset at --root.",
-                          only=("dataset", "root", "device"),
+                          only=("dataset", "root", "device", "cache_dir"),
                           defaults={"dataset": ("", "the run's own"), "root": ("", "the run's own root (data/<dataset> "
                                                                                "for another --dataset)")})
     parser.add_argument("--run", required=True, help="run directory (config.json + state.pt)")
@@ -129,7 +130,31 @@ def parse_options(argv):
         raise FedMPTError("give image files or folders to label, or --evaluate (not both).")
     if args.out and Path(args.out).suffix not in (".csv", ".json"):
         raise FedMPTError(f"--out {args.out}: use a .csv or .json file name.")
+    if args.batch_size < 1:
+        raise FedMPTError(f"--batch-size {args.batch_size}: give 1 or more images per batch.")
+    if args.threshold is not None and not threshold_ok(args.threshold):
+        raise FedMPTError(f"--threshold {args.threshold}: give a number in [0, 1].")
+    if args.out:
+        check_out(Path(args.out), Path(args.run))
     return args
+
+
+def check_out(out: Path, run_dir: Path):
+    """--out, refused before anything is read or written when it would overwrite one of the run's
+    own files, or cannot be a file (a folder there, or a file where a folder of its path must be)."""
+    if out.is_dir():
+        raise FedMPTError(f"--out {out} is a folder; give a .csv or .json file name.")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise FedMPTError(f"--out {out}: {above} is a file, not a folder; give a path in a folder.")
+    if out.exists() and run_dir.is_dir() and out.resolve().parent == run_dir.resolve():
+        raise FedMPTError(f"--out {out} is a file of the run {run_dir} itself; write the predictions elsewhere "
+                          "(another --out).")
+
+
+def threshold_ok(value) -> bool:
+    """A threshold is a finite number in [0, 1] (not a JSON true, not NaN, not -5)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def run_thresholds(run_dir, classes, threshold=None) -> tuple:
@@ -139,12 +164,19 @@ def run_thresholds(run_dir, classes, threshold=None) -> tuple:
     if threshold is not None or not path.exists():
         value = 0.5 if threshold is None else threshold
         return [value] * len(classes), f"the threshold {value:g} for every class"
+    fix = "restore it, or give --threshold T for one threshold for every class"
     try:
         chosen = json.loads(path.read_text())["thresholds"]
-        values = [float(chosen[c]) for c in classes]
+        values = [chosen[c] for c in classes]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise FedMPTError(f"{path} is damaged or not this run's ({type(error).__name__}: {error}); restore it, "
-                          "or give --threshold T for one threshold for every class.") from None
+        raise FedMPTError(f"{path} is damaged or not this run's ({type(error).__name__}: {error}); {fix}.") from None
+    if set(chosen) != set(classes):
+        raise FedMPTError(f"{path}: its thresholds are not one per class of the run (also "
+                          f"{sorted(set(chosen) - set(classes))[:5]}); {fix}.")
+    bad = [f"{c} {value!r}" for c, value in zip(classes, values) if not threshold_ok(value)]
+    if bad:
+        raise FedMPTError(f"{path}: thresholds must be numbers in [0, 1]; {', '.join(bad[:5])} "
+                          f"{'is' if len(bad) == 1 else 'are'} not; {fix}.")
     return values, f"the per-class thresholds of {path} (chosen on held-out training images; --threshold T overrides)"
 
 
@@ -184,8 +216,13 @@ def evaluate(args):
     """The run's global model on a test split: its own, or (--dataset/--root) another dataset's,
     whose class names the text side is rebuilt for; the frozen backbone alone beside it."""
     cfg, _, saved = read_config(args.run)
+    require_record(args.run, saved, ("classes", "condition_set", "root"))
     dataset = args.dataset or cfg.dataset
     root = args.root or (saved["root"] if dataset == cfg.dataset else str(Path("data") / dataset))
+    if dataset == "shapes" and args.root and not (Path(root) / "VOCdevkit" / "VOC2007" / "generated.json").exists():
+        raise FedMPTError(f"--root {root} holds no generated shapes world, and --evaluate never writes one into a "
+                          "folder: name your data's kind with --dataset (e.g. --dataset folder --root "
+                          f"{root}), or give the run's own root ({saved.get('root')}).")
     test_set = data.load_dataset(dataset, root, "test", skip_unreadable=cfg.skip_unreadable,
                                  zsl_split=cfg.zsl_split if dataset == cfg.dataset else "")
     transfer = list(test_set.classes) != list(saved["classes"])
@@ -193,6 +230,7 @@ def evaluate(args):
         raise FedMPTError(f"run {args.run} was trained on classes {saved['classes']}; {dataset} at "
                           f"{root} has {list(test_set.classes)} (name it with --dataset to score them).")
     cfg, saved, model = load_run(args.run, device(args.device), test_set.classes, dataset)
+    cfg.cache_dir = args.cache_dir or cfg.cache_dir
     unseen = [] if transfer else [saved["classes"].index(c) for c in saved.get("unseen_classes", [])]
     test_set.transform = data.clip_transform(model.backbone.resolution)
     sha256, backbone = model.backbone.fingerprint(), model.backbone
@@ -212,7 +250,9 @@ def evaluate(args):
         summary.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
     result["zero_shot"] = zero_shot_metrics(backbone, v, test_set, test_set.classes, unseen)
     summary["zero-shot mAP"] = result["zero_shot"]["mAP"]
-    print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in summary.items()))
+    print(" ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in summary.items()))
+    for key in (k for k in result if k.endswith("_undefined") and k[:-len("_undefined")] in summary):
+        print(f"note: {key[:-len('_undefined')]} is undefined: {result[key]}")
     out = Path(args.run) / f"evaluation-{dataset}.json"
     write_json(out, {"dataset": dataset, "root": str(root), "classes": test_set.classes,
                      "trained_on": saved["dataset"], "transfer": transfer, **result})

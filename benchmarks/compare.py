@@ -47,7 +47,7 @@ def model_options(extra) -> list:
     """The options after -- that shape the model (ModelConfig's fields, e.g. --class-ctx 4), which
     the ViT-B/16 parameter count must see too; data and training options stay out (VOC classes)."""
     sys.path.insert(0, str(ROOT))
-    from fedmpt import ModelConfig
+    from options import ModelConfig
     flags = {"--" + field.name.replace("_", "-") for field in dataclasses.fields(ModelConfig)}
     kept = []
     for i, option in enumerate(extra):

@@ -20,12 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-import evaluation  # noqa: E402
 import experiment  # noqa: E402
 from backbone import FrozenCLIP, load_clip  # noqa: E402
 from baselines.fedmvp import load_attributes  # noqa: E402
 from conditions import load_conditions  # noqa: E402
-from fedmpt import ModelConfig  # noqa: E402
+import client  # noqa: E402
+import speed  # noqa: E402
+from options import ModelConfig  # noqa: E402
 from store import features  # noqa: E402
 
 METHODS = ["fedmpt", "fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram"]
@@ -34,14 +35,15 @@ METHODS = ["fedmpt", "fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedm
 def fixed_model(method, backbone, precision):
     classes = data.known_classes("voc2007")
     attributes = load_attributes("voc2007", classes) if method == "fedmvp" else None
-    model = experiment.build_model(method, backbone, classes, load_conditions("", "voc2007"),
-                                   ModelConfig(precision=precision, text_encoding="shared"), attributes, seed=0)
+    backbone.precision = precision
+    model = experiment.build_model(method, backbone, classes, load_conditions("", "voc2007"), ModelConfig(),
+                                   attributes, seed=0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
+    return speed.with_text_encoding(model, "shared")
 
 
 def main(argv=None):
@@ -58,12 +60,12 @@ def main(argv=None):
         reference = fixed_model(method, cpu, "fp32")
         with torch.no_grad():
             stored = [torch.from_numpy(x) for x in features.as_stored(reference.encode_images(images))]
-            expected = reference(*evaluation.gather(stored, slice(None), "cpu"))
+            expected = reference(*client.gather(stored, slice(None), "cpu"))
         row = {"method": method, "logit_range": float(expected.abs().max())}
         for precision in (["fp32", "bf16"] if cuda is not None else []):
             model = fixed_model(method, cuda, precision).to("cuda")
             with torch.no_grad():
-                logits = model(*evaluation.gather(stored, slice(None), "cuda")).cpu()
+                logits = model(*client.gather(stored, slice(None), "cuda")).cpu()
             difference = float((logits - expected).abs().max())
             row[precision] = {"max_abs": difference, "max_rel": difference / row["logit_range"]}
         rows.append(row)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from store import features  # noqa: E402
 import experiment  # noqa: E402
+from options import Config, ModelConfig, validate  # noqa: E402
 import metrics  # noqa: E402
 from errors import FedMPTError  # noqa: E402
 
@@ -107,9 +108,9 @@ def main(argv=None) -> int:
                         help="global: the global image feature; patches: the region features, concatenated")
     args = parser.parse_args(argv)
     try:
-        cfg = experiment.Config(dataset=args.dataset, root=args.root, clip=args.clip, clip_weights=args.clip_weights,
+        cfg = Config(dataset=args.dataset, root=args.root, clip=args.clip, clip_weights=args.clip_weights,
                                 cache_dir=args.cache_dir, seed=args.seed, device="cpu")
-        experiment.validate(cfg, experiment.ModelConfig())
+        validate(cfg, ModelConfig())
         if not 0 < args.val < 1:
             raise FedMPTError(f"--val {args.val}: must lie in (0, 1).")
         result = probe(cfg, args.val, args.features)

@@ -11,7 +11,11 @@ Every cell (method, dataset, t, seed) is one `python federate.py` run in its own
 OUT/runs/<cell>/; each finished cell appends a row to OUT/results.csv (method, dataset, t, seed,
 rounds, clients, options, mAP, CF1, OF1, seconds, run directory, code version). A cell already
 in results.csv is skipped and an interrupted one resumes from its checkpoint, so re-running the
-same command after Ctrl-C or a crash continues where it stopped. Then OUT/<table>.md holds the
+same command after Ctrl-C or a crash continues where it stopped. results.csv is rewritten whole
+for each row (a temporary file renamed over it), and read back through one checked reader
+(`read_results`): a torn last row, which a crash of older code could leave, is dropped with a
+note, any other bad row is an error naming its line. A grid holds OUT/.grid.lock while it runs:
+a second grid on the same --out is refused (exit 2), so one cell never runs twice at once. Then OUT/<table>.md holds the
 table in the paper's layout beside the published numbers, and table1 draws OUT/table1.png.
 
 Defaults follow the paper where it says: t in {0.1, ..., 1.0} and every method. It leaves
@@ -20,7 +24,9 @@ clients and rounds open; they come from the authors' code (CLIENTS_ROUNDS; docs/
 import argparse
 import concurrent.futures
 import csv
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -33,6 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from errors import FedMPTError  # noqa: E402
+from store.files import write_atomic  # noqa: E402
 METHODS = ["fedmpt", "fedmvp", "fed-dualcoop", "fed-poscoop", "fedtpg", "fed-maple", "fed-ram"]
 DATASETS = {"table1": ["voc2007", "coco2014", "nuswide"], "table3": ["multiscene", "mlrsnet"], "table5": [],
             "zsl": ["coco2014", "nuswide"]}
@@ -99,7 +108,8 @@ def make_cells(args) -> list:
                     cells.append({"method": method, "dataset": dataset, "t": t, "seed": seed,
                                   "rounds": args.rounds or rounds, "clients": args.clients or clients,
                                   "options": " ".join(split + args.extra)})
-    return cells
+    unique = {cell_name(cell): cell for cell in cells}  # --seeds 0,0: one cell, run once
+    return list(unique.values())
 
 
 def federate_args(cell, run_dir: Path, data_dir: str) -> list:
@@ -124,27 +134,66 @@ def columns_of(table: str) -> list:
     return COLUMNS + (ZSL_KEYS + [f"zero_shot_{k}" for k in ZSL_KEYS] if table == "zsl" else [])
 
 
+NUMBERS = {"t": float, "seed": int, "rounds": int, "clients": int, "mAP": float, "CF1": float, "OF1": float,
+           "seconds": float}  # the columns every row must hold as numbers (the zsl figures may be empty)
+
+
 def read_results(path: Path, columns=COLUMNS) -> list:
+    """results.csv, checked: the header holds `columns`, every row every column, each number a
+    finite number. A torn last row (no line end: a crash mid-append of older code) is dropped
+    with a note and the file rewritten without it; any other bad row is a GridError naming the
+    line and the fix."""
     if not path.exists():
         return []
-    with open(path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    if rows and set(columns) - set(rows[0]):
-        raise GridError(f"{path}: not a results file of this script (columns {', '.join(rows[0])}); "
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise GridError(f"{path}: cannot read it ({error}); restore it, or choose another --out.") from None
+    if text and not text.endswith("\n"):
+        kept = text[:text.rfind("\n") + 1]
+        print(f"note: {path}: its last row was torn ({text[len(kept):][:60]!r}); dropped: that cell runs again "
+              "(it resumes from its run directory).", file=sys.stderr)
+        write_atomic(path, kept.encode())
+        text = kept
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    if text and set(columns) - set(header):
+        raise GridError(f"{path}: not a results file of this script (columns {', '.join(header)}); "
                         "choose another --out.")
+    rows = []
+    for row in reader:
+        problem = row_problem(row, columns)
+        if problem:
+            raise GridError(f"{path} line {reader.line_num}: {problem}; restore the row as the grid wrote it, or "
+                            "delete that line to run its cell again.")
+        rows.append(row)
     return rows
 
 
+def row_problem(row: dict, columns) -> str:
+    """Why a results.csv row is not one this script wrote ('' when it is)."""
+    if None in row or any(row.get(name) is None for name in columns):
+        return f"{len(row) - (None in row)} fields where the header has {len(columns)}"
+    for name, kind in NUMBERS.items():
+        try:
+            value = kind(row[name])
+        except ValueError:
+            return f"{name} {row[name]!r} is not a number"
+        if not math.isfinite(value):
+            return f"{name} {row[name]!r} is not a finite number"
+    return ""
+
+
 def append_result(path: Path, row: dict, columns=COLUMNS):
-    """One line per finished run, flushed to disk before the next cell starts."""
-    new = not path.exists()
-    with open(path, "a", newline="") as file:
-        writer = csv.DictWriter(file, columns)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        file.flush()
-        os.fsync(file.fileno())
+    """One line per finished run: results.csv rewritten whole with it (store/files.write_atomic:
+    a temporary file, flushed to disk, renamed), so a row is there whole or not at all."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    line = io.StringIO(newline="")
+    writer = csv.DictWriter(line, columns)
+    if not text:
+        writer.writeheader()
+    writer.writerow(row)
+    write_atomic(path, (text + line.getvalue()).encode())
 
 
 def finished_row(cell, run_dir: Path) -> dict:
@@ -184,7 +233,7 @@ def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str, thread
                                   stderr=subprocess.STDOUT, env=env).returncode
         finally:  # the wall time of the process, Ctrl-C included: what the next estimate uses
             launches = read_launches(run_dir) + [{"code": version, "seconds": round(time.time() - start, 1)}]
-            (run_dir / "launches.json").write_text(json.dumps(launches))
+            write_atomic(run_dir / "launches.json", json.dumps(launches).encode())
     if code != 0:
         tail = log.read_text().splitlines()[-15:]
         raise GridError(f"{cell_name(cell)} failed (exit {code}); its output: {log}\n" + "\n".join(tail),
@@ -397,9 +446,10 @@ def parse(argv):
         raise GridError(f"--jobs {args.jobs}: give 1 or more cells at once.")
     if any(not 0 < t <= 1 for t in args.t):
         raise GridError(f"--t {args.t}: each level must lie in (0, 1].")
-    if {"--out", "--resume", "--seed", "--method", "--dataset", "--heterogeneity"} & set(args.extra):
+    if {"--out", "--resume", "--seed", "--method", "--dataset", "--heterogeneity"} & {option.split("=", 1)[0]
+                                                                                    for option in args.extra}:
         raise GridError("the options after -- may not set --out, --resume, --seed, --method, --dataset or "
-                        "--heterogeneity: the grid sets them per cell.")
+                        "--heterogeneity (as --seed 5 or --seed=5): the grid sets them per cell.")
     return args
 
 
@@ -479,21 +529,49 @@ def step_times_for(args, out: Path) -> Path:
     return path
 
 
+def check_out(out: Path):
+    """--out, refused before anything is written when it, or a folder on its path, is a file."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise GridError(f"--out {out}: {path} is a file, not a folder; give another --out.")
+
+
+def lock_grid(out: Path):
+    """OUT/.grid.lock, held by this grid while it runs (opened without following a link): a second
+    grid on the same --out would run the same cells in the same run directories at once."""
+    path = out / ".grid.lock"
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        why = "a symbolic link this script did not create" if os.path.islink(path) else error.strerror
+        raise GridError(f"cannot lock the grid {out}: {path} is {why}; remove it and run again.") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise GridError(f"another grid is running on --out {out} (it holds {path}); wait for it to end, or give "
+                        "this one another --out.") from None
+    return descriptor
+
+
 def stop(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
+    lock = None
     try:
         args = parse(argv)
         out = Path(args.out).resolve()  # the cells run in the repository: paths must not depend on the caller's
         args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+        check_out(out)
         if not args.dry_run:  # a dry run writes nothing
             out.mkdir(parents=True, exist_ok=True)
+            lock = lock_grid(out)  # held until the grid ends (finally, below)
         if args.table == "table5":
             path = step_times_for(args, out)
             if not args.dry_run:
-                (out / "table5.md").write_text(table5(read_results(out / "results.csv"), path, args))
+                write_atomic(out / "table5.md", table5(read_results(out / "results.csv"), path, args).encode())
                 print((out / "table5.md").read_text())
             return 0
         results = run_grid(args, out)
@@ -501,8 +579,8 @@ def main(argv=None) -> int:
             return 0
         cells = make_cells(args)
         rows = rows_of(results, cells)
-        (out / f"{args.table}.md").write_text({"table1": table1, "table3": table3, "zsl": zsl_table}[args.table](
-            cells, rows, args))
+        write_atomic(out / f"{args.table}.md", {"table1": table1, "table3": table3, "zsl": zsl_table}[args.table](
+            cells, rows, args).encode())
         if args.table == "table1":
             plot_table1(rows, args, out / "table1.png")
         print((out / f"{args.table}.md").read_text())
@@ -511,9 +589,15 @@ def main(argv=None) -> int:
     except GridError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.code
+    except FedMPTError as error:  # a file the grid writes (store/files.py): a full disk, a planted link
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nstopped; run the same command again to continue where it stopped.", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            os.close(lock)  # the grid's lock ends with it
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Table 5's cost columns and the cost model's inputs, measured side by side in one run: per
 method, class count and precision, the milliseconds of one training step as federate.py runs it
-(evaluation.gather of the batch from the stored inputs, the loss, backward, the gradient-norm
-guard and the SGD step: federate.batches and federate.train_step) at CLIP ViT-B/16 (random init,
+(client.gather of the batch from the stored inputs, the loss, backward, the gradient-norm
+guard and the SGD step: client.batches and client.clip_and_step) at CLIP ViT-B/16 (random init,
 batch 32), with the shares of the text encoder (forward + backward), of the transport (the
 Sinkhorn calls inside the step) and of loading (the gather), on the device it runs on, with the
 step's peak GPU memory on CUDA.
@@ -30,14 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-import evaluation  # noqa: E402
 import experiment  # noqa: E402
-import federate  # noqa: E402
 import ot  # noqa: E402
 from backbone import FrozenCLIP, load_clip  # noqa: E402
 from baselines.fedmvp import load_attributes  # noqa: E402
 from conditions import load_conditions  # noqa: E402
-from fedmpt import ModelConfig, asymmetric_loss  # noqa: E402
+import client  # noqa: E402
+import speed  # noqa: E402
+from fedmpt import asymmetric_loss  # noqa: E402
+from options import ModelConfig  # noqa: E402
+from speed.shared_prefix import text_positions  # noqa: E402
 from store import features  # noqa: E402
 
 METHODS = ["fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram", "fedmpt"]
@@ -77,27 +79,31 @@ class Transport:
         return plan
 
 
-def method_model(method, backbone, dataset, options, device):
+def method_model(method, backbone, dataset, precision, text_encoding, device):
     classes = data.known_classes(dataset)
     attributes = None
     if method == "fedmvp":
         described = load_attributes(dataset, classes)
         attributes = {"attributes": described["attributes"]}
-    return experiment.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(**options),
-                                  attributes, seed=0).to(device)
+    backbone.precision = precision
+    model = experiment.build_model(method, backbone, classes, load_conditions("", dataset), ModelConfig(),
+                                   attributes, seed=0)
+    return speed.with_text_encoding(model.to(device), text_encoding)
 
 
 def measure(model, stored, targets, device, n_steps) -> dict:
     """ms per training step as federate.py runs it, and the text, transport and loading shares."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = federate.local_optimizer(params, 1e-3)
+    optimizer = client.local_optimizer(params, 1e-3)
     rows = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))  # a shuffled batch
-    totals = federate.StepTotals(device)
+    totals = client.StepTotals(device)
 
     def step():
-        for inputs, batch_targets in federate.batches(stored, targets, [rows], device):
+        for inputs, batch_targets in client.batches(stored, targets, [rows], device):
             loss = model.loss(inputs, batch_targets, asymmetric_loss)
-            totals.add(loss, federate.train_step(loss, optimizer, params, GRAD_CLIP), len(rows), GRAD_CLIP)
+            optimizer.zero_grad()
+            loss.backward()
+            totals.add(loss, client.clip_and_step(optimizer, params, GRAD_CLIP), len(rows), GRAD_CLIP)
 
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +116,7 @@ def measure(model, stored, targets, device, n_steps) -> dict:
         step()
     finally:
         ot.sinkhorn = transport.inner
-    loading = median_seconds(lambda: evaluation.gather(stored, rows, device), n_steps, device)
+    loading = median_seconds(lambda: client.gather(stored, rows, device), n_steps, device)
     weights = None
 
     def text():
@@ -140,17 +146,6 @@ def full_text_step(backbone, n_prompts, device):
     return step
 
 
-def text_positions(model) -> dict:
-    """FedMPT's text positions: run by the shared layout, the exact minimum, and whole prompts."""
-    prompts = model.prompts
-    length, (R, Ls) = prompts.shared_length, prompts.suffix_rows  # (2K,)
-    eot = prompts.eot.reshape(len(length), -1).cpu()  # (2K, C)
-    length = length.cpu()
-    return {"run": len(length) * (prompts.prefix_positions + R * Ls),
-            "minimum": int(length.sum() + (eot - length[:, None] + 1).sum()),
-            "whole": len(prompts.eot) * prompts.whole_positions}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -174,8 +169,7 @@ def main(argv=None):
         targets = (torch.rand(args.batch_size, n_classes) < 0.15).long()
         for precision in args.precisions:
             for method in args.methods:
-                options = {"text_encoding": args.text_encoding, "precision": precision}
-                model = method_model(method, backbone, dataset, options, device)
+                model = method_model(method, backbone, dataset, precision, args.text_encoding, device)
                 kind = model.input_kind()
                 if kind not in stored_by_kind:  # as the store keeps them: float16, uint8 pixels
                     with torch.no_grad():

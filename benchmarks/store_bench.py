@@ -36,11 +36,12 @@ INPUTS = {"(v, P) ViT-B/16": 2 * 197 * 512, "(v, P) ViT-B/32": 2 * 50 * 512, "(v
 MEMORY_PROBE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-import data, federate
+import data
 from store import features
 from backbone import FrozenCLIP, load_clip
-from experiment import Config
-from fedmpt import FedMPT, ModelConfig
+from client import local_train
+from fedmpt import FedMPT
+from options import Config, ModelConfig
 from loaders.voc import VOCDataset
 from shapes.world import SHAPES_CLASSES
 
@@ -57,8 +58,8 @@ model = FedMPT(backbone, SHAPES_CLASSES, ["color", "background"], ModelConfig(),
 key = features.store_key(backbone.fingerprint(), dataset, model.input_kind()) if use_store else None
 inputs, _ = features.encode_dataset(model.encode_images, dataset, key, cache, workers=0, log=lambda m: None)
 encoded = anon()
-federate.local_train(model, model.tunable_state(), inputs, dataset.targets, list(range(len(dataset))),
-                     Config(batch_size=128), 1e-3, torch.Generator().manual_seed(0))
+local_train(model, model.tunable_state(), inputs, dataset.targets, list(range(len(dataset))),
+            Config(batch_size=128), 1e-3, torch.Generator().manual_seed(0))
 print(json.dumps({"start": start, "encoded": encoded, "trained": anon()}))
 """
 

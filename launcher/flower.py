@@ -30,7 +30,7 @@ from launcher.processes import (TOKEN_VARIABLE, accepts_connections, free_ports,
                                 stop_processes)
 from shapes.model import WEIGHTS
 from store.files import write_json
-from store.runs import default_out
+from store.runs import check_new_run, default_out
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml + this repository's code
 ATTEMPTS = 3  # tries at starting the local federation when a port was taken meanwhile
@@ -47,6 +47,7 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
     validate(cfg, model_cfg)
+    check_new_run(default_out(cfg))  # at once: before any Flower process starts (it took ~26 s to say so)
     import tomli_w  # requirements-flower.txt (flower_app.py checks it is there)
     superlink = flower_cfg.superlink
     connection = superlink if superlink and ":" not in superlink else "fedmpt"

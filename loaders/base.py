@@ -1,7 +1,11 @@
 """What every dataset loader shares: an image dataset with targets in {1, 0, -1} and class
-names, the check of every image, and one message for missing files.
+names, the check of every image, one message for missing files, and one path rule: every image,
+annotation and split path a dataset's files name resolves (links resolved) inside ROOT, or is
+refused with the file and line that named it (`inside_root`).
 """
 import copy
+import os
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -18,6 +22,25 @@ def missing_files_error(name, root, missing, how) -> FedMPTError:
     """One message for every loader: what is missing (the first ten) and how to get it."""
     listed = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
     return FedMPTError(f"{name} not found under {root}: missing {listed}. To get it, {how}.")
+
+
+def inside_root(root, path, named_by: str) -> Path:
+    """`path` (ROOT-relative or absolute) when it resolves, links resolved, inside ROOT; else
+    FedMPTError naming `named_by` (the file and line, or entry, that named it). A path that does
+    not exist yet is judged by what it would resolve to: missing files stay the loader's to report."""
+    if not lies_inside(root, path):
+        real = os.path.realpath(Path(root) / path)
+        raise FedMPTError(f"{named_by} names {path}, which lies outside the dataset root {root} (it resolves to "
+                          f"{real}); every image, annotation and split path must lie inside the root: fix the entry, "
+                          "or copy the file into the root.")
+    return Path(root) / path
+
+
+def lies_inside(root, path) -> bool:
+    """Whether ROOT/path (or an absolute `path`) resolves, links resolved, inside ROOT."""
+    root_real = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(Path(root) / path))
+    return real == root_real or root_real in real.parents
 
 
 class ImageDataset(torch.utils.data.Dataset):

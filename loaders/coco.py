@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from errors import FedMPTError
-from loaders.base import ImageDataset, missing_files_error
+from loaders.base import ImageDataset, inside_root, missing_files_error
 
 # COCO's 80 category names in ascending category id (ids run 1..90 with gaps).
 COCO_CLASSES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
@@ -60,5 +60,6 @@ class COCODataset(ImageDataset):
                 raise FedMPTError(f"{annotation_file}: an annotation refers to image {image_id} / "
                                   f"category {category_id}, which the file does not list.")
             targets[row[image_id], column[category_id]] = 1
-        paths = [image_dir / image["file_name"] for image in images]
+        paths = [inside_root(image_dir, str(image["file_name"]), f"{annotation_file} (image id {image['id']})")
+                 for image in images]
         super().__init__("coco2014", split, paths, targets, COCO_CLASSES, transform, skip_unreadable)

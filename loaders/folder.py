@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from errors import FedMPTError
-from loaders.base import UNREADABLE, ImageDataset, missing_files_error
+from loaders.base import UNREADABLE, ImageDataset, lies_inside, missing_files_error
 
 
 FOLDER_COLUMNS = ["image", "labels", "split"]  # required; an optional "client" column names sites
@@ -79,6 +79,8 @@ def read_folder_labels(root: Path, check_images: bool = True):
             name = line.strip()
             if name in listed:
                 problems.append(f"classes.txt line {number}: '{name}' is listed twice")
+            elif name_problem(name):
+                problems.append(f"classes.txt line {number}: {name_problem(name)}")
             elif name:
                 listed.append(name)
     try:
@@ -109,6 +111,9 @@ def read_folder_labels(root: Path, check_images: bool = True):
             here(f"{len(values)} fields, but the header has {len(header)} (separate labels with '|')")
         if split not in ("train", "test"):
             here(f"split '{split}' is neither train nor test")
+        for name in labels:
+            if name_problem(name):
+                here(name_problem(name))
         unknown = [name for name in labels if listed is not None and name not in listed]
         if unknown:
             here(f"label(s) {', '.join(map(repr, unknown))} not in classes.txt")
@@ -118,8 +123,8 @@ def read_folder_labels(root: Path, check_images: bool = True):
         key = os.path.normpath(image)
         if not image:
             here("no image path")
-        elif path.is_absolute() or ".." in path.parts:
-            here(f"image '{image}' is not a path inside {root}")
+        elif path.is_absolute() or ".." in path.parts or not lies_inside(root, path):
+            here(f"image '{image}' is not a path inside {root} (links resolved)")
         elif key in first_line_of:
             here(f"image {image} is listed twice (also on line {first_line_of[key]})")
         elif check_images:
@@ -140,6 +145,14 @@ def read_folder_labels(root: Path, check_images: bool = True):
         raise FedMPTError(f"{csv_path} has {len(problems)} problem(s):\n  " + "\n  ".join(shown)
                           + f"\nFix them and run again ({FOLDER_FORMAT}).")
     return classes, rows, has_clients
+
+
+def name_problem(name: str) -> str:
+    """Why `name` cannot be a class name ('' when it can): names are written comma-separated
+    (--unseen) and one a line (classes.txt), so a comma or a line break would make two of one."""
+    if any(mark in name for mark in ",\n\r"):
+        return f"the class name {name!r} holds a comma or a line break; rename the class without them"
+    return ""
 
 
 def image_problem(path: Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from errors import FedMPTError
-from loaders.base import ImageDataset, missing_files_error
+from loaders.base import ImageDataset, inside_root, missing_files_error
 
 SPLITS = {("coco2014", "48/17"): ("train_48_filtered.json", "test_17_filtered.json", "test_65_filtered.json"),
           ("nuswide", "925/81"): ("train_925_filtered.json", "test_81_filtered.json", "test_1006_filtered.json")}
@@ -43,8 +43,9 @@ def read_split_file(path: Path, expected: int) -> tuple:
     return classes, images
 
 
-def find_image(root: Path, written: str) -> Path:
-    """Where an image a split file names lies under ROOT (see the module's docstring)."""
+def find_image(root: Path, written: str, named_by: str = "a split file") -> Path:
+    """Where an image a split file names lies under ROOT (see the module's docstring); a path
+    that resolves outside ROOT (`..`, a link) is refused naming `named_by` (loaders/base.py)."""
     path = Path(written.replace("\\", "/"))
     tail = Path(*path.parts[-2:]) if len(path.parts) >= 2 else path
     if tail.parts[0] == "trainval2014":  # COCO: the file name says which 2014 folder holds it
@@ -52,7 +53,7 @@ def find_image(root: Path, written: str) -> Path:
     relative = [] if path.is_absolute() else [path]
     candidates = [root / p for p in relative] + [root / "images" / p for p in relative] + [root / tail,
                                                                                            root / "images" / tail]
-    return next((c for c in candidates if c.exists()), candidates[0])
+    return inside_root(root, next((c for c in candidates if c.exists()), candidates[0]), named_by)
 
 
 class ZSLSplitDataset(ImageDataset):
@@ -81,7 +82,8 @@ class ZSLSplitDataset(ImageDataset):
         self.check_vocabulary(root, dataset, sorted(set(seen)), sorted(set(unseen)))
         column = {name: c for c, name in enumerate(classes)}
         listed = train_images if split == "train" else test_images
-        paths = [find_image(root, image) for image, _ in listed]
+        listing = files[0] if split == "train" else files[2]
+        paths = [find_image(root, image, f"{listing} entry {number}") for number, (image, _) in enumerate(listed, 1)]
         targets = torch.zeros(len(listed), len(classes), dtype=torch.long)  # (n_images, C)
         for row, (_, labels) in enumerate(listed):
             targets[row, [column[label] for label in labels if label in column]] = 1

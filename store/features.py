@@ -6,7 +6,9 @@ returns the inputs memory-mapped from CACHE/features/<sha256 of the key>/ (`cach
 What it serves is checked first: every file's .npy header against the manifest, and every
 chunk's bytes against the CRC-32 the manifest recorded when it was written (a full read of the
 entry: docs/scale.md gives the cost); an entry that fails is encoded again, with a note. A
-chunk the encoder gave non-finite values is never stored.
+chunk the encoder gave non-finite values is never stored. The store follows no link it did not
+create: an entry directory, lock file or input file planted as a symbolic link is refused with an
+error naming it (exit 2), and what the link points to is never opened.
 """
 import fcntl
 import hashlib
@@ -22,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from errors import FedMPTError
-from store.files import write_json
+from store.files import create_new, refuse_link, write_json
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -84,8 +86,7 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
         bar.close()
         return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*parts)), n
     directory = store_directory(key, cache_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
+    with open_lock(directory) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # a second run with this key waits, then reads
@@ -111,9 +112,11 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
                 if arrays is None:  # the first chunk says the shapes
                     manifest = {"key": key, "shapes": [[n, *x.shape[1:]] for x in outputs],
                                 "dtypes": [str(x.dtype) for x in outputs], "rows_completed": 0, "chunks": []}
-                    arrays = [np.lib.format.open_memmap(directory / f"input{i}.npy", mode="w+", dtype=x.dtype,
-                                                        shape=(n, *x.shape[1:])) for i, x in enumerate(outputs)]
-                    files = [directory / f"input{i}.npy" for i in range(len(arrays))]
+                    files = [directory / f"input{i}.npy" for i in range(len(outputs))]
+                    for path in files:  # made here, never through a link someone planted
+                        os.close(create_new(path))
+                    arrays = [np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=(n, *x.shape[1:]))
+                              for path, x in zip(files, outputs)]
                     for path in files:
                         reserve(path)
                     manifest["sizes"] = [path.stat().st_size for path in files]  # fixed from here on
@@ -130,6 +133,27 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
         del arrays
         inputs = open_store(key, cache_dir)
     return inputs, n - start
+
+
+def open_lock(directory: Path):
+    """The entry's lock file, opened without following a link (O_NOFOLLOW) and never truncated,
+    after checking that neither the entry nor anything in it is a link this code did not create.
+    A store the user cannot write is an error naming it and the fix."""
+    try:
+        for folder in (directory.parent, directory):
+            refuse_link(folder)
+            folder.mkdir(exist_ok=True, parents=True)
+        descriptor = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if os.path.islink(directory / ".lock"):
+            refuse_link(directory / ".lock")
+        raise FedMPTError(f"cannot use the feature store at {directory}: {error.strerror or error}; give a "
+                          "directory you can write with --cache-dir (or $FEDMPT_CACHE).") from None
+    for entry in os.scandir(directory):  # every file the entry will open, read or write
+        if entry.is_symlink():
+            os.close(descriptor)
+            refuse_link(Path(entry.path))
+    return os.fdopen(descriptor, "r+")
 
 
 def store_directory(key, cache_dir="") -> Path:

@@ -2,7 +2,9 @@
 checkpoint.pt, state.pt, ...) is written whole to a temporary file beside it, flushed to disk
 and renamed over the old one. A failed write (a full disk, a quota) removes the temporary file,
 leaves the old file as it was, and stops with an error that names the file, the free space and
-the fix (exit 2)."""
+the fix (exit 2). Nothing here follows a link it did not create: a symbolic link planted at a
+file's name or at its temporary name is refused with an error naming it, and what it points to
+is never opened."""
 import errno
 import io
 import json
@@ -20,10 +22,14 @@ NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 def write_atomic(path, data: bytes, fix: str = ""):
     """`data` as the new content of `path`, all of it or (on any error) none of it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(path, error, fix) from None
+    refuse_link(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer process
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        descriptor = create_new(temporary)
         try:
             view = memoryview(data)
             while view:
@@ -33,8 +39,28 @@ def write_atomic(path, data: bytes, fix: str = ""):
             os.close(descriptor)
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        if not os.path.islink(temporary):
+            temporary.unlink(missing_ok=True)
         raise write_error(path, error, fix) from None
+
+
+def refuse_link(path: Path):
+    """A symbolic link at `path` that this code did not create: FedMPTError naming it."""
+    if os.path.islink(path):
+        raise FedMPTError(f"{path} is a symbolic link (to {os.readlink(path)}), not a file this code wrote; it is "
+                          "left as it is, and so is what it points to. Remove the link and run again.")
+
+
+def create_new(path: Path, flags: int = os.O_WRONLY) -> int:
+    """A descriptor of a new file at `path`, created here (O_EXCL, O_NOFOLLOW): a leftover regular
+    file of a crashed writer is removed first, a planted link is refused (refuse_link)."""
+    for _ in range(2):
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            refuse_link(path)
+            path.unlink(missing_ok=True)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
 
 def write_error(path: Path, error: OSError, fix: str) -> FedMPTError:

@@ -30,13 +30,37 @@ import numpy as np
 import torch
 
 from errors import FedMPTError, Interrupted, RunFailed
+import zeroshot
 from options import Config, ModelConfig, config_from, field_problems, flag
 from store.files import save_tensors, write_json
 
 
 def default_out(cfg) -> str:
-    """--out, else runs/<dataset>-<method>-<timestamp>."""
-    return cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """--out, else runs/<dataset>-<method>-<timestamp>; refused at once where it cannot be a
+    run directory (check_out_folder)."""
+    out = cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_folder(out)
+    return out
+
+
+def check_new_run(out, resume_hint: str = "python federate.py --resume"):
+    """An --out for a new run: FedMPTError, before anything starts, when it is a file or already
+    holds a run (its metrics.json or config.json): nothing of that run is overwritten."""
+    check_out_folder(out)
+    if (Path(out) / "metrics.json").exists() or (Path(out) / "config.json").exists():
+        raise FedMPTError(f"--out {out} already holds a run; continue it with {resume_hint} {out}, or choose another "
+                          "--out.")
+
+
+def check_out_folder(out, option: str = "--out"):
+    """A folder to write into: FedMPTError when `out`, or a folder on its path, is an existing
+    file (or a link this code did not create), before anything is built or written."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.is_symlink() and path == out:
+            raise FedMPTError(f"{option} {out} is a symbolic link (to {path.readlink()}); give the folder itself.")
+        if path.exists() and not path.is_dir():
+            raise FedMPTError(f"{option} {out}: {path} is a file, not a folder; give another {option}.")
 
 
 def load_checkpoint(path: Path, fix: str) -> object:
@@ -102,21 +126,70 @@ def read_run_config(run_dir, config_classes, record_keys) -> tuple:
     problems = [f"it lacks {', '.join(missing)}"] if missing else []
     problems += [problem for config in configs for problem in field_problems(config)]
     problems += [f"no option or run record is called {', '.join(unknown)}"] if unknown else []
+    problems += record_problems(saved)
     if problems:
         raise FedMPTError(f"{path} is not a configuration this code can continue: {'; '.join(problems)}. Restore the "
                           "run's own config.json, or train the run again with another --out.")
     return (*configs, saved)
 
 
-def extend_rounds(run_dir, rounds: int, done: int):
-    """--rounds beside --resume: a run extended past its own rounds (recorded in its config.json);
-    its learning rate follows the cosine over the new total from here on."""
+def check_extension(run_dir, rounds: int, done: int) -> bool:
+    """--rounds beside --resume, checked and nothing written: True when it extends the run, False
+    when it names the run's own rounds; fewer (or no more than are done) is a FedMPTError."""
     saved = read_saved_config(run_dir)
     if rounds == saved["rounds"]:
-        return
+        return False
     if rounds < saved["rounds"] or rounds <= done:
         raise FedMPTError(f"--rounds {rounds} beside --resume extends a run: give more than its {saved['rounds']} rounds "
                           f"({done} done).")
+    return True
+
+
+def is_names(value) -> bool:
+    """A list of distinct, non-empty strings (class or condition names)."""
+    return (isinstance(value, list) and all(isinstance(name, str) and name.strip() for name in value)
+            and len(set(value)) == len(value))
+
+
+# config.json's run record fields that are read back, and the type each must have
+RECORD_TYPES = {
+    "classes": ("a list of distinct class names", is_names),
+    "condition_set": ('{"conditions": [names], ...}',
+                      lambda v: isinstance(v, dict) and is_names(v.get("conditions")) and bool(v["conditions"])),
+    "unseen_classes": ("a list of distinct class names", is_names),
+    "root": ("a path (a string)", lambda v: isinstance(v, str)),
+    "backbone_sha256": ("a sha256 (a string) or null", lambda v: v is None or isinstance(v, str)),
+    "extended": ("a list of {after_round, rounds_before, rounds}", lambda v: isinstance(v, list)
+                 and all(isinstance(e, dict) for e in v)),
+}
+
+
+def record_problems(saved: dict) -> list:
+    """What is wrong with the run record fields config.json holds (each checked where present)."""
+    problems = [f"{name} must be {what}, not {json.dumps(saved[name])[:60]}"
+                for name, (what, fits) in RECORD_TYPES.items() if name in saved and not fits(saved[name])]
+    classes, unseen = saved.get("classes"), saved.get("unseen_classes")
+    if not problems and is_names(classes) and is_names(unseen) and set(unseen) - set(classes):
+        problems.append(f"unseen_classes names {sorted(set(unseen) - set(classes))[:5]}, not in classes")
+    return problems
+
+
+def require_record(run_dir, saved: dict, names):
+    """The run record fields a command reads: each must be in config.json (read_run_config
+    checked the types of those present)."""
+    missing = [name for name in names if name not in saved]
+    if missing:
+        raise FedMPTError(f"{Path(run_dir) / 'config.json'} lacks the run record {', '.join(missing)}: it is not a "
+                          "finished run's configuration. Restore the run's own config.json, or train it again.")
+
+
+def extend_rounds(run_dir, rounds: int, done: int):
+    """--rounds beside --resume: a run extended past its own rounds (recorded in its config.json);
+    its learning rate follows the cosine over the new total from here on. Called once every
+    check of the resumed run has passed (check_extension first): a refused resume writes nothing."""
+    if not check_extension(run_dir, rounds, done):
+        return
+    saved = read_saved_config(run_dir)
     print(f"note: --rounds {rounds} extends the run from {saved['rounds']} rounds; from round {done + 1} on the learning "
           f"rate follows the cosine over {rounds} rounds, so the result is not that of a run begun with --rounds "
           f"{rounds}.", file=sys.stderr)
@@ -156,13 +229,14 @@ def read_config(run_dir: str):
 
 def resume(run_dir: str, given: dict = None):
     """--resume RUN: (Config, ModelConfig, checkpoint or None). The run's own options (resume_config),
-    its checkpoint.pt checked before the long setup, and --rounds beside it extending the run."""
+    its checkpoint.pt checked before the long setup, and --rounds beside it checked (extend_rounds
+    writes it once the run's setup passed)."""
     cfg, model_cfg = resume_config(run_dir, given)
     path, checkpoint = Path(run_dir) / "checkpoint.pt", None
     if path.exists():
         checkpoint = read_checkpoint(path, "restore it, or delete it to train the run again from round 0 with --resume")
-    if "rounds" in (given or {}):
-        extend_rounds(run_dir, cfg.rounds, checkpoint["round"] if checkpoint else 0)
+    if "rounds" in (given or {}):  # checked now; config.json records it once every check of the run passed
+        check_extension(run_dir, cfg.rounds, checkpoint["round"] if checkpoint else 0)
     return cfg, model_cfg, checkpoint
 
 
@@ -172,7 +246,8 @@ def resume_config(run_dir: str, given: dict = None):
     Those that only say how the run is executed (the fields marked `execution`) apply, and
     --rounds may extend the run; any other is refused: it would change what the saved rounds
     were trained with."""
-    cfg, model_cfg, _ = read_config(run_dir)
+    cfg, model_cfg, saved = read_config(run_dir)
+    cfg.unseen = zeroshot.resumed_unseen(cfg.unseen, saved)  # the names it resolved, not the file read again
     given = {name: value for name, value in (given or {}).items() if name != "resume"}
     execution = {f.name for f in dataclasses.fields(Config) if f.metadata.get("execution")}
     refused = [flag(name) for name in given if name not in execution | {"rounds"}]
@@ -282,3 +357,23 @@ def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0
           f"--lr than {lr:g}, or for FedMPT --class-ctx 4; compare the choices on --validation.", file=sys.stderr)
     return True
 
+
+def check_trained(history: list, first_round: int, start_state: dict, final_state: dict):
+    """After the last round: a run that could not train is a failed run (RunFailed, exit 1), not a
+    finished one. It could not when no client update was aggregated in any of its rounds (every
+    one rejected or failed: `failed` in each row), or when the rounds this process ran left the
+    global state exactly as it found it."""
+    trained = [row for row in history if row["round"] >= 1]
+    ran_here = [row for row in trained if row["round"] >= first_round]
+    unchanged = bool(ran_here) and all(torch.equal(start_state[name], final_state[name]) for name in start_state)
+    if trained and all(row.get("failed") for row in trained):
+        cause = (f"no client update was aggregated in any of its {len(trained)} rounds (every one was rejected or "
+                 "failed: the reasons are logged above, non-finite values after too large steps above all)")
+    elif unchanged:
+        cause = (f"the global state did not change in rounds {ran_here[0]['round']}-{ran_here[-1]['round']} (the "
+                 "updates were too small to move a float32 value)")
+    else:
+        return
+    raise RunFailed(f"the run could not train: {cause}. Its rows are in metrics.json, but it is not a finished "
+                    "run (no state.pt). Try a lower --lr (or 0, the method's own), keep --grad-clip on (its "
+                    "default 10), and start again with another --out.")

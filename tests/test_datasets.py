@@ -408,3 +408,57 @@ def test_safe_extract_refuses_a_symlink_chain_that_escapes_once_its_links_exist(
         tar.addfile(link("VOCdevkit/latest", "VOC2007", tarfile.SYMTYPE))
     download.safe_extract(inside, target)
     assert os.readlink(target / "VOCdevkit" / "latest") == "VOC2007"
+
+
+# ---- #33: one path rule for every loader; files that are not text ------------------------
+@pytest.mark.parametrize("file_name", ["../../outside.jpg", "/etc/hostname"])
+def test_a_coco_file_name_outside_the_root_is_refused(coco_root, tmp_path_factory, file_name):
+    """#33 item 5: COCO's file_name joined with the image folder must stay inside it."""
+    path = coco_root / "annotations" / "instances_val2014.json"
+    coco = json.loads(path.read_text())
+    coco["images"][0]["file_name"] = file_name
+    path.write_text(json.dumps(coco))
+    with pytest.raises(FedMPTError) as raised:
+        data.load_dataset("coco2014", coco_root, "test")
+    assert "instances_val2014.json" in str(raised.value) and "outside the dataset root" in str(raised.value)
+
+
+def voc_root(root):
+    """A two-image VOC layout under ROOT/VOC2007."""
+    directory = root / "VOC2007"
+    (directory / "ImageSets" / "Main").mkdir(parents=True)
+    (directory / "Annotations").mkdir()
+    for image_id in ("000001", "000002"):
+        save_jpeg(directory / "JPEGImages" / f"{image_id}.jpg")
+        (directory / "Annotations" / f"{image_id}.xml").write_text(
+            "<annotation><object><name>dog</name><difficult>0</difficult></object></annotation>")
+    (directory / "ImageSets" / "Main" / "test.txt").write_text("000001\n000002\n")
+    return directory
+
+
+def test_a_voc_image_id_that_climbs_out_of_the_root_is_refused(tmp_path):
+    """#33 item 5: an ImageSets id ../../../x would read x.xml and x.jpg outside ROOT."""
+    directory = voc_root(tmp_path / "voc")
+    (tmp_path / "x.xml").write_text("<annotation></annotation>")
+    save_jpeg(tmp_path / "x.jpg")
+    (directory / "ImageSets" / "Main" / "test.txt").write_text("000001\n../../../x\n")
+    with pytest.raises(FedMPTError) as raised:
+        data.load_dataset("voc2007", tmp_path / "voc", "test")
+    assert "test.txt line 2" in str(raised.value) and "outside the dataset root" in str(raised.value)
+
+
+def test_a_voc_image_set_or_generated_json_that_does_not_read_names_the_file(tmp_path):
+    """#33 item 11: a non-UTF-8 ImageSets file and a malformed generated.json end in error: lines."""
+    directory = voc_root(tmp_path / "voc")
+    (directory / "ImageSets" / "Main" / "test.txt").write_bytes(b"000001\n\xff\xfe\n")
+    with pytest.raises(FedMPTError, match="test.txt is not UTF-8"):
+        data.load_dataset("voc2007", tmp_path / "voc", "test")
+    (directory / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    (directory / "generated.json").write_text("{not json")
+    with pytest.raises(FedMPTError, match="generated.json is not"):
+        data.load_dataset("voc2007", tmp_path / "voc", "test")
+    stamp = tmp_path / "shapes" / "VOCdevkit" / "VOC2007" / "generated.json"
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text("[1,")
+    with pytest.raises(FedMPTError, match="generated.json is not a generated world"):
+        data.load_dataset("shapes", tmp_path / "shapes", "test")  # the shapes world reads its record first

@@ -132,3 +132,100 @@ def test_a_run_whose_loss_and_gradient_went_flat_near_the_label_prior_says_it_st
     assert not federate.warn_if_stalled(history([3.9, 3.2, 3.2, 3.2], [0.4, 0.3, 0.05, 0.01], final=28.0), 0.1)
     assert not federate.warn_if_stalled(history([3.2, 3.2], [0.1, 0.1], final=28.0), 0.1)  # too few rounds to say
     assert capsys.readouterr().err == ""
+
+
+# ---- #33: a run that cannot train, a refused resume, what a resumed run keeps ---------------
+def test_a_run_whose_updates_were_never_aggregated_or_never_moved_the_state_failed():
+    from errors import RunFailed
+    from store.runs import check_trained
+    state, moved = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    rows = lambda *failed: [{"round": 0}] + [{"round": r, "failed": f} for r, f in enumerate(failed, 1)]
+    with pytest.raises(RunFailed, match="no client update was aggregated in any of its 2 rounds"):
+        check_trained(rows(True, True), 1, state, state)
+    with pytest.raises(RunFailed, match="the global state did not change in rounds 1-2"):
+        check_trained(rows(False, False), 1, state, {"w": torch.zeros(3)})
+    check_trained(rows(True, False), 1, state, moved)  # one round aggregated: it trained
+    check_trained(rows(False, False), 3, state, state)  # resumed after its last round: nothing ran here
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_train_exits_1_and_saves_no_state(shapes_root, tmp_path):
+    """#33 item 1: --lr 1e30 --grad-clip 0: every update is non-finite, every round rejected."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "federate.py", "--root", str(shapes_root), "--out", str(out), "--clip",
+                           "tiny", "--threads", "1", "--rounds", "2", "--clients", "2", "--lr", "1e30",
+                           "--grad-clip", "0", "--workers", "0"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not train" in errors[0] and "--lr" in errors[0]
+    assert "Traceback" not in done.stderr and "final mAP" not in done.stdout and not (out / "state.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def unseen_run(shapes_root, tmp_path_factory):
+    """A 1-round tiny run with two unseen classes named in a file."""
+    base = tmp_path_factory.mktemp("unseen")
+    names = base / "unseen.txt"
+    names.write_text("ring\nstar\n")
+    out = base / "run"
+    assert federate.main(["--root", str(shapes_root), "--out", str(out), "--clip", "tiny", "--threads", "1",
+                          "--rounds", "1", "--clients", "2", "--workers", "0", "--unseen", str(names)]) == 0
+    return out, names
+
+
+def file_hashes(folder) -> dict:
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_config_json_as_it_was(unseen_run, tmp_path, capsys):
+    """#33 item 3: --rounds beside --resume is recorded only once every check passed."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(unseen_run[0], run)
+    before = file_hashes(run)
+    assert federate.main(["--resume", str(run), "--rounds", "3", "--threads", "-1"]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert file_hashes(run) == before
+    assert json.loads((run / "config.json").read_text())["rounds"] == 1
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_unseen_classes_it_resolved_not_the_file(unseen_run, tmp_path, monkeypatch):
+    """#33 item 7: an --unseen file edited between rounds does not change what the run trains."""
+    import shutil
+    import experiment
+    run = tmp_path / "run"
+    shutil.copytree(unseen_run[0], run)
+    unseen_run[1].write_text("circle\n")  # edited after the run started
+    try:
+        cfg, _ = experiment.resume_config(str(run))
+        assert sorted(cfg.unseen.split(",")) == ["ring", "star"]
+        seen = {}
+        real = experiment.build_model
+        monkeypatch.setattr(experiment, "build_model", lambda method, backbone, classes, *a, **k: seen.setdefault(
+            "classes", list(classes)) and real(method, backbone, classes, *a, **k))
+        assert federate.main(["--resume", str(run), "--rounds", "2", "--threads", "1"]) == 0
+        assert "ring" not in seen["classes"] and "star" not in seen["classes"] and "circle" in seen["classes"]
+    finally:
+        unseen_run[1].write_text("ring\nstar\n")
+
+
+@pytest.mark.parametrize("under", ["", "run"])
+def test_an_out_at_or_under_an_existing_file_is_refused_before_setup(tmp_path, capsys, monkeypatch, under):
+    """#33 item 11: --out at (or under) a file ends in one error line at once, the file untouched."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the run was built")
+    monkeypatch.setattr(federate, "validate", lambda *a: None)
+    import experiment
+    monkeypatch.setattr(experiment, "build", reached)
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    assert federate.main(["--out", str(file / under if under else file), "--threads", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{file} is a file, not a folder" in error and "Traceback" not in error and file.read_text() == "mine\n"

@@ -252,3 +252,22 @@ def test_a_taken_port_is_retried_and_a_superlink_killed_mid_run_fails_it_leaving
     run.assert_no_process_left()  # before: flwr-serverapp (about 940 MB) ran on under PID 1
     assert run.error().startswith("error: the SuperLink exited mid-run (code -9)")
     assert "SuperNode 1: port taken before it was bound; starting the federation again" in run.output()
+
+
+def test_an_out_that_holds_a_run_is_refused_before_any_flower_process_starts(tmp_path, capsys, monkeypatch):
+    """#33 item 13: it was refused only after ~26 s of start-up, with a streamed ServerApp traceback."""
+    import hashlib
+    import launcher.flower
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("[]")
+    (run / "config.json").write_text("{}")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()}
+    started = []
+    monkeypatch.setattr(launcher.flower, "start_local_federation", lambda *a, **k: started.append(1))
+    start = time.time()
+    assert flower_app.main(["--out", str(run), "--clip", "tiny", "--threads", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"--out {run} already holds a run" in error and "Traceback" not in error
+    assert time.time() - start < 10 and not started
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()} == before

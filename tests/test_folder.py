@@ -278,3 +278,36 @@ def test_min_labels_keeps_each_site_with_its_remaining_images(tmp_path):
     train = data.keep_min_labels(data.load_dataset("folder", write_folder(tmp_path), "train"), 2)
     assert [p.name for p in train.images] == ["b.png", "e.png", "g.png"]
     assert train.natural_clients == [("east", [2]), ("north", [0]), ("south", [1])]
+
+
+# ---- #33: every path resolves inside ROOT; class names that cannot be written back --------
+def test_an_image_link_inside_root_to_a_file_outside_is_refused(tmp_path):
+    """#33 item 5: the written path lies inside ROOT, but a symbolic link takes it outside."""
+    root = write_folder(tmp_path / "data")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes((root / ROWS[0][0]).read_bytes())
+    (root / ROWS[0][0]).unlink()
+    (root / ROWS[0][0]).symlink_to(outside)
+    with pytest.raises(FedMPTError) as raised:
+        data.load_dataset("folder", root, "train")
+    assert "line 2" in str(raised.value) and "not a path inside" in str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["labels.csv", "classes.txt"])
+@pytest.mark.parametrize("name", ["red,ish", "red\nish"])
+def test_a_class_name_with_a_comma_or_line_break_is_refused(tmp_path, where, name):
+    """#33 item 14: such a name cannot be written back (--unseen, classes.txt) as one name."""
+    rows = [(image, labels.replace("red", name), *rest) for image, labels, *rest in ROWS]
+    if where == "labels.csv":
+        root = tmp_path / "data"
+        for image, labels, *_ in ROWS:
+            save_image(root / image, labels)
+        import csv
+        with open(root / "labels.csv", "w", newline="") as file:
+            csv.writer(file).writerows([HEADER.split(","), *rows])
+    elif "\n" in name:
+        pytest.skip("classes.txt holds one name a line: a line break makes two names there")
+    else:
+        root = write_folder(tmp_path / "data", rows=rows, classes=["blue", "green", name])
+    with pytest.raises(FedMPTError, match="holds a comma or a line break"):
+        data.load_dataset("folder", root, "train")

@@ -136,3 +136,82 @@ def test_the_dry_run_prices_a_cell_by_its_class_count_from_the_measured_step_tim
     voc = reproduce.seconds_per_round({**cell, "dataset": "voc2007"}, [], step_times)[0]
     assert voc == pytest.approx(100 * (-(-5011 // 32) + 4) / 1000)
     assert reproduce.ms_at([(20, 50.0)], 80) == 50.0
+
+
+# ---- #33 item 6: rows whole or absent, one checked reader, one grid per --out ---------------
+def a_row(seed, mAP="20.8275"):
+    return {"method": "fedmpt", "dataset": "shapes", "t": "1.0", "seed": str(seed), "rounds": "1", "clients": "2",
+            "options": "", "mAP": mAP, "CF1": "10.0", "OF1": "11.0", "seconds": "3.0", "run_dir": "x",
+            "code_version": "abc"}
+
+
+def test_a_torn_last_row_is_dropped_with_a_note_and_the_next_row_is_whole(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    reproduce.append_result(path, a_row(0))
+    reproduce.append_result(path, a_row(1))
+    whole = path.read_text()
+    path.write_text(whole[:-12])  # torn inside the second row: "... 20.8" and no line end
+    found = reproduce.read_results(path)
+    assert [r["seed"] for r in found] == ["0"] and "last row was torn" in capsys.readouterr().err
+    reproduce.append_result(path, a_row(2))
+    assert [r["seed"] for r in reproduce.read_results(path)] == ["0", "2"]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("mAP, message", [("20.8x", "mAP '20.8x' is not a number"), ("nan", "not a finite number")])
+def test_an_edited_value_in_results_csv_names_its_line(tmp_path, capsys, mAP, message):
+    out = tmp_path / "grid"
+    out.mkdir()
+    reproduce.append_result(out / "results.csv", a_row(0))
+    reproduce.append_result(out / "results.csv", a_row(1, mAP))
+    assert reproduce.main(["table1", "--dataset", "shapes", "--out", str(out), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "results.csv line 3" in error and message in error and "Traceback" not in error
+
+
+def test_a_second_grid_on_the_same_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "grid"
+    out.mkdir()
+    held = reproduce.lock_grid(out)  # as a first grid that runs
+    try:
+        assert reproduce.main(["table1", "--dataset", "shapes", "--methods", "fed-poscoop", "--t", "1", "--seeds",
+                               "0", "--out", str(out)]) == 2
+        assert "another grid is running on --out" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".grid.lock"]  # nothing ran
+    finally:
+        os.close(held)
+
+
+def test_a_seed_named_twice_is_one_cell_and_options_after_dashes_are_checked_in_both_spellings(tmp_path, capsys):
+    args = reproduce.parse(["table1", "--out", str(tmp_path), "--dataset", "shapes", "--methods", "fedmpt",
+                            "--t", "1,1", "--seeds", "0,0"])
+    assert len(reproduce.make_cells(args)) == 1
+    for extra in (["--seed=5"], ["--out=elsewhere"], ["--seed", "5"]):
+        assert reproduce.main(["table1", "--out", str(tmp_path / "g"), "--dry-run", "--", *extra]) == 2
+        assert "may not set --out" in capsys.readouterr().err
+
+
+def test_an_out_at_or_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "grid"):
+        assert reproduce.main(["table1", "--dataset", "shapes", "--out", str(out)]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_torn_results_csv_resumes_to_the_same_table(tmp_path):
+    """#33 acceptance: the grid run again after its last row was torn gives the untorn table."""
+    data_dir, out = tmp_path / "data", tmp_path / "grid"
+    write_folder(data_dir / "folder", rows=ROWS, header="image,labels,split")
+    command = [*grid(out, data_dir)[:-5], "--rounds", "1", "--", "--batch-size", "4", "--workers", "0",
+               "--clip", "tiny", "--threads", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (out / "table1.md").read_text()
+    text = (out / "results.csv").read_text()
+    (out / "results.csv").write_text(text[:-20])
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "last row was torn" in done.stderr
+    assert (out / "table1.md").read_text() == table and (out / "results.csv").read_text() == text

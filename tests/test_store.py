@@ -120,3 +120,50 @@ def test_images_are_stored_as_their_exact_uint8_pixels():
     stored = images_as_uint8(images)
     assert stored.dtype == torch.uint8 and torch.allclose(images_from_uint8(stored), images, atol=1e-6)
     assert torch.equal(images_from_uint8(stored.float()), images_from_uint8(stored))  # as a batch gathers them
+
+
+def sha256(path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("planted", [".lock", "input0.npy", "manifest.json", ".manifest.json.{pid}.tmp", "entry"])
+def test_a_link_planted_in_the_store_is_refused_and_its_target_untouched(tmp_path, planted):
+    """#33 item 2: a shared cache in which another user planted links cannot make a run write
+    through them: the run stops naming the link, and the file it points to keeps its bytes."""
+    import os
+    from errors import FedMPTError
+    dataset, cache = Images(), tmp_path / "cache"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    before = sha256(victim)
+    directory = features.store_directory(features.store_key("backbone-sha", dataset, "v,P"), str(cache))
+    if planted == "entry":  # the entry directory itself, a link to a directory elsewhere
+        (tmp_path / "elsewhere").mkdir()
+        directory.parent.mkdir(parents=True)
+        directory.symlink_to(tmp_path / "elsewhere")
+        link = directory
+    else:
+        directory.mkdir(parents=True)
+        link = directory / planted.format(pid=os.getpid())
+        link.symlink_to(victim)
+    with pytest.raises(FedMPTError) as raised:
+        encode(dataset, Encoder(), cache)
+    assert str(link) in str(raised.value) and "symbolic link" in str(raised.value)
+    assert sha256(victim) == before and os.path.islink(link)
+    assert planted != "entry" or not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_run_files_are_never_written_through_a_planted_link(tmp_path):
+    import os
+    from errors import FedMPTError
+    from store.files import write_json
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for name in ("metrics.json", f".metrics.json.{os.getpid()}.tmp"):
+        run = tmp_path / name.strip(".")
+        run.mkdir()
+        (run / name).symlink_to(victim)
+        with pytest.raises(FedMPTError, match="symbolic link"):
+            write_json(run / "metrics.json", [1])
+        assert victim.read_text() == "precious\n" and os.path.islink(run / name)

@@ -83,3 +83,93 @@ def test_predicting_is_predict_pys_own_command_and_federate_refuses_it(capsys):
         with pytest.raises(SystemExit) as stop:
             federate.main(argv)
         assert stop.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+# ---- #33: predict.py checks what it reads and where it writes before it writes ------------
+def copy_run(finished_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    return run
+
+
+def hashes(folder) -> dict:
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def an_image(shapes_root) -> str:
+    return str(shapes_root / "VOCdevkit/VOC2007/JPEGImages/000001.jpg")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "true", "-5", "1.5", '"0.5"'])
+def test_thresholds_json_values_outside_0_1_are_refused(finished_run, shapes_root, tmp_path, capsys, value):
+    """#33 item 9: NaN, Infinity or true silently switched a class off; -5 labelled every image."""
+    run = copy_run(finished_run, tmp_path)
+    classes = json.loads((run / "config.json").read_text())["classes"]
+    thresholds = {c: 0.5 for c in classes}
+    (run / "thresholds.json").write_text(json.dumps({"thresholds": thresholds}).replace(
+        f'"{classes[1]}": 0.5', f'"{classes[1]}": {value}'))
+    assert predict.main(["--run", str(run), an_image(shapes_root)]) == 2
+    error = capsys.readouterr().err
+    assert "thresholds.json: thresholds must be numbers in [0, 1]" in error and classes[1] in error
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--threshold", "nan"], "--threshold nan: give a number in [0, 1]"),
+    (["--threshold", "-5"], "--threshold -5.0: give a number in [0, 1]"),
+    (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
+])
+def test_predict_options_out_of_range_are_refused(finished_run, shapes_root, capsys, options, message):
+    """#33 items 9 and 11."""
+    assert predict.main(["--run", str(finished_run[0]), an_image(shapes_root), *options]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("classes"), "lacks the run record classes"),
+    (lambda c: c.pop("condition_set"), "lacks the run record condition_set"),
+    (lambda c: c.update(classes="circlesquare"), "classes must be a list of distinct class names"),
+    (lambda c: c.update(condition_set={"conditions": "colour"}), "condition_set must be"),
+])
+def test_a_run_record_of_the_wrong_shape_is_refused(finished_run, shapes_root, tmp_path, capsys, change, message):
+    """#33 item 10: a KeyError traceback, or one-letter labels with exit 0, before."""
+    run = copy_run(finished_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    (run / "config.json").write_text(json.dumps(config))
+    assert predict.main(["--run", str(run), an_image(shapes_root)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+def test_predict_never_overwrites_the_runs_own_files_or_writes_under_a_file(finished_run, shapes_root, tmp_path,
+                                                                            capsys):
+    """#33 items 11 and 12: --out RUN/config.json left the run unusable; --out under a file crashed."""
+    run = copy_run(finished_run, tmp_path)
+    before = hashes(run)
+    for out in (run / "config.json", run / "metrics.json", run / "config.json" / "p.csv"):
+        assert predict.main(["--run", str(run), an_image(shapes_root), "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert str(out) in error and "Traceback" not in error
+    assert hashes(run) == before
+
+
+def test_evaluate_with_a_root_but_no_dataset_never_generates_the_world_there(finished_run, tmp_path, capsys):
+    """#33 item 4: a shapes run evaluated with --root DIR wrote 2,300 images into DIR."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(b"not really")
+    assert predict.main(["--run", str(finished_run[0]), "--evaluate", "--root", str(mine)]) == 2
+    assert "holds no generated shapes world" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["photo.jpg"]
+
+
+def test_evaluate_against_a_store_it_cannot_write_names_cache_dir(finished_run, tmp_path, capsys):
+    """#33 item 11: an unusable feature store is an error line naming --cache-dir (a new option here)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert predict.main(["--run", str(finished_run[0]), "--evaluate", "--cache-dir", str(blocker / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot use the feature store" in error and "--cache-dir" in error and "Traceback" not in error

@@ -29,8 +29,12 @@ def test_zero_shot_figures_equal_a_hand_computed_case():
     # seen: class 0 ranks its positives (0.9, 0.8) first: AP 1; class 1's positive (0.1) ranks
     # last of 4: AP 1/4. unseen (images 1, 3): class 2's positives are both images: AP 1.
     assert got["seen_mAP"] == pytest.approx(100 * (1 + 0.25) / 2)
-    assert got["unseen_mAP"] == pytest.approx(100.0)
-    assert got["H_mAP"] == pytest.approx(2 * 62.5 * 100 / 162.5)
+    # one unseen class: every image of the zero-shot setting holds it, so its AP there is 100 by
+    # construction (#33 item 8): undefined, with the reason, and so is H
+    assert got["unseen_mAP"] is None and "every image holds it" in got["unseen_mAP_undefined"]
+    assert got["H_mAP"] is None and "H_mAP_undefined" in got
+    # over every image: class 2's positives (0.6, 0.8) rank first of 4: AP 1, a figure that could fail
+    assert got["unseen_mAP_all"] == pytest.approx(100.0)
     # gzsl: class 0 AP 1, class 1 AP 1/4, class 2 over all 4 images: 0.8, 0.6 first: AP 1
     assert got["gzsl_mAP"] == pytest.approx(100 * 2.25 / 3)
     assert got["unseen_F1@1"] is None  # one unseen class: its top 1 is every image's only class
@@ -277,3 +281,39 @@ def test_predict_takes_a_device_and_refuses_cuda_where_there_is_none(zsl_run, ca
     assert predict.main(["--run", str(out), "--evaluate", "--device", "cuda"]) == 2
     assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
     assert predict.main(["--run", str(out), "--evaluate", "--device", "cpu"]) == 0
+
+
+def test_a_split_file_path_that_climbs_out_of_the_root_is_refused(tmp_path):
+    """#33 item 5: ../../../../etc/passwd in a split file must not resolve outside ROOT."""
+    from loaders.zsl import SPLITS
+    seen, unseen = [f"seen{i:02d}" for i in range(48)], [f"unseen{i:02d}" for i in range(17)]
+    files = SPLITS["coco2014", "48/17"]
+    write_split(tmp_path / "root", files, seen, unseen)
+    path = tmp_path / "root" / "annotations" / files[2]
+    content = json.loads(path.read_text())
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    content["images"][1][0] = "../outside.jpg"
+    path.write_text(json.dumps(content))
+    with pytest.raises(FedMPTError) as raised:
+        data.load_dataset("coco2014", tmp_path / "root", "test", zsl_split="48/17")
+    assert f"{files[2]} entry 2" in str(raised.value) and "outside the dataset root" in str(raised.value)
+
+
+def test_an_unseen_file_that_is_not_utf8_names_the_file(tmp_path):
+    """#33 item 11."""
+    names = tmp_path / "unseen.txt"
+    names.write_bytes(b"ring\n\xff\n")
+    with pytest.raises(FedMPTError, match="unseen.txt: the file is not UTF-8"):
+        zeroshot.unseen_classes(str(names), ["ring", "star"], 0)
+
+
+def test_the_unseen_figures_can_fail():
+    """#33 item 8: with two unseen classes the zero-shot setting has negatives, and the figure
+    over every image ranks them against images holding no unseen class."""
+    scores = np.array([[0.9, 0.1, 0.9], [0.8, 0.7, 0.1], [0.1, 0.9, 0.2], [0.3, 0.1, 0.8]])
+    targets = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]])  # unseen: classes 1, 2
+    got = metrics.zsl_metrics(scores, targets, unseen=[1, 2], ks=())
+    # zero-shot setting (images 1, 2, 3): class 1 positives 0.7, 0.9 vs 0.1: AP 1; class 2: 0.8 first: AP 1
+    assert got["unseen_mAP"] == pytest.approx(100.0) and "unseen_mAP_undefined" not in got
+    # every image: class 2's positive 0.8 ranks second behind image 0's 0.9: AP 1/2; class 1 still 1
+    assert got["unseen_mAP_all"] == pytest.approx(100 * (1 + 0.5) / 2)

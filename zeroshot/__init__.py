@@ -45,7 +45,12 @@ def unseen_classes(spec: str, classes: list, seed: int, published=None) -> list:
                               f"{len(classes)} classes and keeps at least one (F = 0.25: {round(0.25 * len(classes))}).")
         return sorted(np.random.default_rng([seed, 11]).choice(len(classes), n, replace=False).tolist())
     elif Path(spec).is_file():
-        names = [line.split("#", 1)[0].strip() for line in Path(spec).read_text(encoding="utf-8").splitlines()]
+        try:
+            text = Path(spec).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise FedMPTError(f"--unseen {spec}: the file is not UTF-8 text (byte {error.start}: {error.reason}); save "
+                              "it as UTF-8, one class name a line.") from None
+        names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     else:
         names = spec.split(",")
     names = sorted({name.strip() for name in names if name.strip()})
@@ -55,6 +60,14 @@ def unseen_classes(spec: str, classes: list, seed: int, published=None) -> list:
                    if unknown else "it names no class" if not names else "it leaves no class to train on")
         raise FedMPTError(f"--unseen {spec}: {problem}; the classes are {', '.join(classes)}.")
     return sorted(classes.index(name) for name in names)
+
+
+def resumed_unseen(spec: str, saved: dict) -> str:
+    """--unseen of a resumed run: the class names it resolved when it started (config.json's
+    `unseen_classes`), never its file or its draw again: a file edited since cannot change what
+    the rest of the run trains on. A run without unseen classes keeps `spec` as it is."""
+    names = saved.get("unseen_classes") or []
+    return ",".join(names) if spec and names else spec
 
 
 def seen_view(train_set, unseen: list):
