@@ -200,15 +200,6 @@ class FrozenCLIP(nn.Module):
         embeddings, eot = self.model.token_embedding(tokens), tokens.argmax(dim=-1)
         return F.normalize(self.encode_prompts(embeddings, eot, precision="fp32"), dim=-1)  # frozen: float32
 
-    @torch.no_grad()
-    def similar_texts(self, texts, threshold: float) -> list:
-        """[(i, j, cosine)], i < j, of the texts whose features have a cosine above `threshold`,
-        most similar first: what this text tower hardly tells apart."""
-        features = self.encode_texts(texts).float()
-        similarity = torch.triu(features @ features.T, diagonal=1)
-        pairs = [(i, j, float(similarity[i, j])) for i, j in (similarity > threshold).nonzero().tolist()]
-        return sorted(pairs, key=lambda pair: -pair[2])
-
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()

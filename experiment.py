@@ -7,6 +7,7 @@ engine (flower_app.py) also composes: a SuperNode then encodes its own client's 
 server the test side only. Evaluation is in evaluation.py, the run directory in store/runs.py.
 """
 import dataclasses
+import operator
 import os
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from errors import FedMPTError
 from fedmpt import PromptModel
 from options import Config, ModelConfig, learning_rate, validate
 from store import features, runs
+from store.files import write_json
 
 
 @dataclass
@@ -208,8 +210,10 @@ def similar_classes(backbone, classes, threshold=SIMILAR_TEXT) -> list:
     """Class pairs the backbone's text side hardly tells apart, [(a, b, cosine)] of "a photo of a
     <class>." above `threshold`, with a printed warning: prompt tuning starts each such class
     alike (real CLIP: misspelled or exotic names; the shapes CLIP: any word outside its captions)."""
-    pairs = [(classes[i], classes[j], c) for i, j, c in
-             backbone.similar_texts([f"a photo of a {data.prompt_name(c)}." for c in classes], threshold)]
+    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).float()  # (C, D)
+    similarity = torch.triu(text @ text.T, diagonal=1)
+    pairs = [(classes[i], classes[j], float(similarity[i, j])) for i, j in (similarity > threshold).nonzero().tolist()]
+    pairs.sort(key=operator.itemgetter(2), reverse=True)  # most similar first (a stable sort)
     if pairs:
         shown = ", ".join(f"{a}/{b} {c:.3f}" for a, b, c in pairs[:8]) + (" ..." if len(pairs) > 8 else "")
         print(f"warning: the backbone's text side hardly tells {len(pairs)} of the {len(classes) * (len(classes) - 1) // 2} "
@@ -233,7 +237,7 @@ def training_inputs(exp: Experiment, rows=None):
     SuperNode) from the feature store, and their targets: (inputs, targets)."""
     split_set = exp.train_set if rows is None else exp.train_set.subset(rows)
     model = exp.model
-    inputs, exp.store_keys["train"], n = frozen_inputs(model.encode_images, split_set, model.input_kind(),
+    inputs, exp.store_keys["train"], n = frozen_inputs(model.encode_images, split_set, model.input_kind,
                                                        model.backbone.fingerprint(), exp.cfg, exp.device)
     exp.encoded += n
     return inputs, exp.train_targets if rows is None else exp.train_targets[rows]
@@ -248,7 +252,7 @@ def test_side(exp: Experiment):
     prior = metrics.label_prior_scores(zeroshot.every_column(seen, exp.unseen, n_classes, 0) if exp.unseen else seen,
                                        len(test_set))  # every test image ranked by the training label frequencies
     exp.prior_mAP = metrics.multilabel_metrics(prior, test_set.targets, top_k=min(3, n_classes))["mAP"]
-    test, exp.store_keys["test"], n = frozen_inputs(model.encode_images, test_set, model.input_kind(), sha256, cfg,
+    test, exp.store_keys["test"], n = frozen_inputs(model.encode_images, test_set, model.input_kind, sha256, cfg,
                                                     exp.device)
     exp.test, exp.encoded = (test, test_set.targets), exp.encoded + n
     if model.inputs_start_with_v:
@@ -293,7 +297,10 @@ def new_run_directory(cfg: Config) -> Path:
 def save_run_directory(exp: Experiment):
     """config.json, conditions.json (and FedMVP's attributes.json) of a new run; clients.png."""
     if not exp.cfg.resume:
-        runs.write_run_files(exp.out, exp.resolved, exp.conditions, exp.attributes)
+        write_json(exp.out / "config.json", exp.resolved)
+        write_json(exp.out / "conditions.json", exp.conditions)  # what --resume builds the model from
+        if exp.attributes:
+            write_json(exp.out / "attributes.json", exp.attributes)
     splits.plot_client_distributions(exp.train_set.targets, exp.splits, exp.train_set.classes,
                                      exp.out / "clients.png", names=exp.client_names)
     print(f"options and sizes: {exp.out / 'config.json'}; conditions ({exp.conditions['source']}): "

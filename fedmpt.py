@@ -63,7 +63,8 @@ def seeded(seed: int):
 class PromptModel(nn.Module):
     """What the federated loop asks of a method (FedMPT below, the baselines in baselines/):
 
-    encode_images(images) -> tuple   the frozen inputs of a batch, computed once (input_kind names them)
+    encode_images(images) -> tuple   the frozen inputs of a batch, computed once; `input_kind` names
+                                     them (the feature store keys them by it)
     text_features()                  the text side, reused over a whole evaluation
     text_inputs(), text_from(E)      (optional) the text side in two: the whole prompts for CLIP's text
                                      encoder and what follows it, text_features = text_from(encode_prompts(
@@ -80,10 +81,7 @@ class PromptModel(nn.Module):
     def encode_images(self, images):
         return self.backbone.encode_image_tokens(images)
 
-    def input_kind(self) -> str:
-        """Names what encode_images returns: methods that read the same frozen inputs share
-        them in the feature store (store/features.py)."""
-        return "v,P"
+    input_kind = "v,P"  # names what encode_images returns: methods that read the same frozen inputs share them
 
     def text_features(self):
         return self.text_from(self.backbone.encode_prompts(*self.text_inputs()))

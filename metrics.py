@@ -18,16 +18,10 @@ Conventions (ML-GCN / ASL / DualCoOp):
 import numpy as np
 
 
-def _to_numpy(x):
-    """Convert a torch tensor (anything with .detach) or array-like to numpy."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-    return np.asarray(x)
-
-
 def _validate(scores, targets):
-    """Return (scores float64, targets int64) or raise ValueError."""
-    s, t = _to_numpy(scores), _to_numpy(targets)
+    """Return (scores float64, targets int64) as numpy arrays (from torch tensors or array-likes),
+    or raise ValueError."""
+    s, t = (np.asarray(x.detach().cpu() if hasattr(x, "detach") else x) for x in (scores, targets))
     if s.ndim != 2 or s.shape != t.shape:
         raise ValueError(f"scores and targets must be 2-D with equal shapes "
                          f"(n_images, C); got scores {s.shape}, targets {t.shape}")
@@ -76,17 +70,6 @@ def _prf(pred, targets, suffix=""):
     return {k + suffix: 100.0 * float(v) for k, v in vals.items()}
 
 
-def top_k_predictions(scores, k):
-    """Boolean (n, C) matrix marking each image's k highest scores.
-
-    Ties are broken by class index (lower index wins; stable sort).
-    """
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    pred = np.zeros(scores.shape, dtype=bool)
-    np.put_along_axis(pred, idx, True, axis=1)
-    return pred
-
-
 def multilabel_metrics(scores, targets, threshold=0.5, top_k=3):
     """All multi-label metrics in percent, as a JSON-serialisable dict.
 
@@ -116,7 +99,9 @@ def multilabel_metrics(scores, targets, threshold=0.5, top_k=3):
     included = [ap for ap in per_class if ap is not None]
     out = {"mAP": float(np.mean(included)) if included else None}
     out.update(_prf(s >= threshold, t))
-    out.update(_prf(top_k_predictions(s, top_k), t, f"_top{top_k}"))
+    top = np.zeros(s.shape, dtype=bool)  # each image's top_k scores (ties: the lower class index, a stable sort)
+    np.put_along_axis(top, np.argsort(-s, axis=1, kind="stable")[:, :top_k], True, axis=1)
+    out.update(_prf(top, t, f"_top{top_k}"))
     out["per_class_AP"] = per_class
     out["excluded_classes"] = excluded
     return out
@@ -236,7 +221,7 @@ def bias_metrics(scores, targets, pairs, threshold=0.5):
                                       if companions_only.any() else None)
             row["n_exclusive"], row["n_cooccur"] = int((has_a & ~has_b).sum()), int((has_a & has_b).sum())
             rows.append(row)
-    mean = lambda key: (float(np.mean([r[key] for r in rows if r[key] is not None]))
-                        if any(r[key] is not None for r in rows) else None)
-    return {"exclusive_mAP": mean("exclusive_AP"), "cooccur_mAP": mean("cooccur_AP"),
-            "irrelevant_rate": mean("irrelevant_rate"), "pairs": rows}
+    values = {key: [r[key] for r in rows if r[key] is not None] for key in ("exclusive_AP", "cooccur_AP", "irrelevant_rate")}
+    means = {key: float(np.mean(found)) if found else None for key, found in values.items()}
+    return {"exclusive_mAP": means["exclusive_AP"], "cooccur_mAP": means["cooccur_AP"],
+            "irrelevant_rate": means["irrelevant_rate"], "pairs": rows}

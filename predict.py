@@ -234,7 +234,7 @@ def evaluate(args):
     unseen = [] if transfer else [saved["classes"].index(c) for c in saved.get("unseen_classes", [])]
     test_set.transform = data.clip_transform(model.backbone.resolution)
     sha256, backbone = model.backbone.fingerprint(), model.backbone
-    inputs, _, _ = frozen_inputs(model.encode_images, test_set, model.input_kind(), sha256, cfg, model.device)
+    inputs, _, _ = frozen_inputs(model.encode_images, test_set, model.input_kind, sha256, cfg, model.device)
     v = inputs[0] if model.inputs_start_with_v else frozen_inputs(  # the zero-shot reference's global features
         lambda x: backbone.encode_image_tokens(x)[:1], test_set, "v", sha256, cfg, model.device)[0][0]
     scores, top_k = predict_scores(model, inputs), min(3, len(test_set.classes))

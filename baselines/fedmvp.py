@@ -61,6 +61,7 @@ class FedMVP(PromptModel):
         if not attributes:
             raise FedMPTError("FedMVP needs class attribute descriptions (baselines/attributes/<dataset>.json or --attributes).")
         self.backbone = backbone
+        self.input_kind = "v,images" if backbone.is_vit else "v,grid"  # what encode_images returns
         D = backbone.width
         self.register_buffer("attributes", backbone.encode_texts(list(attributes)), persistent=False)  # (A, D)
         with seeded(seed):
@@ -76,9 +77,6 @@ class FedMVP(PromptModel):
             return self.backbone.encode_image_tokens(images)[0], images_as_uint8(images)
         grid = self.backbone.resnet_grid(images)
         return self.backbone.resnet_head(grid)[0], grid
-
-    def input_kind(self):
-        return "v,images" if self.backbone.is_vit else "v,grid"
 
     def text_from(self, encoded):
         return class_features(self.prompts, encoded)

@@ -23,6 +23,7 @@ class FedMaPLe(PromptModel):
         super().__init__()
         self.pooling = cfg.pooling if cfg is not None else "regions"  # the paper's protocol
         self.backbone = backbone
+        self.input_kind = "images" if backbone.is_vit else "grid"  # what encode_images returns
         text_layers = len(backbone.model.transformer.resblocks)
         layers = min(text_layers, len(backbone.model.visual.transformer.resblocks)) if backbone.is_vit else text_layers
         self.J = min(self.depth, layers)
@@ -36,9 +37,6 @@ class FedMaPLe(PromptModel):
     def encode_images(self, images):
         """ViT: the images themselves as uint8 pixels; ResNet: the last grid."""
         return (images_as_uint8(images),) if self.backbone.is_vit else (self.backbone.resnet_grid(images),)
-
-    def input_kind(self):
-        return "images" if self.backbone.is_vit else "grid"
 
     def text_features(self):
         C, M = self.prompts.shape[1], self.n_ctx

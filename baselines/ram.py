@@ -59,6 +59,7 @@ class FedRAM(PromptModel):
         self.backbone = backbone
         model, W = backbone.model, vision_width(backbone)
         self.n_image = min(self.depth, len(model.visual.transformer.resblocks)) if backbone.is_vit else 1
+        self.input_kind = f"tokens before the last {self.n_image} blocks" if backbone.is_vit else "grid"
         self.n_text = min(self.depth, len(model.transformer.resblocks))
         width = model.token_embedding.weight.shape[1]
         with seeded(seed):
@@ -72,9 +73,6 @@ class FedRAM(PromptModel):
             return (self.backbone.resnet_grid(images),)
         blocks = self.backbone.model.visual.transformer.resblocks
         return (self.backbone.run_blocks(blocks[:len(blocks) - self.n_image], self.backbone.vit_tokens(images)).half(),)
-
-    def input_kind(self):
-        return f"tokens before the last {self.n_image} blocks" if self.backbone.is_vit else "grid"
 
     def text_features(self):
         first = len(self.backbone.model.transformer.resblocks) - self.n_text

@@ -170,7 +170,7 @@ def main(argv=None):
         for precision in args.precisions:
             for method in args.methods:
                 model = method_model(method, backbone, dataset, precision, args.text_encoding, device)
-                kind = model.input_kind()
+                kind = model.input_kind
                 if kind not in stored_by_kind:  # as the store keeps them: float16, uint8 pixels
                     with torch.no_grad():
                         stored_by_kind[kind] = [torch.from_numpy(x) for x in features.as_stored(model.encode_images(images))]

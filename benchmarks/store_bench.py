@@ -55,7 +55,7 @@ dataset = VOCDataset(root, "trainval", SHAPES_CLASSES, name="shapes")
 backbone = FrozenCLIP(load_clip("tiny"))
 dataset.transform = data.clip_transform(backbone.resolution)
 model = FedMPT(backbone, SHAPES_CLASSES, ["color", "background"], ModelConfig(), seed=0)
-key = features.store_key(backbone.fingerprint(), dataset, model.input_kind()) if use_store else None
+key = features.store_key(backbone.fingerprint(), dataset, model.input_kind) if use_store else None
 inputs, _ = features.encode_dataset(model.encode_images, dataset, key, cache, workers=0, log=lambda m: None)
 encoded = anon()
 local_train(model, model.tunable_state(), inputs, dataset.targets, list(range(len(dataset))),

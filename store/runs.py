@@ -197,14 +197,6 @@ def extend_rounds(run_dir, rounds: int, done: int):
     write_json(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
 
 
-def write_run_files(out: Path, resolved: dict, conditions: dict, attributes=None):
-    """A new run's config.json, conditions.json and attributes.json (FedMVP)."""
-    write_json(out / "config.json", resolved)
-    write_json(out / "conditions.json", conditions)
-    if attributes:
-        write_json(out / "attributes.json", attributes)
-
-
 def save_round(out: Path, history: list, global_state: dict, round_index: int, rng_state=None):
     """After a training round checkpoint.pt (what --resume continues from), then metrics.json
     (a row per round): a write that fails leaves both at the last round that was saved whole."""

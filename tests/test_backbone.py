@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import experiment
 from backbone import FrozenCLIP, load_clip
 from conditions import load_conditions
-from fedmpt import ModelConfig
+from options import ModelConfig
 from shapes.model import load_shapes_clip
 
 CLASSES = ["circle", "square", "triangle", "potted plant"]

@@ -15,7 +15,8 @@ import experiment
 from backbone import FrozenCLIP, load_clip
 from baselines.fedmvp import load_attributes
 from conditions import load_conditions
-from fedmpt import ModelConfig, asymmetric_loss
+from fedmpt import asymmetric_loss
+from options import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ["fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram"]

@@ -15,6 +15,8 @@ import federate
 import predict
 import splits as client_splitting
 from conditions import load_conditions
+import client
+import aggregation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,8 +60,8 @@ def test_killed_run_resumes_to_the_same_result(shapes_root, tmp_path, capsys):
 
 
 def faulty(behaviour):
-    """Wrap federate.local_train so that client 1 misbehaves as `behaviour` says."""
-    honest = federate.local_train
+    """Wrap client.local_train so that client 1 misbehaves as `behaviour` says."""
+    honest = client.local_train
 
     def local_train(model, global_state, inputs, targets, indices, cfg, lr, generator):
         state, n, stats = honest(model, global_state, inputs, targets, indices, cfg, lr, generator)
@@ -90,7 +92,7 @@ def test_bad_client_is_left_out_and_the_rest_aggregate(shapes_root, tmp_path, mo
 
 @pytest.mark.slow
 def test_round_where_every_update_is_rejected_keeps_the_global_state(shapes_root, tmp_path, monkeypatch):
-    honest = federate.local_train
+    honest = client.local_train
 
     def broken(*args):
         state, n, stats = honest(*args)
@@ -109,7 +111,7 @@ def test_a_client_that_raises_stops_the_run_and_resume_continues(shapes_root, tm
     """Out of memory (or a bug) in local training is not a remote fault: the run stops with
     exit 1 naming the round and the client, writes no row for that round, keeps the last
     checkpoint, and --resume continues once the cause is gone."""
-    honest, calls = federate.local_train, []
+    honest, calls = client.local_train, []
 
     def out_of_memory_in_round_2(*args):
         calls.append(1)
@@ -183,9 +185,9 @@ def client_states(n=5, seed=0):
 def test_robust_rules_resist_a_poisoned_client(rule):
     clean = client_states()
     poisoned = [{k: v * 1000 for k, v in clean[0].items()}] + clean[1:]
-    combine = federate.AGGREGATORS[rule]
+    combine = aggregation.AGGREGATORS[rule]
     reference, attacked = combine(clean, [1] * 5), combine(poisoned, [1] * 5)
-    mean_attacked = federate.aggregate_weighted(poisoned, [1] * 5)
+    mean_attacked = aggregation.aggregate_weighted(poisoned, [1] * 5)
     for key in reference:
         scale = reference[key].norm()
         assert (attacked[key] - reference[key]).norm() < 0.05 * scale  # stays close to the clean one
@@ -195,8 +197,8 @@ def test_robust_rules_resist_a_poisoned_client(rule):
 def test_trimmed_mean_and_median_by_hand():
     states = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, 20.0])},
               {"w": torch.tensor([3.0, 30.0])}, {"w": torch.tensor([100.0, -100.0])}]
-    assert torch.equal(federate.aggregate_median(states)["w"], torch.tensor([2.5, 15.0]))
-    assert torch.equal(federate.aggregate_trimmed_mean(states, trim=0.25)["w"], torch.tensor([2.5, 15.0]))
+    assert torch.equal(aggregation.aggregate_median(states)["w"], torch.tensor([2.5, 15.0]))
+    assert torch.equal(aggregation.aggregate_trimmed_mean(states, trim=0.25)["w"], torch.tensor([2.5, 15.0]))
 
 
 def cli(*args):

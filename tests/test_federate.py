@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import federate
+from store import runs
+import aggregation
 
 
 def test_fedavg_weights_by_samples():
@@ -13,7 +15,7 @@ def test_fedavg_weights_by_samples():
               {"w": torch.tensor([5.0, -2.0]), "b": torch.tensor(0.0)},
               {"w": torch.tensor([0.0, 0.0]), "b": torch.tensor(-6.0)}]
     sizes = [10, 30, 60]  # unequal clients: weights 0.1, 0.3, 0.6
-    result = federate.aggregate_weighted(states, sizes)
+    result = aggregation.aggregate_weighted(states, sizes)
     assert torch.allclose(result["w"], torch.tensor([0.1 * 1 + 0.3 * 5, 0.1 * 2 - 0.3 * 2]))
     assert torch.allclose(result["b"], torch.tensor(0.1 * 3 - 0.6 * 6))
 
@@ -90,7 +92,7 @@ def test_the_seed_decides_the_starting_model(shapes_root, tmp_path):
 
 def test_lr_defaults_to_the_methods_own_rate_and_an_explicit_one_is_kept():
     import baselines
-    from experiment import validate
+    from options import validate
     rates = {"fedmpt": 1e-1, "fedmvp": 1e-3, "fed-dualcoop": 1e-3, "fed-poscoop": 3.0, "fedtpg": 1e-2,
              "fed-maple": 3e-3, "fed-ram": 3e-2}  # docs/sweeps.md's choices, stated on each class
     for method, rate in rates.items():
@@ -108,11 +110,11 @@ def test_a_run_that_ends_at_the_label_prior_says_so(capsys):
     the warning tells a collapse (round 0 was better: lower --lr) from a task never learned."""
     def history(start, final, prior=25.0):
         return [{"round": 0, "mAP": start, "label_prior_mAP": prior}, {"round": 1, "mAP": final}]
-    assert not federate.warn_if_untrained(history(30.0, 40.0), lr=0.1)
+    assert not runs.warn_if_untrained(history(30.0, 40.0), lr=0.1)
     assert capsys.readouterr().err == ""
-    assert federate.warn_if_untrained(history(30.0, 25.5), lr=0.03)
+    assert runs.warn_if_untrained(history(30.0, 25.5), lr=0.03)
     assert "lost what round 0 had" in (err := capsys.readouterr().err) and "--lr 0.01" in err and "--loss bce" in err
-    assert federate.warn_if_untrained(history(25.2, 24.1), lr=0.1)
+    assert runs.warn_if_untrained(history(25.2, 24.1), lr=0.1)
     assert "never rose above it" in capsys.readouterr().err
 
 
@@ -124,13 +126,13 @@ def test_a_run_whose_loss_and_gradient_went_flat_near_the_label_prior_says_it_st
                 enumerate(zip(losses, grads))]
         return [{"round": 0, "mAP": prior, "label_prior_mAP": prior}] + rows
     flat = history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=28.0)
-    assert not federate.warn_if_untrained(flat, lr=0.1) and federate.warn_if_stalled(flat, lr=0.1)
+    assert not runs.warn_if_untrained(flat, lr=0.1) and runs.warn_if_stalled(flat, lr=0.1)
     error = capsys.readouterr().err
     assert "stopped learning: over rounds 2-4 the loss stayed at 3.2" in error and "--loss bce" in error
-    assert not federate.warn_if_stalled(history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=45.0), 0.1)
-    assert not federate.warn_if_stalled(history([3.9, 3.5, 3.2, 2.9], [0.4, 0.3, 0.3, 0.3], final=28.0), 0.1)
-    assert not federate.warn_if_stalled(history([3.9, 3.2, 3.2, 3.2], [0.4, 0.3, 0.05, 0.01], final=28.0), 0.1)
-    assert not federate.warn_if_stalled(history([3.2, 3.2], [0.1, 0.1], final=28.0), 0.1)  # too few rounds to say
+    assert not runs.warn_if_stalled(history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=45.0), 0.1)
+    assert not runs.warn_if_stalled(history([3.9, 3.5, 3.2, 2.9], [0.4, 0.3, 0.3, 0.3], final=28.0), 0.1)
+    assert not runs.warn_if_stalled(history([3.9, 3.2, 3.2, 3.2], [0.4, 0.3, 0.05, 0.01], final=28.0), 0.1)
+    assert not runs.warn_if_stalled(history([3.2, 3.2], [0.1, 0.1], final=28.0), 0.1)  # too few rounds to say
     assert capsys.readouterr().err == ""
 
 

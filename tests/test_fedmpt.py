@@ -8,7 +8,9 @@ from backbone import FrozenCLIP, load_clip
 from errors import FedMPTError
 import torch.nn.functional as F
 
-from fedmpt import FedMPT, ModelConfig, asymmetric_loss, bce_loss
+from fedmpt import FedMPT, asymmetric_loss, bce_loss
+from options import ModelConfig
+import client
 
 CLASSES = ["circle", "square", "triangle"]
 CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
@@ -224,7 +226,7 @@ def test_gate_weights_move_when_the_condition_that_carries_the_label_changes_per
     of the same kinds; a uniform gate cannot separate it (its logits ignore v)."""
     import federate
     import metrics
-    from experiment import Config
+    from options import Config
     model = FedMPT(FrozenCLIP(load_clip("tiny")), ["circle"], ["color", "background"], ModelConfig(gate=gate), seed=0)
     with torch.no_grad():
         T = model.text_features()
@@ -232,7 +234,7 @@ def test_gate_weights_move_when_the_condition_that_carries_the_label_changes_per
     cfg = Config(lr=0.03)
     state = model.tunable_state()
     for round_index in range(40):
-        state, _, stats = federate.local_train(model, state, (v, P), targets, torch.arange(len(v)), cfg, cfg.lr,
+        state, _, stats = client.local_train(model, state, (v, P), targets, torch.arange(len(v)), cfg, cfg.lr,
                                                torch.Generator().manual_seed(round_index))
     assert stats["clip_share"] == 0  # the gradient, not the clip, set these steps
     model.load_tunable_state(state)
@@ -266,7 +268,7 @@ def test_class_contexts_tell_apart_classes_whose_prompts_are_the_same_text(class
     train; with --class-ctx each class has contexts of its own and learns its own evidence."""
     import federate
     import metrics
-    from experiment import Config
+    from options import Config
     backbone = FrozenCLIP(load_clip("tiny"))
     model = FedMPT(backbone, ["circle", "circle"], ["color"], ModelConfig(class_ctx=class_ctx), seed=0)
     assert model.prompts.context.shape[-2] == 16
@@ -276,7 +278,7 @@ def test_class_contexts_tell_apart_classes_whose_prompts_are_the_same_text(class
     v, P, targets = two_look_alike_classes(D=backbone.width)
     cfg, state = Config(lr=0.1), model.tunable_state()
     for round_index in range(8):
-        state, _, stats = federate.local_train(model, state, (v, P), targets, torch.arange(len(v)), cfg, cfg.lr,
+        state, _, stats = client.local_train(model, state, (v, P), targets, torch.arange(len(v)), cfg, cfg.lr,
                                                torch.Generator().manual_seed(round_index))
     model.load_tunable_state(state)
     v, P, targets = two_look_alike_classes(seed=1, D=backbone.width)  # held-out images

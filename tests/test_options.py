@@ -10,9 +10,11 @@ import torch
 
 import experiment
 import federate
-from fedmpt import ModelConfig
-from launcher.flower import FlowerConfig
-from tools import options
+from options import ModelConfig
+from options import FlowerConfig
+import options
+import client
+import aggregation
 
 usage_table = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
     "options_table", Path(__file__).resolve().parents[1] / "docs" / "options_table.py"))
@@ -21,16 +23,16 @@ spec.loader.exec_module(usage_table)  # docs/options_table.py, the script that w
 
 def test_the_usage_table_is_made_from_the_fields_and_is_current():
     table = options.options_table(usage_table.sections())
-    for config_class in (experiment.Config, ModelConfig, FlowerConfig):
+    for config_class in (options.Config, ModelConfig, FlowerConfig):
         for field in dataclasses.fields(config_class):
             assert f"| `{options.flag(field.name)}` |" in table, field.name
     assert table in usage_table.USAGE.read_text(), "docs/usage.md is stale: python docs/options_table.py --write"
 
 
 def test_help_lists_every_option_its_choices_and_its_real_default():
-    text = federate.build_parser((experiment.Config, ModelConfig)).format_help()
+    text = federate.build_parser((options.Config, ModelConfig)).format_help()
     flat = " ".join(text.split())
-    for config_class in (experiment.Config, ModelConfig):
+    for config_class in (options.Config, ModelConfig):
         for field in dataclasses.fields(config_class):
             assert options.flag(field.name) in text
             assert field.metadata.get("help"), f"{field.name} has no help"
@@ -60,8 +62,8 @@ def test_an_error_names_only_the_options_that_were_wrong(capsys):
 
 
 def test_the_aggregation_rules_are_named_once():
-    field = next(f for f in dataclasses.fields(experiment.Config) if f.name == "aggregate")
-    assert tuple(federate.AGGREGATORS) == field.metadata["choices"]
+    field = next(f for f in dataclasses.fields(options.Config) if f.name == "aggregate")
+    assert tuple(aggregation.AGGREGATORS) == field.metadata["choices"]
 
 
 @pytest.mark.slow
@@ -81,7 +83,7 @@ def test_a_run_prints_where_its_options_went_not_the_options(shapes_root, tmp_pa
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_the_resume_command(shapes_root, tmp_path, capsys,
                                                                                  monkeypatch):
-    out, real, calls = tmp_path / "run", federate.local_train, []
+    out, real, calls = tmp_path / "run", client.local_train, []
 
     def interrupted_in_round_2(*args):
         calls.append(1)

@@ -12,9 +12,12 @@ from backbone import FrozenCLIP, load_clip
 from baselines.fedmvp import load_attributes
 from conditions import load_conditions
 from errors import FedMPTError
-from experiment import Config
-from fedmpt import ModelConfig
+from options import Config
+from options import ModelConfig
 from store import features
+import options
+import client
+from speed import parallel_clients
 
 CLASSES = data.known_classes("voc2007")
 PARALLEL = ["fedmpt", "fed-poscoop", "fed-dualcoop", "fedtpg", "fedmvp"]
@@ -38,7 +41,7 @@ def client_setup(method, text_encoding="auto"):
 
 def sequential(model, stored, targets, cfg, lr=0.05):
     start = model.tunable_state()
-    results = [federate.local_train(model, start, stored, targets, rows, cfg, lr, federate.client_generator(cfg, 1, c))
+    results = [client.local_train(model, start, stored, targets, rows, cfg, lr, federate.client_generator(cfg, 1, c))
                for c, rows in enumerate(ROWS)]
     model.load_tunable_state(start)
     return start, results
@@ -60,7 +63,7 @@ def test_clients_side_by_side_equal_the_sequential_loop(method):
     model, stored, targets, cfg = client_setup(method)
     start, one_by_one = sequential(model, stored, targets, cfg)
     generators = [federate.client_generator(cfg, 1, c) for c in range(len(ROWS))]
-    together = federate.train_together(model, start, stored, targets, ROWS, generators, cfg, 0.05)
+    together = parallel_clients.train_together(model, start, stored, targets, ROWS, generators, cfg, 0.05)
     assert_close(together, one_by_one)
     assert any(not torch.equal(together[0][0][name], start[name]) for name in start)  # it trained
     assert one_by_one[1][2]["clip_share"] > 0  # the guard clipped (per client)
@@ -70,7 +73,7 @@ def test_fedmpt_side_by_side_with_shared_prefixes():
     model, stored, targets, cfg = client_setup("fedmpt", text_encoding="shared")
     start, one_by_one = sequential(model, stored, targets, cfg)
     generators = [federate.client_generator(cfg, 1, c) for c in range(len(ROWS))]
-    assert_close(federate.train_together(model, start, stored, targets, ROWS, generators, cfg, 0.05), one_by_one)
+    assert_close(parallel_clients.train_together(model, start, stored, targets, ROWS, generators, cfg, 0.05), one_by_one)
 
 
 def test_a_round_with_parallel_clients_equals_the_round_one_by_one():
@@ -88,21 +91,21 @@ def test_a_round_with_parallel_clients_equals_the_round_one_by_one():
 @pytest.mark.parametrize("method", ["fed-maple", "fed-ram"])
 def test_methods_that_change_tokens_inside_the_encoder_are_refused(method):
     with pytest.raises(FedMPTError, match="--parallel-clients 2"):
-        experiment.validate(Config(method=method, parallel_clients=2), ModelConfig())
-    experiment.validate(Config(method="fedmpt", parallel_clients=2), ModelConfig())
+        options.validate(Config(method=method, parallel_clients=2), ModelConfig())
+    options.validate(Config(method="fedmpt", parallel_clients=2), ModelConfig())
 
 
 def test_prefetching_batches_give_the_same_batches():
     _, stored, targets, cfg = client_setup("fedmpt")
-    order = federate.client_order(ROWS[1], cfg, torch.Generator().manual_seed(0))
-    plain = list(federate.batches(stored, targets, order, "cpu"))
-    ahead = list(federate.batches(stored, targets, order, "cpu", prefetch=True))
+    order = client.client_order(ROWS[1], cfg, torch.Generator().manual_seed(0))
+    plain = list(client.batches(stored, targets, order, "cpu"))
+    ahead = list(client.batches(stored, targets, order, "cpu", prefetch=True))
     assert len(plain) == len(ahead) == 8
     for (inputs, y), (inputs2, y2) in zip(plain, ahead):
         assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(inputs, inputs2))
     rows = order[0]  # index_select gives what x[rows] gave
     assert all(torch.equal(a, x[rows].float()) for a, x in zip(plain[0][0], stored))
-    sliced = evaluation.gather(stored, torch.arange(5, 17), "cpu")  # contiguous rows: a slice
+    sliced = client.gather(stored, torch.arange(5, 17), "cpu")  # contiguous rows: a slice
     assert all(torch.equal(a, x[5:17].float()) for a, x in zip(sliced, stored))
     assert evaluation.as_slice(torch.arange(5, 17)) == slice(5, 17) and not isinstance(
         evaluation.as_slice(torch.tensor([3, 1, 2])), slice)

@@ -13,9 +13,11 @@ import federate
 from backbone import FrozenCLIP, load_clip
 from baselines.fedmvp import load_attributes
 from conditions import load_conditions
-from fedmpt import ModelConfig, asymmetric_loss
+from fedmpt import asymmetric_loss
+from options import ModelConfig
 from shapes.model import load_shapes_clip
 from store import features
+import client
 
 METHODS = ["fedmpt", "fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram"]
 CLASSES = data.known_classes("voc2007")
@@ -52,7 +54,7 @@ def test_bf16_loss_and_gradient_stay_near_fp32(backbone, method):
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=generator))
             stored = [torch.from_numpy(x) for x in features.as_stored(model.encode_images(images))]
-            inputs = evaluation.gather(stored, slice(None), "cpu")
+            inputs = client.gather(stored, slice(None), "cpu")
             logits = model(*inputs)
         assert logits.dtype == torch.float32 and all(t.dtype == torch.float32 for t in model.tunable_state().values())
         results[precision] = loss_and_gradient(model, inputs, targets)

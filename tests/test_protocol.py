@@ -11,8 +11,9 @@ import experiment
 import federate
 import splits
 from errors import FedMPTError
-from fedmpt import ModelConfig
+from options import ModelConfig
 from tests.test_remote_sensing import write_mlrsnet, write_multiscene
+import options
 
 
 def test_scene_splits_deal_whole_scenes_largest_first_to_the_smallest_site():
@@ -49,7 +50,7 @@ def test_mask_positives_drops_only_positives_at_the_rate_and_by_the_seed():
 
 def test_label_mask_reaches_training_only_and_every_engine_alike(tmp_path):
     root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)
-    cfg = experiment.Config(dataset="mlrsnet", root=str(root), clients=2, label_mask=0.5, seed=3,
+    cfg = options.Config(dataset="mlrsnet", root=str(root), clients=2, label_mask=0.5, seed=3,
                             cache_dir=str(tmp_path / "cache"), workers=0)
     whole = experiment.build(cfg, ModelConfig())
     train, test = (data.load_dataset("mlrsnet", root, split) for split in ("train", "test"))
@@ -79,7 +80,7 @@ def test_clients_by_scene_runs_end_to_end_and_is_refused_without_scenes(tmp_path
 
 def test_validation_holds_out_training_images_from_every_client_and_is_scored_each_round(tmp_path):
     root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)  # 32 training images
-    cfg = experiment.Config(dataset="mlrsnet", root=str(root), clients=2, validation=0.25, seed=1,
+    cfg = options.Config(dataset="mlrsnet", root=str(root), clients=2, validation=0.25, seed=1,
                             cache_dir=str(tmp_path / "cache"), workers=0)
     exp = experiment.build(cfg, ModelConfig())
     held_out = set(exp.validation)
@@ -101,4 +102,4 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
 def test_flower_refuses_validation_before_starting_anything():
     from launcher.flower import launch  # needs no Flower to refuse
     with pytest.raises(FedMPTError, match="--validation: only with the plain loop"):
-        launch(experiment.Config(validation=0.2), ModelConfig())
+        launch(options.Config(validation=0.2), ModelConfig())

@@ -11,7 +11,7 @@ import data
 import experiment
 from backbone import FrozenCLIP, load_clip
 from conditions import load_conditions
-from fedmpt import ModelConfig
+from options import ModelConfig
 from shapes.model import load_shapes_clip
 
 CLASSES = data.known_classes("voc2007")

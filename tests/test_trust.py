@@ -15,11 +15,13 @@ import experiment
 import federate
 import predict
 from errors import FedMPTError
-from fedmpt import ModelConfig
+from options import ModelConfig
+import options
+from store import runs
 
 
 def valid_config() -> dict:
-    return {**dataclasses.asdict(experiment.Config()), **dataclasses.asdict(ModelConfig())}
+    return {**dataclasses.asdict(options.Config()), **dataclasses.asdict(ModelConfig())}
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def test_a_config_json_that_is_not_a_runs_configuration_is_refused_before_setup(
 def test_execution_fields_may_be_missing_and_the_run_record_is_known(tmp_path):
     saved = {k: v for k, v in valid_config().items() if k not in ("threads", "workers")}
     (tmp_path / "config.json").write_text(json.dumps({**saved, "engine": "plain", "classes": ["a"]}))
-    cfg, _, _ = experiment.read_config(str(tmp_path))
+    cfg, _, _ = runs.read_config(str(tmp_path))
     assert cfg.threads == 0 and cfg.workers == -1
 
 
@@ -89,7 +91,7 @@ def test_rounds_beside_resume_extend_a_run_and_execution_options_apply(finished,
     assert config["rounds"] == 2 and config["extended"] == [{"after_round": 1, "rounds_before": 1, "rounds": 2}]
     assert federate.main(["--resume", str(run), "--rounds", "1"]) == 2  # fewer than the run has done
     assert "--rounds 1 beside --resume extends a run" in capsys.readouterr().err
-    assert experiment.read_config(str(run))[0].rounds == 2  # resumable again, with its new length
+    assert runs.read_config(str(run))[0].rounds == 2  # resumable again, with its new length
 
 
 @pytest.mark.slow
@@ -504,13 +506,13 @@ def test_an_interpreter_older_than_the_declared_minimum_stops_with_one_line():
 def test_a_run_saved_before_an_option_was_added_reads_with_its_default(tmp_path):
     """Options marked `added` (newer than saved runs) may be missing and take their default,
     which is what every run before them did; any other missing option is still refused."""
-    added = [f.name for config in (experiment.Config, ModelConfig) for f in dataclasses.fields(config)
+    added = [f.name for config in (options.Config, ModelConfig) for f in dataclasses.fields(config)
              if f.metadata.get("added")]
     assert {"unseen", "zsl_split", "precision"} <= set(added)
     old = {k: v for k, v in valid_config().items() if k not in added}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    cfg, model_cfg, _ = experiment.read_config(str(tmp_path))
+    cfg, model_cfg, _ = runs.read_config(str(tmp_path))
     assert cfg.unseen == "" and cfg.zsl_split == "" and model_cfg.precision == "fp32"
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in old.items() if k != "rounds"}))
     with pytest.raises(FedMPTError, match="it lacks --rounds"):
-        experiment.read_config(str(tmp_path))
+        runs.read_config(str(tmp_path))

@@ -17,6 +17,7 @@ import metrics
 import predict
 import zeroshot
 from errors import FedMPTError
+import client
 
 
 # ---- The figures --------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def zsl_run(shapes_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("zsl") / "run"
     mp = pytest.MonkeyPatch()
     spy = {"targets": [], "texts": [], "built": {}, "trained": set()}
-    tokenize, build, loss = clip.tokenize, experiment.build_model, federate.asymmetric_loss
+    tokenize, build, loss = clip.tokenize, experiment.build_model, fedmpt.LOSSES["asl"]
     mp.setattr(clip, "tokenize", lambda texts, *a, **k: spy["texts"].extend(texts) or tokenize(texts, *a, **k))
 
     def built(*args, **kwargs):
@@ -81,9 +82,9 @@ def zsl_run(shapes_root, tmp_path_factory):
         spy["built"][id(model)] = (list(args[2]), list(spy["texts"]))
         return model
     mp.setattr(experiment, "build_model", built)
-    mp.setattr(federate, "asymmetric_loss", lambda logits, targets: spy["targets"].append(targets.clone())
+    mp.setitem(fedmpt.LOSSES, "asl", lambda logits, targets: spy["targets"].append(targets.clone())
                or loss(logits, targets))
-    local_train = federate.local_train
+    local_train = client.local_train
     mp.setattr(federate, "local_train", lambda model, *a: spy["trained"].add(id(model)) or local_train(model, *a))
     try:
         assert federate.main(["--root", str(shapes_root), "--out", str(out), "--rounds", "1", "--clients", "2",
