@@ -9,6 +9,7 @@ a transform is set. `classes` lists the names in target order and `targets` hold
 (n_images, C). The frozen features of a split live in the feature store (store/features.py),
 the client split in splits.py.
 """
+import importlib
 import re
 
 import torch
@@ -16,7 +17,14 @@ from torchvision import transforms
 
 from errors import FedMPTError
 
-DATASETS = ["shapes", "voc2007", "coco2014", "nuswide", "multiscene", "mlrsnet", "folder"]
+# The datasets by name: "module:loader", imported when the dataset is named. A loader takes (root,
+# split "train" or "test", transform=None, skip_unreadable=False) and returns a dataset of
+# loaders/base.py; a module that defines CLASSES has a fixed class list (data.known_classes).
+# A new dataset is one line here and its loader (loaders/).
+DATASETS = {"shapes": "shapes.world:load_split", "voc2007": "loaders.voc:load_split",
+            "coco2014": "loaders.coco:COCODataset", "nuswide": "loaders.nuswide:NUSWIDEDataset",
+            "multiscene": "loaders.multiscene:MultiSceneDataset", "mlrsnet": "loaders.mlrsnet:MLRSNetDataset",
+            "folder": "loaders.folder:FolderDataset"}
 # What the prompts say for a class whose annotation name is not plain English.
 PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant",
                 "tvmonitor": "tv monitor", "aeroplane": "aeroplane",
@@ -34,18 +42,9 @@ def clip_transform(resolution: int):
 
 
 def known_classes(dataset: str) -> list:
-    """The class names of a dataset whose classes are fixed ([] for the others: read them from disk)."""
-    if dataset == "shapes":
-        from shapes.world import SHAPES_CLASSES as classes
-    elif dataset == "voc2007":
-        from loaders.voc import VOC_CLASSES as classes
-    elif dataset == "coco2014":
-        from loaders.coco import COCO_CLASSES as classes
-    elif dataset == "nuswide":
-        from loaders.nuswide import NUSWIDE_CLASSES as classes
-    else:
-        classes = []
-    return list(classes)
+    """The class names of a dataset whose classes are fixed (its loader's module defines CLASSES);
+    [] for the others: read them from disk."""
+    return list(getattr(importlib.import_module(DATASETS[dataset].split(":")[0]), "CLASSES", []))
 
 
 def prompt_name(name: str) -> str:
@@ -64,35 +63,14 @@ def load_dataset(name: str, root, split: str, transform=None, skip_unreadable=Fa
     `zsl_split`: a published zero-shot split of coco2014 or nuswide (loaders/zsl.py)."""
     if split not in ("train", "test"):
         raise FedMPTError(f"split '{split}': choose train or test.")
+    if name not in DATASETS:
+        raise FedMPTError(f"--dataset {name}: unknown; choose one of {', '.join(DATASETS)}.")
     options = {"transform": transform, "skip_unreadable": skip_unreadable}
     if zsl_split:
         from loaders.zsl import ZSLSplitDataset
         return ZSLSplitDataset(name, root, split, zsl_split, **options)
-    voc_split = "trainval" if split == "train" else split
-    if name == "shapes":  # the loaders are imported when their dataset is named
-        from loaders.voc import VOCDataset
-        from shapes import world
-        world.generate_shapes_dataset(root)
-        return VOCDataset(root, voc_split, world.SHAPES_CLASSES, name="shapes", **options)
-    if name == "voc2007":
-        from loaders.voc import VOC_CLASSES, VOCDataset
-        return VOCDataset(root, voc_split, VOC_CLASSES, **options)
-    if name == "coco2014":
-        from loaders.coco import COCODataset
-        return COCODataset(root, split, **options)
-    if name == "nuswide":
-        from loaders.nuswide import NUSWIDEDataset
-        return NUSWIDEDataset(root, split, **options)
-    if name == "folder":
-        from loaders.folder import FolderDataset
-        return FolderDataset(root, split, **options)
-    if name == "multiscene":
-        from loaders.multiscene import MultiSceneDataset
-        return MultiSceneDataset(root, split, **options)
-    if name == "mlrsnet":
-        from loaders.mlrsnet import MLRSNetDataset
-        return MLRSNetDataset(root, split, **options)
-    raise FedMPTError(f"--dataset {name}: unknown; choose one of {', '.join(DATASETS)}.")
+    module, loader = DATASETS[name].split(":")  # the loader is imported when its dataset is named
+    return getattr(importlib.import_module(module), loader)(root, split, **options)
 
 
 # ---- Protocol switches of the authors' code (off by default: not the standard benchmarks) ----

@@ -20,6 +20,7 @@ COCO_CLASSES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "tr
                 "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
                 "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
                 "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+CLASSES = COCO_CLASSES  # a fixed class list (data.known_classes)
 
 
 class COCODataset(ImageDataset):

@@ -19,6 +19,7 @@ NUSWIDE_CLASSES = ["airport", "animal", "beach", "bear", "birds", "boats", "book
                    "surf", "swimmers", "tattoo", "temple", "tiger", "tower", "town", "toy",
                    "train", "tree", "valley", "vehicle", "water", "waterfall", "wedding",
                    "whales", "window", "zebra"]
+CLASSES = NUSWIDE_CLASSES  # a fixed class list (data.known_classes)
 
 
 class NUSWIDEDataset(ImageDataset):

@@ -12,6 +12,7 @@ from loaders.base import ImageDataset, inside_root, missing_files_error
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor"]
+CLASSES = VOC_CLASSES  # a fixed class list (data.known_classes)
 VOC_URLS = {"trainval": "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtrainval_06-Nov-2007.tar",
             "test": "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtest_06-Nov-2007.tar"}
 VOC_MD5S = {"trainval": "c52e279531787c972589f7e41ab4ae64", "test": "b6e924de25625d8de591ea690078ad9f"}
@@ -33,6 +34,12 @@ def parse_voc_annotation(path: Path, classes) -> torch.Tensor:
         c = classes.index(name)
         target[c] = max(target[c].item(), 1) if not difficult else (1 if target[c] == 1 else -1)
     return target
+
+
+def load_split(root, split, transform=None, skip_unreadable=False) -> "VOCDataset":
+    """VOC2007's `split` (train: its trainval list) at `root` (data.DATASETS' loader of voc2007)."""
+    return VOCDataset(root, "trainval" if split == "train" else split, VOC_CLASSES, transform=transform,
+                      skip_unreadable=skip_unreadable)
 
 
 class VOCDataset(ImageDataset):

@@ -31,6 +31,7 @@ from errors import FedMPTError
 SIZE = 96  # pixels; 3 x 32 px cells
 SHAPES_CLASSES = ["circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon",
                   "crescent", "heart", "chevron", "bowtie"]
+CLASSES = SHAPES_CLASSES  # a fixed class list (data.known_classes)
 COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 225, 40),
            "green": (40, 180, 70), "blue": (40, 90, 230), "purple": (150, 60, 200),
            "pink": (250, 130, 200), "white": (250, 250, 250)}
@@ -317,3 +318,12 @@ def picture(path, n: int = 8, seed: int = 5):
 if __name__ == "__main__":  # python -m shapes.world [PATH]: the picture of the world in the docs
     import sys
     picture(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
+
+
+def load_split(root, split, transform=None, skip_unreadable=False):
+    """The offline world's `split` (train: its trainval list), generated into `root` on first use
+    (data.DATASETS' loader of shapes): the VOC layout, read by loaders/voc.py."""
+    from loaders.voc import VOCDataset
+    generate_shapes_dataset(root)
+    return VOCDataset(root, "trainval" if split == "train" else split, SHAPES_CLASSES, name="shapes",
+                      transform=transform, skip_unreadable=skip_unreadable)

@@ -24,3 +24,13 @@ def feature_cache(tmp_path_factory):
         del os.environ["FEDMPT_CACHE"]
     else:
         os.environ["FEDMPT_CACHE"] = previous
+
+
+def build_experiment(cfg, model_cfg):
+    """A whole experiment without a run directory: resolved options, data, clients, model, and the
+    frozen inputs of the training and test images with the reference scores."""
+    import experiment
+    exp = experiment.prepare(*experiment.resolve(cfg, model_cfg))
+    exp.train = experiment.training_inputs(exp)
+    experiment.test_side(exp)
+    return exp

@@ -10,14 +10,15 @@ import torch
 from PIL import Image
 
 import clip
+import client
 import data
 import experiment
 import federate
+import fedmpt
 import metrics
 import predict
 import zeroshot
 from errors import FedMPTError
-import client
 
 
 # ---- The figures --------------------------------------------------------------------------
