@@ -8,7 +8,7 @@ requires-python) stops here with one line.
 import platform
 import sys
 
-MINIMUM_PYTHON = (3, 11)  # CI's and this project's machines run 3.11; the lent GPU machine 3.12
+MINIMUM_PYTHON = (3, 11)  # the oldest Python the suite runs on (pyproject.toml's requires-python)
 if sys.version_info < MINIMUM_PYTHON:
     print(f"error: fedmpt needs Python {'.'.join(map(str, MINIMUM_PYTHON))} or newer; this is "
           f"{platform.python_version()} ({sys.executable}).", file=sys.stderr)

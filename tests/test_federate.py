@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+import aggregation
 import federate
 from store import runs
-import aggregation
 
 
 def test_fedavg_weights_by_samples():
@@ -92,16 +92,18 @@ def test_the_seed_decides_the_starting_model(shapes_root, tmp_path):
 
 def test_lr_defaults_to_the_methods_own_rate_and_an_explicit_one_is_kept():
     import baselines
+    import experiment
     from options import validate
     rates = {"fedmpt": 1e-1, "fedmvp": 1e-3, "fed-dualcoop": 1e-3, "fed-poscoop": 3.0, "fedtpg": 1e-2,
              "fed-maple": 3e-3, "fed-ram": 3e-2}  # docs/sweeps.md's choices, stated on each class
     for method, rate in rates.items():
         cfg, model_cfg = federate.parse_config(["--method", method])
         validate(cfg, model_cfg)
-        assert cfg.lr == rate == baselines.model_class(method).learning_rate
+        assert cfg.lr == 0  # validation reports and changes nothing
+        resolved, *_ = experiment.resolve(cfg, model_cfg)
+        assert resolved.lr == rate == baselines.model_class(method).learning_rate and cfg.lr == 0
     cfg, model_cfg = federate.parse_config(["--method", "fedtpg", "--lr", "0.5"])
-    validate(cfg, model_cfg)
-    assert cfg.lr == 0.5
+    assert experiment.resolve(cfg, model_cfg)[0].lr == 0.5
     assert set(rates) == set(baselines.METHODS)
 
 
@@ -206,7 +208,7 @@ def test_resume_keeps_the_unseen_classes_it_resolved_not_the_file(unseen_run, tm
     shutil.copytree(unseen_run[0], run)
     unseen_run[1].write_text("circle\n")  # edited after the run started
     try:
-        cfg, _ = experiment.resume_config(str(run))
+        cfg, _ = runs.resume_config(str(run))
         assert sorted(cfg.unseen.split(",")) == ["ring", "star"]
         seen = {}
         real = experiment.build_model
@@ -223,9 +225,8 @@ def test_an_out_at_or_under_an_existing_file_is_refused_before_setup(tmp_path, c
     """#33 item 11: --out at (or under) a file ends in one error line at once, the file untouched."""
     def reached(*args, **kwargs):
         raise AssertionError("the run was built")
-    monkeypatch.setattr(federate, "validate", lambda *a: None)
     import experiment
-    monkeypatch.setattr(experiment, "build", reached)
+    monkeypatch.setattr(experiment, "prepare", reached)
     file = tmp_path / "notes.txt"
     file.write_text("mine\n")
     assert federate.main(["--out", str(file / under if under else file), "--threads", "1"]) == 2

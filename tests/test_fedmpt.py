@@ -191,13 +191,13 @@ def test_unknown_clip_name_is_a_clear_error():
 
 def test_conditions_place_all_their_mass_and_regions_may_stay_out(model):
     v, P = model.backbone.encode_image_tokens(images(2))
-    _, Q, g = model.explain(v, P)  # (B, 2, C, N, K), default --ot-rho 0.1: semi-relaxed
+    _, Q, g = model(v, P, plans=True)  # (B, 2, C, N, K), default --ot-rho 0.1: semi-relaxed
     K, N = Q.shape[-1], Q.shape[-2]
     assert torch.allclose(Q.sum(-2), torch.full_like(Q.sum(-2), 1 / K), atol=1e-5)  # columns exact
     assert (Q.sum(-1) - 1 / N).abs().max() > 1e-3  # rows are not forced to 1/N
     exact = FedMPT(model.backbone, CLASSES, CONDITIONS, ModelConfig(ot_rho=float("inf")), seed=0)
     exact.load_tunable_state(model.tunable_state())
-    _, Q0, _ = exact.explain(v, P)
+    _, Q0, _ = exact(v, P, plans=True)
     assert torch.allclose(Q0.sum(-1), torch.full_like(Q0.sum(-1), 1 / N), atol=1e-4)  # --ot-rho inf: the spec
     assert torch.allclose(g.sum(-1), torch.ones(2))
 

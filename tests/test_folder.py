@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import conditions
-import experiment
+import data
 import federate
 import predict
 from conditions import discover
+from conftest import build_experiment
 from errors import FedMPTError
 from shapes import world as shapes
 
@@ -109,7 +109,7 @@ def test_setup_trains_one_client_per_site_and_records_their_names(tmp_path, caps
     assert config["clients"] == 3
     err = capsys.readouterr().err
     assert "note: --clients 5 and --heterogeneity 0.5 not used" in err and "east, north, south" in err
-    experiment.build(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
+    build_experiment(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
     assert "note" not in capsys.readouterr().err  # defaults: nothing to say
 
 
@@ -263,13 +263,13 @@ def test_classes_the_text_side_cannot_tell_apart_are_named_before_training(tmp_p
     digits = [(image, labels.replace("red", "one").replace("green", "two").replace("blue", "three"), *rest)
               for image, labels, *rest in ROWS]
     root = write_folder(tmp_path / "digits", rows=digits)
-    exp = experiment.build(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
+    exp = build_experiment(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
     err = capsys.readouterr().err
     assert "warning: the backbone's text side hardly tells 3 of the 3 class pairs apart" in err
     assert {tuple(sorted(p[:2])) for p in exp.resolved["similar_class_pairs"]} == {
         ("one", "three"), ("one", "two"), ("three", "two")}
     assert all(p[2] > 0.97 for p in exp.resolved["similar_class_pairs"])
-    colours = experiment.build(*federate.parse_config(["--dataset", "folder", "--root",
+    colours = build_experiment(*federate.parse_config(["--dataset", "folder", "--root",
                                                        str(write_folder(tmp_path / "c"))]))  # words the shapes CLIP learned
     assert colours.resolved["similar_class_pairs"] == [] and "hardly tells" not in capsys.readouterr().err
 

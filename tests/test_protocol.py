@@ -9,11 +9,12 @@ import data
 import evaluation
 import experiment
 import federate
+import options
 import splits
+from conftest import build_experiment
 from errors import FedMPTError
 from options import ModelConfig
 from tests.test_remote_sensing import write_mlrsnet, write_multiscene
-import options
 
 
 def test_scene_splits_deal_whole_scenes_largest_first_to_the_smallest_site():
@@ -52,13 +53,14 @@ def test_label_mask_reaches_training_only_and_every_engine_alike(tmp_path):
     root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)
     cfg = options.Config(dataset="mlrsnet", root=str(root), clients=2, label_mask=0.5, seed=3,
                             cache_dir=str(tmp_path / "cache"), workers=0)
-    whole = experiment.build(cfg, ModelConfig())
+    whole = build_experiment(cfg, ModelConfig())
     train, test = (data.load_dataset("mlrsnet", root, split) for split in ("train", "test"))
     assert torch.equal(whole.test[1], test.targets)  # test labels are never masked
     masked = whole.train[1] != train.targets
     assert masked.any() and (train.targets[masked] == 1).all() and (whole.train[1][masked] == -1).all()
     assert whole.resolved["masked_positives"] == int(masked.sum())
-    _, node_targets, _ = experiment.client_part(experiment.prepare(cfg, ModelConfig()), 1)  # a Flower SuperNode
+    node = experiment.prepare(*experiment.resolve(cfg, ModelConfig()))
+    _, node_targets = experiment.training_inputs(node, node.splits[1])  # what a Flower SuperNode trains on
     assert torch.equal(node_targets, whole.train[1][whole.splits[1]])
 
 
@@ -82,16 +84,16 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
     root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)  # 32 training images
     cfg = options.Config(dataset="mlrsnet", root=str(root), clients=2, validation=0.25, seed=1,
                             cache_dir=str(tmp_path / "cache"), workers=0)
-    exp = experiment.build(cfg, ModelConfig())
+    exp = build_experiment(cfg, ModelConfig())
     held_out = set(exp.validation)
     assert len(held_out) == 8 and exp.resolved["images"] == {"train": 24, "validation": 8, "test": 8}
     assert sorted(i for s in exp.splits for i in s) == sorted(set(range(32)) - held_out)
-    assert experiment.build(cfg, ModelConfig()).validation == exp.validation  # seeded
+    assert build_experiment(cfg, ModelConfig()).validation == exp.validation  # seeded
     assert splits.hold_out(32, 0.25, 2)[0] != exp.validation
     row = evaluation.evaluate_global(exp)
     assert {"val_mAP", "val_CF1", "val_OF1"} <= set(row) and 0 <= row["val_mAP"] <= 100
     assert "val_mAP" not in evaluation.evaluate_global(
-        experiment.build(dataclasses.replace(cfg, validation=0.0), ModelConfig()))
+        build_experiment(dataclasses.replace(cfg, validation=0.0), ModelConfig()))
     out = tmp_path / "run"
     assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients", "2", "--rounds", "1",
                           "--validation", "0.25", "--batch-size", "8", "--workers", "0", "--out", str(out)]) == 0

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import evaluation
-import experiment
 import federate
 import predict
+from conftest import build_experiment
 
 pytestmark = pytest.mark.slow  # every test uses a finished run, trained once
 
@@ -23,7 +23,7 @@ def finished_run(shapes_root, tmp_path_factory):
 
 def test_predict_gives_the_evaluation_probabilities(finished_run, shapes_root, tmp_path, capsys):
     out, cfg, model_cfg, _ = finished_run
-    exp = experiment.build(cfg, model_cfg)
+    exp = build_experiment(cfg, model_cfg)
     exp.model.load_tunable_state(torch.load(out / "state.pt", weights_only=True))
     inputs, _ = exp.test
     expected = evaluation.predict_scores(exp.model, [x[:12] for x in inputs])
