@@ -60,9 +60,3 @@ def thresholds_record(exp, round_index: int) -> dict:
     return {"round": round_index, "chosen_on": f"{len(exp.validation)} held-out training images (--validation)",
             "rule": "per class, the threshold that maximises F1 of probability >= threshold (metrics.f1_thresholds)",
             "thresholds": dict(zip(exp.train_set.classes, thresholds.tolist()))}
-
-
-def reference_scores(exp) -> dict:
-    """What round 0 of metrics.json also carries: the label prior and the zero-shot backbone."""
-    return {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
-            **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}

@@ -68,7 +68,11 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     out = new_run_directory(cfg)
     exp = prepare(cfg, model_cfg, device, root)
     if state is not None:
-        load_state(exp, state)
+        try:
+            exp.model.load_tunable_state(state)
+        except FedMPTError as error:
+            raise FedMPTError(f"--resume {cfg.resume}: checkpoint.pt does not fit the model its config.json builds "
+                              f"({error}) Restore the run's own files, or train it again with another --out.") from None
     exp.train = training_inputs(exp)
     test_side(exp)
     exp.out, exp.resolved = out, describe(exp, out, record)
@@ -84,11 +88,15 @@ def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Expe
     if cfg.unseen or cfg.zsl_split:
         unseen = zeroshot.unseen_classes(cfg.unseen, train_set.classes, cfg.seed, getattr(train_set, "unseen_names", None))
         labelled = zeroshot.seen_view(train_set, unseen)
-    cfg, client_splits, client_names, validation, pool = split_clients(cfg, labelled)
+    validation, pool = splits.hold_out(len(labelled), cfg.validation, cfg.seed)  # held out before the client split
+    cfg, client_splits, client_names = splits.make_clients(cfg, labelled.subset(pool) if validation else labelled)
+    if validation:  # back to rows of the whole training set
+        client_splits = [[pool[i] for i in s] for s in client_splits]
+    print(splits.split_report(labelled.targets, client_splits, labelled.classes, names=client_names))
     backbone = load_backbone(cfg, device)
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
-    attributes = method_attributes(cfg, train_set.classes)
+    attributes = method_attributes(cfg, train_set.classes) if cfg.method == "fedmvp" else None
     # the model's initial values follow --seed; its text side runs as --text-encoding asks (speed/)
     model = build_model(cfg.method, backbone, labelled.classes, conditions, model_cfg, attributes, seed=cfg.seed)
     model = speed.with_text_encoding(model.to(device), cfg.text_encoding)
@@ -130,17 +138,6 @@ def load_data(cfg: Config, root: str):
     return train_set, test_set
 
 
-def split_clients(cfg: Config, train_set):
-    """(cfg, client splits, client names, validation rows, the other rows): the validation rows
-    held out, the rest split into clients (splits.py)."""
-    validation, pool = splits.hold_out(len(train_set), cfg.validation, cfg.seed)
-    cfg, client_splits, names = splits.make_clients(cfg, train_set.subset(pool) if validation else train_set)
-    if validation:  # back to rows of the whole training set
-        client_splits = [[pool[i] for i in s] for s in client_splits]
-    print(splits.split_report(train_set.targets, client_splits, train_set.classes, names=names))
-    return cfg, client_splits, names, validation, pool
-
-
 def load_backbone(cfg: Config, device="cpu", random_init=None):
     """The frozen CLIP a run names: the shipped shapes CLIP, or `backbone.load_clip`."""
     from shapes import model as shapes_clip
@@ -158,9 +155,7 @@ def load_backbone(cfg: Config, device="cpu", random_init=None):
 
 
 def method_attributes(cfg: Config, classes):
-    """FedMVP's class descriptions (baselines.fedmvp.load_attributes); None for every other method."""
-    if cfg.method != "fedmvp":
-        return None
+    """FedMVP's class descriptions (baselines.fedmvp.load_attributes): the only method that has them."""
     from baselines.fedmvp import load_attributes
     return load_attributes(cfg.dataset, classes, cfg.attributes)
 
@@ -184,16 +179,11 @@ def frozen_inputs(encode, split_set, kind, backbone_sha256, cfg: Config, device)
     return inputs, key, n
 
 
-def zero_shot_scores(backbone, v: torch.Tensor, classes) -> torch.Tensor:
-    """Cosines (n, C) of global image features v with "a photo of a <class>.": a ranking, not probabilities."""
-    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()
-    return torch.nn.functional.normalize(v, dim=-1) @ text.T
-
-
 def zero_shot_metrics(backbone, v, test_set, classes, unseen=()) -> dict:
     """The frozen backbone alone on the test images (its bias metrics on the shapes world, its
     zero-shot figures with unseen classes)."""
-    scores = zero_shot_scores(backbone, v.float(), classes)
+    text = backbone.encode_texts([f"a photo of a {data.prompt_name(c)}." for c in classes]).cpu()  # (C, D)
+    scores = torch.nn.functional.normalize(v.float(), dim=-1) @ text.T  # cosines (n, C): a ranking, not probabilities
     result = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=min(3, len(classes)))["mAP"]}
     if unseen:
         result.update(metrics.zsl_metrics(scores, test_set.targets, unseen))
@@ -221,15 +211,6 @@ def similar_classes(backbone, classes, threshold=SIMILAR_TEXT) -> list:
               "starts each such class alike; check the class names, use a backbone that knows them, or give "
               "FedMPT contexts of each class's own (--class-ctx 4; docs/choices.md).", file=sys.stderr)
     return pairs
-
-
-def load_state(exp: Experiment, state: dict):
-    """A saved tunable state (--resume) into the model; one that does not fit is a FedMPTError."""
-    try:
-        exp.model.load_tunable_state(state)
-    except FedMPTError as error:
-        raise FedMPTError(f"--resume {exp.cfg.resume}: checkpoint.pt does not fit the model its config.json builds "
-                          f"({error}) Restore the run's own files, or train it again with another --out.") from None
 
 
 def training_inputs(exp: Experiment, rows=None):
@@ -316,8 +297,9 @@ def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:
         classes = data.load_dataset(cfg.dataset, cfg.root or os.path.join("data", cfg.dataset), "train").classes
     random_init = not cfg.clip_weights and (cfg.clip in ARCHITECTURES or cfg.clip == "shapes")
     backbone = load_backbone(cfg, random_init=random_init)
+    attributes = method_attributes(cfg, classes) if cfg.method == "fedmvp" else None
     model = build_model(cfg.method, backbone, classes, load_conditions(cfg.conditions, cfg.dataset),
-                        model_cfg, method_attributes(cfg, classes), seed=cfg.seed)
+                        model_cfg, attributes, seed=cfg.seed)
     tunable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": cfg.method, "dataset": cfg.dataset, "classes": len(classes), "clip": cfg.clip,
             "tunable": tunable, "total": sum(p.numel() for p in model.parameters())}

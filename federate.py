@@ -25,7 +25,7 @@ from tqdm import tqdm
 from aggregation import AGGREGATORS
 from client import local_train
 from errors import exit_code
-from evaluation import evaluate_global, reference_scores, thresholds_record
+from evaluation import evaluate_global, thresholds_record
 from experiment import Experiment, count_params, setup
 from options import Config, ModelConfig, build_parser, config_from, given_options
 from speed.parallel_clients import train_together
@@ -139,14 +139,17 @@ TABLE_HEADER = (f"{'round':>5} {'train loss':>10} {'clipped':>7} {'grad norm':>9
                 f"{'seconds':>8}")
 
 
-def training_columns(stats: dict, n_aggregated: int, rejected: list) -> dict:
-    """metrics.json's columns of a training round besides the loss and the evaluation."""
-    return {"clip_share": stats["clip_share"], "grad_norm": stats["grad_norm"], "clients_aggregated": n_aggregated,
-            "clients_rejected": rejected, "failed": n_aggregated == 0}
-
-
-def evaluate_round(exp: Experiment, round_index, loss, seconds, extra) -> dict:
-    """A round's row of metrics.json: its training numbers and the global model's test metrics."""
+def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregated=0, rejected=()) -> dict:
+    """A round's row of metrics.json: the global model's test metrics and the round's training
+    numbers (accept_and_aggregate's); round 0, the untuned model, carries the reference scores
+    instead: the label prior and the frozen backbone zero-shot."""
+    if stats is None:
+        extra = {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
+                 **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}
+    else:
+        extra = {"clip_share": stats["clip_share"], "grad_norm": stats["grad_norm"], "clients_aggregated": n_aggregated,
+                 "clients_rejected": list(rejected), "failed": n_aggregated == 0}
+    loss = None if stats is None else stats["loss"]
     return {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp), **extra}
 
 
@@ -182,7 +185,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
           f"client sizes {[len(s) for s in exp.splits]}")
     tqdm.write(TABLE_HEADER)
     if not history:  # round 0: the untuned model, with the reference scores
-        save_round(exp, history, evaluate_round(exp, 0, None, 0.0, reference_scores(exp)))
+        save_round(exp, history, evaluate_round(exp, 0, 0.0))
     for round_index in range(first_round, cfg.rounds + 1):
         start = time.time()
         sampled = sample_clients(rng, cfg)
@@ -190,9 +193,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
             global_state, stats, n_aggregated, rejected = run_round(
                 round_index, model, global_state, exp.train, exp.splits, sampled, cfg, tqdm.write)
         model.load_tunable_state(global_state)
-        row = evaluate_round(exp, round_index, stats["loss"], time.time() - start,
-                             training_columns(stats, n_aggregated, rejected))
-        save_round(exp, history, row, rng)
+        save_round(exp, history, evaluate_round(exp, round_index, time.time() - start, stats, n_aggregated, rejected), rng)
 
     runs.check_trained(history, first_round, start_state, global_state)  # a run that could not train: exit 1
     save_tensors(global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")

@@ -257,11 +257,10 @@ class FedMPTStrategy(FedAvg):
         self.global_state = ordered_state(arrays, self.reference)
         exp.model.load_tunable_state(self.global_state)
         if server_round == 0:
-            loss, seconds, extra = None, 0.0, evaluation.reference_scores(exp)
+            row = federate.evaluate_round(exp, 0, 0.0)
         else:
-            stats, seconds = self.round["stats"], time.time() - self.round["start"]
-            loss, extra = stats["loss"], federate.training_columns(stats, self.round["aggregated"], self.round["rejected"])
-        row = federate.evaluate_round(exp, server_round, loss, seconds, extra)
+            row = federate.evaluate_round(exp, server_round, time.time() - self.round["start"], self.round["stats"],
+                                          self.round["aggregated"], self.round["rejected"])
         federate.save_round(exp, self.history, row, self.rng if server_round else None)
         return MetricRecord({"mAP": row["mAP"], "CF1": row["CF1"], "OF1": row["OF1"]})
 

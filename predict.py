@@ -53,7 +53,7 @@ def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
     if saved.get("backbone_sha256") and backbone.fingerprint() != saved["backbone_sha256"]:
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
-    attributes = method_attributes(cfg, classes)
+    attributes = method_attributes(cfg, classes) if cfg.method == "fedmvp" else None
     model = build_model(cfg.method, backbone, classes, saved["condition_set"], model_cfg,
                         attributes, seed=cfg.seed)  # the trained state replaces every value
     model = speed.with_text_encoding(model.to(device), cfg.text_encoding).eval()

@@ -78,8 +78,7 @@ def probe(cfg, val_share=0.2, features="global") -> dict:
     best = max(sweep, key=lambda C: (sweep[C], -C))
     test = metrics.multilabel_metrics(fit_scores(x_train, y_train, x_test, best, cfg.seed), y_test, top_k=top_k)
     v_test = torch.as_tensor(x_test if features == "global" else frozen_features(cfg, backbone, test_set))
-    zero_shot = metrics.multilabel_metrics(experiment.zero_shot_scores(backbone, v_test, train_set.classes),
-                                           y_test, top_k=top_k)
+    zero_shot = experiment.zero_shot_metrics(backbone, v_test, test_set, train_set.classes)  # its mAP, as federate.py's
     prior = metrics.multilabel_metrics(metrics.label_prior_scores(train_set.targets, len(test_set)), y_test, top_k=top_k)
     return {"dataset": cfg.dataset, "clip": cfg.clip, "seed": cfg.seed, "features": features, "C": best, "validation_mAP": sweep,
             "probe": {k: test[k] for k in ("mAP", "CF1", "OF1")}, "zero_shot_mAP": zero_shot["mAP"],

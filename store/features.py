@@ -122,7 +122,7 @@ def encode_dataset(encode, dataset, key=None, cache_dir="", batch_size=64, devic
                     manifest["sizes"] = [path.stat().st_size for path in files]  # fixed from here on
                 for array, x in zip(arrays, outputs):
                     array[row:row + len(x)] = x
-                manifest["chunks"].append([row, row + len(outputs[0]), [checksum(x) for x in outputs]])
+                manifest["chunks"].append([row, row + len(outputs[0]), [zlib.crc32(np.ascontiguousarray(x)) for x in outputs]])
                 row += len(outputs[0])
                 for array in arrays:
                     array.flush()
@@ -240,14 +240,10 @@ def content_problem(files, manifest) -> str:
         if start != covered:
             return f"its chunks skip rows {covered} to {start - 1}"
         for path, array, crc in zip(files, arrays, crcs):
-            if checksum(array[start:end]) != crc:
+            if zlib.crc32(np.ascontiguousarray(array[start:end])) != crc:
                 return f"rows {start} to {end - 1} of {path.name} fail their checksum"
         covered = end
     return "" if covered == manifest["rows_completed"] else f"its chunks cover {covered} of {manifest['rows_completed']} rows"
-
-
-def checksum(rows: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(rows))
 
 
 def write_manifest(directory: Path, manifest: dict):

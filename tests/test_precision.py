@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import client
 import data
 import evaluation
 import experiment
@@ -17,7 +18,6 @@ from fedmpt import asymmetric_loss
 from options import ModelConfig
 from shapes.model import load_shapes_clip
 from store import features
-import client
 
 METHODS = ["fedmpt", "fed-poscoop", "fed-dualcoop", "fedtpg", "fed-maple", "fedmvp", "fed-ram"]
 CLASSES = data.known_classes("voc2007")
@@ -46,8 +46,9 @@ def test_bf16_loss_and_gradient_stay_near_fp32(backbone, method):
     attributes = load_attributes("voc2007", CLASSES) if method == "fedmvp" else None
     results = {}
     for precision in ("fp32", "bf16"):
-        model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "voc2007"),
-                                       ModelConfig(precision=precision), attributes, seed=0)
+        backbone.precision = precision  # as experiment.load_backbone sets it from --precision
+        model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "voc2007"), ModelConfig(),
+                                       attributes, seed=0)
         with torch.no_grad():  # away from the zero-initialised start, the same for both
             generator = torch.Generator().manual_seed(1)
             for p in model.parameters():
@@ -58,6 +59,7 @@ def test_bf16_loss_and_gradient_stay_near_fp32(backbone, method):
             logits = model(*inputs)
         assert logits.dtype == torch.float32 and all(t.dtype == torch.float32 for t in model.tunable_state().values())
         results[precision] = loss_and_gradient(model, inputs, targets)
+    backbone.precision = "fp32"
     (loss32, grad32), (loss16, grad16) = results["fp32"], results["bf16"]
     assert loss16.dtype == torch.float32 and torch.isfinite(grad16).all()
     assert not torch.equal(grad16, grad32)  # bf16 did run
@@ -65,16 +67,28 @@ def test_bf16_loss_and_gradient_stay_near_fp32(backbone, method):
     assert float((grad16 - grad32).norm() / grad32.norm()) < GRADIENT_TOLERANCE
 
 
-def test_frozen_features_for_the_store_stay_float32(backbone):
-    """The store's entries do not depend on --precision (so its key need not name it)."""
+@pytest.mark.parametrize("method", METHODS)
+def test_frozen_features_for_the_store_stay_float32(backbone, method):
+    """The store's entries do not depend on --precision (so its key need not name it): with bf16
+    in effect (the tuned path's logits change), every method's frozen inputs are bit for bit
+    the float32 ones, in the same dtypes."""
+    torch.manual_seed(0)
     images = torch.randn(2, 3, backbone.resolution, backbone.resolution)
-    model = experiment.build_model("fedmpt", backbone, CLASSES, load_conditions("", "voc2007"),
-                                   ModelConfig(precision="bf16"), seed=0)
-    with torch.no_grad():
-        v16, P16 = model.encode_images(images)
+    attributes = load_attributes("voc2007", CLASSES) if method == "fedmvp" else None
+    model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "voc2007"), ModelConfig(),
+                                   attributes, seed=0)
+    encoded, logits = {}, {}
+    try:
+        for precision in ("bf16", "fp32"):
+            backbone.precision = precision
+            with torch.no_grad():
+                encoded[precision] = model.encode_images(images)
+                logits[precision] = model(*encoded[precision])
+    finally:
         backbone.precision = "fp32"
-        v32, P32 = model.encode_images(images)
-    assert torch.equal(v16, v32) and torch.equal(P16, P32)
+    assert not torch.equal(logits["bf16"], logits["fp32"])  # bf16 was in effect where tuned tensors pass
+    for bf16, fp32 in zip(encoded["bf16"], encoded["fp32"]):
+        assert bf16.dtype == fp32.dtype != torch.bfloat16 and torch.equal(bf16, fp32)
 
 
 @pytest.mark.slow
