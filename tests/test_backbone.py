@@ -1,4 +1,5 @@
-"""The frozen CLIP's text side runs only the positions that matter, and stays exact."""
+"""The frozen CLIP: its text side runs only the positions that matter and stays exact; a weights
+file that is not a CLIP checkpoint is named."""
 import clip
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 import experiment
 from backbone import FrozenCLIP, load_clip
 from conditions import load_conditions
+from errors import FedMPTError
 from options import ModelConfig
 from shapes.model import load_shapes_clip
 
@@ -64,3 +66,14 @@ def test_short_encoding_keeps_gradients_to_the_contexts():
     scale = float(grad_full.abs().max())
     assert scale > 100
     assert torch.allclose(grad_short, grad_full, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "tensors"])
+def test_clip_weights_that_are_not_a_clip_checkpoint_name_the_file(tmp_path, content):
+    path = tmp_path / "weights.pt"
+    if content == "tensors":
+        torch.save({"a": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(FedMPTError, match=f"--clip-weights {path}: not a CLIP checkpoint"):
+        load_clip("ViT-B/16", str(path))

@@ -4,6 +4,8 @@ the warning for a class without training positives, and a new user's whole path:
 folder, train, predict. Every fixture is written here."""
 import json
 import random
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +210,30 @@ def test_a_long_list_of_problems_is_cut_at_twenty(tmp_path):
     message = str(error.value)
     assert "has 30 problem(s)" in message and "missing/20.png" not in message
     assert "line 32: image missing/19.png not found" in message and "... and 10 more" in message
+
+
+def test_an_image_too_large_to_decode_safely_is_unreadable_not_a_crash(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "folder")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses above twice this: the 16 x 16 images
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the 8 x 16 ones only warn
+    with pytest.raises(FedMPTError, match="b.png cannot be read .*decompression bomb"):
+        data.load_dataset("folder", root, "train")
+    kept = data.load_dataset("folder", root, "train", skip_unreadable=True)  # --skip-unreadable
+    assert len(kept) == 5 and sorted(p.name for p in map(Path, kept.skipped)) == ["b.png", "e.png", "g.png"]
+
+
+def test_a_classes_txt_that_is_not_utf8_names_the_file(tmp_path):
+    root = write_folder(tmp_path / "folder")
+    (root / "classes.txt").write_bytes("red\ngr\u00fcn\n".encode("latin-1"))
+    with pytest.raises(FedMPTError, match="classes.txt is not UTF-8 text .* save it as UTF-8"):
+        data.load_dataset("folder", root, "train")
+
+
+def test_a_test_split_without_one_label_is_refused_before_training(tmp_path, capsys):
+    rows = [(image, "" if split == "test" else labels, split, client) for image, labels, split, client in ROWS]
+    root = write_folder(tmp_path / "folder", rows=rows, header=HEADER)
+    assert federate.main(["--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "run")]) == 2
+    assert "not one positive label: there is nothing to evaluate" in capsys.readouterr().err
 
 
 # ---- A new user's whole path: own images, three sites, train, predict ---------------------

@@ -1,16 +1,22 @@
-"""The house: the method files stand on torch and clip alone, no module imports itself back
-through others, entry points import the loop (never the reverse), and the plain loop loads
-neither Flower, nor the process tools, nor a comparison method it was not asked for."""
+"""The house: the method files stand on torch, clip and numpy alone and stay small, the fast
+paths in speed/ import the method (never the reverse), no module imports itself back through
+others, entry points import the loop (never the reverse) and stop with one line on an older
+interpreter, and the plain loop loads neither Flower, nor the process tools, nor a comparison
+method it was not asked for."""
 import ast
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 METHOD = {"ot", "gating", "prompts", "backbone", "fedmpt"}
-ROOMS = ["baselines", "conditions", "launcher", "loaders", "shapes", "store", "tools", "zeroshot"]
+ROOMS = ["baselines", "conditions", "launcher", "loaders", "shapes", "speed", "store", "tools", "zeroshot"]
+STUDENT_PATH = ["federate", "experiment", "data", "client", "options", *sorted(METHOD)]  # what a student reads
+ENTRY_POINTS = ["federate", pytest.param("predict", marks=pytest.mark.slow),
+                pytest.param("flower_app", marks=pytest.mark.slow)]  # each starts an interpreter: one in the fast tier
 
 
 def project_modules() -> dict:
@@ -35,14 +41,50 @@ def imports_of(path: Path, modules) -> set:
     return found
 
 
-def test_method_files_import_only_torch_clip_and_each_other():
+def top_level_imports(path: Path) -> set:
+    """The top-level packages a file imports anywhere in it (late imports inside functions too)."""
+    tree = ast.parse(path.read_text())
+    tops = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return tops | {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and node.module and node.level == 0}
+
+
+def test_method_files_import_only_torch_clip_numpy_errors_and_each_other():
+    modules = project_modules()
+    allowed = METHOD | {"errors", "torch", "clip", "numpy"} | set(sys.stdlib_module_names)
+    for name in METHOD:
+        tops = top_level_imports(modules[name])
+        assert tops <= allowed, f"{name}.py imports {sorted(tops - allowed)}"
+
+
+def test_speed_imports_the_method_and_the_method_never_imports_speed():
     modules = project_modules()
     for name in METHOD:
-        tree = ast.parse(modules[name].read_text())
-        tops = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        tops |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        allowed = METHOD | {"errors", "torch", "clip"} | set(sys.stdlib_module_names)
-        assert tops <= allowed, f"{name}.py imports {sorted(tops - allowed)}"
+        assert "speed" not in top_level_imports(modules[name]), f"{name}.py imports speed"
+    speed = {name for name in modules if name.split(".")[0] == "speed"}
+    assert speed >= {"speed", "speed.shared_prefix", "speed.parallel_clients"}
+    assert set().union(*(imports_of(modules[name], modules) for name in speed)) & METHOD  # it stands on the method
+
+
+def lines_of(name: str) -> int:
+    return len((REPO / f"{name}.py").read_text().splitlines())
+
+
+def test_the_method_and_the_loop_stay_short_enough_to_read_in_one_sitting():
+    method = {name: lines_of(name) for name in METHOD}
+    assert sum(method.values()) <= 650, method
+    assert lines_of("federate") <= 300
+    too_long = {name: lines_of(name) for name in STUDENT_PATH if lines_of(name) > 350}
+    assert not too_long, f"files over 350 lines on the student path: {too_long}"
+
+
+def test_no_function_on_the_student_path_is_over_50_lines():
+    too_long = []
+    for name in [name for name in STUDENT_PATH if name != "options"]:
+        for node in ast.walk(ast.parse((REPO / f"{name}.py").read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 50:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
 
 
 def test_no_import_circle_among_the_project_modules():
@@ -96,10 +138,18 @@ def test_the_plain_loop_loads_no_flower_no_process_tools_and_no_method_it_was_no
     assert "baselines.coop" in asked and not asked & (COMPARISON - {"baselines.coop", "baselines.common"})
 
 
-def test_the_readme_gives_the_method_files_true_sizes():
-    readme = (REPO / "README.md").read_text()
-    sizes = {name: len((REPO / f"{name}.py").read_text().splitlines()) for name in ("ot", "gating", "prompts",
-                                                                                   "backbone", "fedmpt")}
-    assert f"**The method is five files, {sum(sizes.values())} lines:**" in readme
-    for name, n in sizes.items():
-        assert re.search(rf"`{name}\.py` \([^)]*, {n}\)", readme), f"README: {name}.py has {n} lines"
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_an_interpreter_older_than_the_declared_minimum_stops_with_one_line(entry_point):
+    """The libraries import as they would on that interpreter (they read sys.version_info
+    themselves); then the entry point's own code stops with one `error:` line and exit 2."""
+    import tomllib
+
+    import errors
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert declared == ">=" + ".".join(map(str, errors.MINIMUM_PYTHON))
+    older = ("import warnings; warnings.filterwarnings('ignore', message='pkg_resources is deprecated')\n"
+             "import clip, numpy, PIL, torch, torchvision, tqdm\n"
+             f"import sys; sys.version_info = (3, 10, 13); import {entry_point}")
+    result = subprocess.run([sys.executable, "-c", older], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: fedmpt needs Python 3.11 or newer")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1

@@ -8,7 +8,6 @@ import torch
 
 import client
 import data
-import evaluation
 import experiment
 import federate
 from backbone import FrozenCLIP, load_clip

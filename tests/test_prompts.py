@@ -1,212 +1,75 @@
-"""Condition files, and LLM-driven discovery of conditions and of FedMVP's attribute descriptions
-against a scripted local chat server."""
-import collections
-import http.server
-import json
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
-
+"""ConditionPrompts: `[SOS] ctx^s_k <condition k> <class c>. [EOT]` for every sign, condition and
+class, sign-major; only the contexts are parameters, the tokens are fixed buffers; a prompt that
+does not fit CLIP's context is refused exactly where the condition files' budget check says."""
 import clip
 import pytest
+import torch
 import torch.nn as nn
 
 import conditions
-from loaders.voc import VOC_CLASSES
-import data
-import prompts
-from baselines.fedmvp import load_attributes
-from conditions import attributes as attribute_text
-from conditions import discover as discovery
-from shapes import world as shapes
 from errors import FedMPTError
+from prompts import ConditionPrompts
 
-REPO = Path(__file__).resolve().parents[1]
-GOOD = ["colour", "background", "scene type", "spatial layout", "object size"]
-PREVIOUS = b'{"conditions": ["kept"], "source": "previous run"}\n'
-
-
-class ChatServer:
-    """An OpenAI-style /v1/chat/completions on 127.0.0.1 that plays a scripted list of replies
-    and records every request. A reply is an answer text, ("status", code, body) or ("hang",)."""
-
-    def __init__(self):
-        self.replies, self.requests = collections.deque(), []
-        self.release = threading.Event()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                reply = server.replies.popleft()
-                if reply == ("hang",):
-                    server.release.wait(10)
-                    return
-                code, payload = (reply[1], reply[2]) if isinstance(reply, tuple) else (
-                    200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}))
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.release.set()
-        self.http.shutdown()
-        self.http.server_close()
+CLASSES = ["circle", "tv monitor"]
+CONDITIONS = ["colour", "spatial layout"]
+L = 20  # the context length of these prompts
 
 
-@pytest.fixture
-def server():
-    chat = ChatServer()
-    yield chat
-    chat.close()
+def build(class_ctx=0, signs=2, n_ctx=3):
+    torch.manual_seed(0)
+    embedding = nn.Embedding(49408, 6)
+    return ConditionPrompts(CLASSES, CONDITIONS, n_ctx, embedding, L, clip.tokenize, signs=signs,
+                            class_ctx=class_ctx), embedding
 
 
-@pytest.fixture
-def out(tmp_path):
-    """An --out file left by an earlier run: a failed discovery must not touch it."""
-    path = tmp_path / "conditions.json"
-    path.write_bytes(PREVIOUS)
-    return path
+def words(condition, name, n_ctx):
+    """The token ids (L,) of a prompt with n_ctx placeholder words in the contexts' place."""
+    return clip.tokenize([f"{' '.join(['X'] * n_ctx)} {condition} {name}."], context_length=L)[0]
 
 
-@pytest.fixture(autouse=True)
-def no_api_key(monkeypatch):
-    for variable in discovery.API_KEY_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+@pytest.mark.parametrize("signs", [1, 2])
+def test_each_prompt_is_sos_then_its_contexts_then_the_condition_and_class_tokens(signs):
+    prompts, embedding = build(signs=signs)
+    embeddings, eot = prompts()
+    (K, C), M = prompts.shape, prompts.n_ctx
+    assert embeddings.shape == (signs * K * C, L, 6) and eot.shape == (signs * K * C,)
+    with torch.no_grad():
+        for s in range(signs):
+            for k, condition in enumerate(CONDITIONS):
+                for c, name in enumerate(CLASSES):
+                    row, tokens = (s * K + k) * C + c, words(condition, name, M)  # sign-major, then condition
+                    expected = embedding(tokens)
+                    assert torch.equal(embeddings[row, :1], expected[:1])  # [SOS]
+                    assert torch.equal(embeddings[row, 1:1 + M], prompts.context[s, k])  # ctx^s_k
+                    assert torch.equal(embeddings[row, 1 + M:], expected[1 + M:])  # <condition> <class>. [EOT]
+                    assert int(eot[row]) == int(tokens.argmax()) and int(tokens[eot[row]]) == 49407
 
 
-def answer(conditions):
-    return json.dumps({"conditions": conditions})
+def test_class_contexts_follow_the_shared_ones_and_differ_per_class_not_per_condition():
+    prompts, embedding = build(class_ctx=2)
+    embeddings, _ = prompts()
+    (K, C), M = prompts.shape, prompts.n_ctx
+    assert prompts.class_context.shape == (2, C, 2, 6)
+    with torch.no_grad():
+        for s in range(2):
+            for k, condition in enumerate(CONDITIONS):
+                for c, name in enumerate(CLASSES):
+                    row = (s * K + k) * C + c
+                    assert torch.equal(embeddings[row, 1:1 + M], prompts.context[s, k])
+                    assert torch.equal(embeddings[row, 1 + M:3 + M], prompts.class_context[s, c])
+                    assert torch.equal(embeddings[row, 3 + M:], embedding(words(condition, name, M + 2))[3 + M:])
 
 
-def discover(server, out, *extra):
-    return discovery.main(["--dataset", "shapes", "--base-url", server.base_url,
-                         "--model", "test-model", "--out", str(out), *extra])
-
-
-def test_discovery_writes_llm_provenance_and_sends_classes_and_key(server, out, shapes_root, monkeypatch):
-    monkeypatch.setenv("FEDMPT_LLM_API_KEY", "secret")
-    server.replies.append(answer(GOOD))
-    assert discover(server, out, "--root", str(shapes_root)) == 0
-    written = json.loads(out.read_text())
-    assert written["conditions"] == GOOD and written["source"] == "llm:test-model"
-    assert written["dataset"] == "shapes" and written["base_url"] == server.base_url
-    assert written["cooccurrences"][0][2] > 0  # the training split's most frequent pair
-    [request] = server.requests
-    assert request["path"] == "/v1/chat/completions"
-    assert request["headers"]["Authorization"] == "Bearer secret"
-    assert request["body"]["model"] == "test-model" and request["body"]["temperature"] == 0
-    prompt = request["body"]["messages"][0]["content"]
-    assert prompt == written["prompt"] and all(c in prompt for c in shapes.SHAPES_CLASSES)
-
-
-def test_fenced_answer_without_key_or_root_is_accepted(server, out):
-    server.replies.append(f"```json\n{answer(GOOD)}\n```")
-    assert discover(server, out) == 0
-    assert json.loads(out.read_text())["conditions"] == GOOD
-    assert "Authorization" not in server.requests[0]["headers"]
-
-
-def test_malformed_json_is_retried_with_the_complaint(server, out):
-    server.replies.extend(['{"conditions": ["colour",', answer(GOOD)])
-    assert discover(server, out) == 0
-    first, second = (r["body"]["messages"] for r in server.requests)
-    assert len(first) == 1 and second[:2] == first + [
-        {"role": "assistant", "content": '{"conditions": ["colour",'}]
-    assert "not valid JSON" in second[2]["content"]
-
-
-def test_server_error_is_retried(server, out):
-    server.replies.extend([("status", 500, "overloaded"), answer(GOOD)])
-    assert discover(server, out) == 0
-    assert len(server.requests) == 2 and json.loads(out.read_text())["conditions"] == GOOD
-
-
-@pytest.mark.parametrize("conditions, complaint", [
-    (GOOD[:4], "exactly 5 conditions"),
-    (GOOD[:4] + ["Circle"], "class name"),
-    (GOOD[:4] + ["Background"], "repeat"),
-    (GOOD[:4] + ["a very long condition phrase"], "1-4 words"),
-])
-def test_invalid_answer_fails_after_retries_and_keeps_out(server, out, capsys, conditions, complaint):
-    server.replies.extend([answer(conditions)] * 2)
-    assert discover(server, out, "--retries", "1") == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and complaint in error and answer(conditions) in error
-    assert len(server.requests) == 2 and complaint in server.requests[1]["body"]["messages"][-1]["content"]
-    assert out.read_bytes() == PREVIOUS
-
-
-def test_client_error_is_not_retried(server, out, capsys):
-    server.replies.append(("status", 401, '{"error": "bad key"}'))
-    assert discover(server, out) == 2
-    assert "HTTP 401" in capsys.readouterr().err and len(server.requests) == 1
-    assert out.read_bytes() == PREVIOUS
-
-
-def test_silent_server_times_out_in_bounded_time(server, out, capsys):
-    server.replies.extend([("hang",)] * 2)
-    start = time.time()
-    assert discover(server, out, "--timeout", "0.5", "--retries", "1") == 2
-    assert time.time() - start < 5
-    assert "--timeout 0.5" in capsys.readouterr().err and len(server.requests) == 2
-    assert out.read_bytes() == PREVIOUS
-
-
-@pytest.mark.slow
-def test_command_line_exits_2_without_traceback(server, out):
-    server.replies.append(answer(["colour"]))
-    result = subprocess.run([sys.executable, "-m", "conditions.discover", "--dataset", "shapes",
-                             "--base-url", server.base_url, "--model", "m", "--out", str(out),
-                             "--retries", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: " in result.stderr and out.read_bytes() == PREVIOUS
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "conditions").glob("*.json")), ids=lambda p: p.stem)
-def test_shipped_condition_files_validate_and_say_default(path):
-    loaded = conditions.load_conditions(str(path), path.stem)
-    assert loaded["dataset"] == path.stem and loaded["source"] == "default"
-    shipped = json.loads(path.read_text())
-    assert f"exactly {len(loaded['conditions'])} visual conditions" in shipped["prompt"]
-
-
-def test_shipped_files_cover_every_dataset():
-    assert {p.stem for p in (REPO / "conditions").glob("*.json")} == {"voc2007", "coco2014", "nuswide", "shapes", "multiscene", "mlrsnet"}
-
-
-def test_none_gives_one_generic_condition():
-    assert conditions.load_conditions("none", "shapes")["conditions"] == [""]
-
-
-@pytest.mark.parametrize("content", ['{"conditions": ["pose", "Pose"]}', '{"conditions": ["circle"]}',
-                                     '{"conditions": []}', '["pose"]', "not json"])
-def test_bad_condition_file_names_the_file(tmp_path, content):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    with pytest.raises(FedMPTError, match="bad.json"):
-        conditions.load_conditions(str(path), "shapes")
-
-
-def test_prompt_names_count_as_class_names():
-    assert "class name" in conditions.condition_problems(["Potted Plant"], VOC_CLASSES)[0]
-
-
-def test_token_budget_is_a_parameter():
-    long_condition = "supercalifragilistic expialidocious antidisestablishment floccinaucinihilipilification"
-    assert conditions.condition_problems([long_condition], VOC_CLASSES) == []
-    assert "too long" in conditions.condition_problems([long_condition], VOC_CLASSES, context_length=32)[0]
+def test_a_given_context_replaces_the_learned_one_and_gradients_reach_only_the_contexts():
+    prompts, _ = build()
+    generated = torch.randn(prompts.context.shape, requires_grad=True)  # e.g. FedTPG's generator output
+    embeddings, _ = prompts(generated)
+    M = prompts.n_ctx
+    assert torch.equal(embeddings[5, 1:1 + M], generated[1, 0])  # sign 1, condition 0, class 1
+    embeddings.sum().backward()
+    assert generated.grad is not None and prompts.context.grad is None
+    assert [name for name, _ in prompts.named_parameters()] == ["context"]  # the tokens are buffers
+    assert set(prompts.state_dict()) == {"context"}  # and not saved: the class names rebuild them
 
 
 def test_token_count_agrees_with_condition_prompts():
@@ -216,104 +79,10 @@ def test_token_count_agrees_with_condition_prompts():
         condition = "ab" * n
         fits = conditions.prompt_length(condition, "tv monitor", n_ctx=8) <= 20
         try:
-            prompts.ConditionPrompts(["tv monitor"], [condition], 8, embedding, 20, clip.tokenize)
+            ConditionPrompts(["tv monitor"], [condition], 8, embedding, 20, clip.tokenize)
             built = True
         except FedMPTError:
             built = False
         assert fits == built, condition
         outcomes.add(fits)
     assert outcomes == {True, False}  # the loop crossed the budget
-
-
-# ---- --attributes: FedMVP's class descriptions ------------------------------------------------
-def descriptions(classes, n=3):
-    return {c: [f"a {data.prompt_name(c)} drawn in style {i}" for i in range(n)] for c in classes}
-
-
-def attribute_answer(classes, n=3):
-    return json.dumps({"attributes": descriptions(classes, n)})
-
-
-def discover_attributes(server, out, *extra, dataset="shapes"):
-    return discovery.main(["--attributes", "--dataset", dataset, "--base-url", server.base_url,
-                           "--model", "test-model", "--out", str(out), *extra])
-
-
-def test_attributes_are_written_and_load_for_fedmvp(server, out):
-    server.replies.append(f"```json\n{attribute_answer(shapes.SHAPES_CLASSES)}\n```")
-    assert discover_attributes(server, out) == 0
-    written = json.loads(out.read_text())
-    assert written["source"] == "llm:test-model" and written["dataset"] == "shapes" and written["generated"]
-    [request] = server.requests
-    prompt = request["body"]["messages"][0]["content"]
-    assert written["prompts"] == [prompt] and "exactly 3" in prompt
-    assert all(f"- {c}" in prompt for c in shapes.SHAPES_CLASSES)
-    loaded = load_attributes("shapes", shapes.SHAPES_CLASSES, str(out))
-    assert loaded["source"] == "llm:test-model" and loaded["attributes"] == descriptions(shapes.SHAPES_CLASSES)
-
-
-def test_missing_class_is_sent_back_and_the_corrected_answer_accepted(server, out):
-    server.replies.extend([attribute_answer(shapes.SHAPES_CLASSES[:-1]), attribute_answer(shapes.SHAPES_CLASSES)])
-    assert discover_attributes(server, out, "--sentences", "3") == 0
-    first, second = (r["body"]["messages"] for r in server.requests)
-    assert second[:2] == first + [{"role": "assistant", "content": attribute_answer(shapes.SHAPES_CLASSES[:-1])}]
-    assert f"classes missing: {shapes.SHAPES_CLASSES[-1]}" in second[2]["content"]
-    assert list(json.loads(out.read_text())["attributes"]) == shapes.SHAPES_CLASSES
-
-
-def test_always_bad_attributes_end_with_exit_2_and_keep_out(server, out, capsys):
-    server.replies.extend([attribute_answer(shapes.SHAPES_CLASSES[1:])] * 3)
-    assert discover_attributes(server, out, "--retries", "2") == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: no valid attribute descriptions") and "after 3 request(s)" in error
-    assert f"classes missing: {shapes.SHAPES_CLASSES[0]}" in error
-    assert len(server.requests) == 3 and out.read_bytes() == PREVIOUS
-
-
-def test_long_class_lists_are_asked_in_chunks(server, out, capsys):
-    parts = [shapes.SHAPES_CLASSES[i:i + 4] for i in (0, 4, 8)]  # 12 classes, at most 5 a request
-    server.replies.extend([attribute_answer(parts[0]), attribute_answer(parts[2]), attribute_answer(parts[2])])
-    assert discover_attributes(server, out, "--classes-per-request", "5", "--retries", "1") == 2
-    assert "for classes 5-8 of 12" in capsys.readouterr().err and out.read_bytes() == PREVIOUS
-    server.requests.clear()
-    server.replies.extend(attribute_answer(part) for part in parts)
-    assert discover_attributes(server, out, "--classes-per-request", "5") == 0
-    assert len(server.requests) == 3 and len(json.loads(out.read_text())["prompts"]) == 3
-    assert json.loads(out.read_text())["attributes"] == descriptions(shapes.SHAPES_CLASSES)
-
-
-def test_aerial_dataset_without_data_takes_the_shipped_files_classes(server, out):
-    classes = list(json.loads((REPO / "baselines/attributes/multiscene.json").read_text())["attributes"])
-    server.replies.append(attribute_answer(classes))
-    assert discover_attributes(server, out, "--classes-per-request", "0", dataset="multiscene") == 0
-    prompt = server.requests[0]["body"]["messages"][0]["content"]
-    assert "from above" in prompt and "- OilFiled (oil field)" in prompt
-    assert load_attributes("multiscene", classes, str(out))["attributes"]["OilFiled"][0] == "a oil field drawn in style 0"
-
-
-@pytest.mark.parametrize("change, complaint", [
-    (lambda a: a.update({"tank": ["a tank seen from the side"] * 3}), "not classes of this request: 'tank'"),
-    (lambda a: a.update({"Circle": a["circle"]}), "given twice"),
-    (lambda a: a["star"].pop(), "'star' has 2 sentences, not exactly 3"),
-    (lambda a: a["star"].__setitem__(1, a["star"][0].upper()), "'star' repeats a sentence"),
-    (lambda a: a["ring"].__setitem__(0, "ring"), "not a sentence of 3-25 words"),
-    (lambda a: a["ring"].__setitem__(0, "a ring " + "x" * 300), "exceeds CLIP's 77 tokens"),
-    (lambda a: a.__setitem__("ring", "a ring"), "must map to a list of sentences"),
-])
-def test_attribute_problems(change, complaint):
-    answer = descriptions(shapes.SHAPES_CLASSES)
-    assert attribute_text.attribute_problems(answer, shapes.SHAPES_CLASSES, 3) == (answer, [])
-    change(answer)
-    _, problems = attribute_text.attribute_problems(answer, shapes.SHAPES_CLASSES, 3)
-    assert any(complaint in p for p in problems), problems
-
-
-def test_attribute_keys_may_be_prompt_names():
-    answer = {"oil field": ["an oil field seen from above"], "Beach": ["a beach seen from above"]}
-    tidy, problems = attribute_text.attribute_problems(answer, ["OilFiled", "Beach"], 1)
-    assert problems == [] and list(tidy) == ["OilFiled", "Beach"]
-
-
-def test_chunks_are_even():
-    assert [len(p) for p in attribute_text.chunks(range(81), 20)] == [16, 16, 16, 16, 17]
-    assert attribute_text.chunks("abc", 0) == [["a", "b", "c"]]

@@ -9,7 +9,9 @@ import data
 import evaluation
 import experiment
 import federate
+import metrics
 import options
+import predict
 import splits
 from conftest import build_experiment
 from errors import FedMPTError
@@ -99,6 +101,39 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
                           "--validation", "0.25", "--batch-size", "8", "--workers", "0", "--out", str(out)]) == 0
     assert all("val_mAP" in r for r in json.loads((out / "metrics.json").read_text()))
     assert federate.main(["--validation", "1.0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_thresholds_are_chosen_on_validation_only_stored_with_the_run_and_used_by_predict(tmp_path, monkeypatch,
+                                                                                          capsys):
+    root = write_mlrsnet(tmp_path / "mlrsnet", per_scene=20)  # 32 training images, 8 test images
+    seen, real = [], metrics.f1_thresholds
+    monkeypatch.setattr(metrics, "f1_thresholds", lambda s, t: seen.append((s, torch.as_tensor(t))) or real(s, t))
+    out = tmp_path / "run"
+    assert federate.main(["--dataset", "mlrsnet", "--root", str(root), "--clients", "2", "--rounds", "2",
+                          "--validation", "0.25", "--batch-size", "8", "--workers", "0", "--out", str(out)]) == 0
+    train = data.load_dataset("mlrsnet", str(root), "train").targets
+    held_out, _ = splits.hold_out(len(train), 0.25, 0)
+    assert len(seen) == 4 and all(torch.equal(t, train[held_out]) for _, t in seen)  # each round's row, then the run's
+    rows = json.loads((out / "metrics.json").read_text())
+    assert all({"CF1_val_thresholds", "OF1_val_thresholds", "CF1", "OF1"} <= set(row) for row in rows)
+    stored = json.loads((out / "thresholds.json").read_text())
+    classes = json.loads((out / "config.json").read_text())["classes"]
+    assert stored["round"] == 2 and list(stored["thresholds"]) == classes
+    assert list(stored["thresholds"].values()) == real(*seen[-1]).tolist() != [0.5] * len(classes)
+
+    assert predict.main(["--run", str(out), "--evaluate"]) == 0  # the same thresholds on the same state
+    evaluated = json.loads((out / "evaluation-mlrsnet.json").read_text())
+    assert evaluated["CF1_val_thresholds"] == pytest.approx(rows[-1]["CF1_val_thresholds"], abs=1e-9)
+    thresholds = [stored["thresholds"][c] for c in classes]
+    for options, expected, said in [([], thresholds, "per-class thresholds of"),
+                                    (["--threshold", "0.5"], [0.5] * len(classes), "threshold 0.5 for every class")]:
+        labels = tmp_path / "labels.json"
+        capsys.readouterr()
+        assert predict.main(["--run", str(out), str(root / "Images"), "--out", str(labels), *options]) == 0
+        assert said in capsys.readouterr().out
+        for row in json.loads(labels.read_text()):
+            p = row["probabilities"]
+            assert sorted(row["labels"]) == sorted(c for c, t in zip(classes, expected) if p[c] >= t)
 
 
 def test_flower_refuses_validation_before_starting_anything():

@@ -1,7 +1,12 @@
 """The feature store: each split's frozen inputs are encoded once per key, resume after an
 interruption, survive two writers, and are encoded again when their files do not fit."""
+import errno
+import fcntl
+import hashlib
 import json
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +14,8 @@ import torch
 
 import data
 import federate
-from store import features
+from errors import FedMPTError
+from store import features, files
 
 
 class Images(torch.utils.data.Dataset):
@@ -123,7 +129,6 @@ def test_images_are_stored_as_their_exact_uint8_pixels():
 
 
 def sha256(path) -> str:
-    import hashlib
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -131,8 +136,6 @@ def sha256(path) -> str:
 def test_a_link_planted_in_the_store_is_refused_and_its_target_untouched(tmp_path, planted):
     """#33 item 2: a shared cache in which another user planted links cannot make a run write
     through them: the run stops naming the link, and the file it points to keeps its bytes."""
-    import os
-    from errors import FedMPTError
     dataset, cache = Images(), tmp_path / "cache"
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -155,9 +158,6 @@ def test_a_link_planted_in_the_store_is_refused_and_its_target_untouched(tmp_pat
 
 
 def test_run_files_are_never_written_through_a_planted_link(tmp_path):
-    import os
-    from errors import FedMPTError
-    from store.files import write_json
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     for name in ("metrics.json", f".metrics.json.{os.getpid()}.tmp"):
@@ -165,5 +165,145 @@ def test_run_files_are_never_written_through_a_planted_link(tmp_path):
         run.mkdir()
         (run / name).symlink_to(victim)
         with pytest.raises(FedMPTError, match="symbolic link"):
-            write_json(run / "metrics.json", [1])
+            files.write_json(run / "metrics.json", [1])
         assert victim.read_text() == "precious\n" and os.path.islink(run / name)
+
+
+# ---- What the store serves is what was encoded ---------------------------------------------
+def test_a_damaged_npy_header_in_the_store_is_encoded_again_and_open_store_names_the_entry(tmp_path):
+    dataset, messages = Images(), []
+    key = features.store_key("backbone-sha", dataset, "v,P")
+    (v, P), _ = features.encode_dataset(Encoder(), dataset, key, str(tmp_path), batch_size=6)
+    expected = v.clone()
+    directory = features.store_directory(key, str(tmp_path))
+    header = bytearray((directory / "input0.npy").read_bytes())
+    header[10:40] = b"\x00" * 30  # the dict that says dtype and shape; the size stays
+    (directory / "input0.npy").write_bytes(bytes(header))
+    with pytest.raises(FedMPTError, match=f"feature store entry {directory} is damaged.*delete"):
+        features.open_store(key, str(tmp_path))
+    encoder = Encoder()
+    (v, _), encoded = features.encode_dataset(encoder, dataset, key, str(tmp_path), batch_size=6, log=messages.append)
+    assert encoded == len(dataset) and torch.equal(v, expected) and np.isfinite(v.numpy()).all()
+    assert "the header of input0.npy is damaged" in messages[0]
+
+
+def stored(tmp_path, encoder=None, log=None):
+    dataset = Images()
+    key = features.store_key("backbone-sha", dataset, "v,P")
+    inputs, encoded = features.encode_dataset(encoder or Encoder(), dataset, key, str(tmp_path), batch_size=6,
+                                              log=log or print)
+    return inputs, encoded, features.store_directory(key, str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "lowest bit of every value"])
+def test_damaged_store_bytes_with_headers_and_sizes_intact_are_encoded_again(tmp_path, damage):
+    (v, P), _, directory = stored(tmp_path)
+    expected = P.clone()
+    array = np.load(directory / "input1.npy", mmap_mode="r+")
+    if damage == "flipped bytes":
+        raw = array.reshape(-1).view(np.uint8)
+        raw[100:164] ^= 0xFF
+    else:
+        array.view(np.uint16)[...] ^= 1  # every float16 moves by one unit in the last place
+    array.flush()
+    del array
+    messages = []
+    (v, P), encoded, _ = stored(tmp_path, log=messages.append)
+    assert encoded == 20 and torch.equal(P, expected)
+    assert "input1.npy fail their checksum" in messages[0] and "encoding again" in messages[0]
+    assert stored(tmp_path)[1] == 0  # and then it is served as it is
+
+
+def test_a_replaced_image_with_its_size_and_mtime_kept_changes_the_key(tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(b"A" * 100)
+    second.write_bytes(b"B" * 100)
+    dataset = Images(1)
+    dataset.images = [first]
+    before = features.store_key("sha", dataset, "v,P")
+    status = os.stat(first)
+    os.replace(second, first)  # other pictures, same size ...
+    os.utime(first, ns=(status.st_atime_ns, status.st_mtime_ns))  # ... and the same modification time
+    assert os.stat(first).st_size == status.st_size and os.stat(first).st_mtime_ns == status.st_mtime_ns
+    assert features.store_key("sha", dataset, "v,P") != before
+
+
+def test_non_finite_encoder_output_is_never_stored(tmp_path):
+    class Broken(Encoder):
+        def __call__(self, x):
+            v, P = super().__call__(x)
+            return v * 1e6, P  # beyond float16's range: inf once stored
+    with pytest.raises(FedMPTError, match="non-finite values for images 0 to 5"):
+        stored(tmp_path, Broken())
+    (v, _), encoded, _ = stored(tmp_path)
+    assert encoded == 20 and torch.isfinite(v).all()
+
+
+def test_a_run_waiting_for_anothers_lock_says_so(tmp_path):
+    _, _, directory = stored(tmp_path)
+    messages, holder = [], open(directory / ".lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=lambda: stored(tmp_path, log=messages.append), daemon=True)
+    try:
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and "waiting for another run that encodes the same inputs" in " ".join(messages)
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+
+
+# ---- Writes that cannot tear ---------------------------------------------------------------
+class FullDisk:
+    """`os` for store/files.py, except that a write into a file whose name holds `name`, from
+    the (skip + 1)-th such file on, puts half its bytes on disk and fails with ENOSPC."""
+    def __init__(self, name, skip=0):
+        self.name, self.skip, self.failing = name, skip, set()
+
+    def __getattr__(self, attribute):
+        return getattr(os, attribute)
+
+    def open(self, path, *args):
+        descriptor = os.open(path, *args)
+        if self.name in Path(path).name:
+            if self.skip == 0:
+                self.failing.add(descriptor)
+            self.skip -= 1
+        return descriptor
+
+    def write(self, descriptor, data):
+        if descriptor in self.failing:
+            os.write(descriptor, bytes(data[:len(data) // 2]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(descriptor, data)
+
+
+@pytest.mark.parametrize("write", ["json", "tensors"])
+def test_a_full_disk_keeps_the_previous_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch, write):
+    path = tmp_path / ("metrics.json" if write == "json" else "checkpoint.pt")
+    save = (lambda value: files.write_json(path, value, "fix it")) if write == "json" else \
+        (lambda value: files.save_tensors({"w": torch.full((1000,), float(value))}, path, "fix it"))
+    save(1)
+    before = path.read_bytes()
+    monkeypatch.setattr(files, "os", FullDisk(path.name))
+    with pytest.raises(FedMPTError) as raised:
+        save(2)
+    message = str(raised.value)
+    assert str(path) in message and "No space left on device" in message and "MiB free" in message
+    assert "previous content" in message and "fix it" in message
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_full_disk_while_the_store_writes_its_manifest_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(files, "os", FullDisk("manifest", skip=1))  # the second chunk's manifest
+    with pytest.raises(FedMPTError, match="manifest.json: No space left on device"):
+        stored(tmp_path)
+    directory = next((tmp_path / "features").iterdir())
+    assert json.loads((directory / "manifest.json").read_text())["rows_completed"] == 6
+    assert not list(directory.glob("*.tmp"))
+    monkeypatch.setattr(files, "os", os)
+    inputs, encoded, _ = stored(tmp_path)
+    fresh, _, _ = stored(tmp_path / "fresh")
+    assert encoded == len(fresh[0]) - 6 and all(torch.equal(a, b) for a, b in zip(inputs, fresh))
