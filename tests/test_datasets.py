@@ -156,7 +156,7 @@ def test_nuswide_bad_concepts_labels_and_paths_name_the_file(tmp_path):
 
 
 def test_unknown_dataset_and_split_list_the_choices(tmp_path):
-    assert data.DATASETS == ["shapes", "voc2007", "coco2014", "nuswide", "multiscene", "mlrsnet", "folder"]
+    assert list(data.DATASETS) == ["shapes", "voc2007", "coco2014", "nuswide", "multiscene", "mlrsnet", "folder"]
     with pytest.raises(FedMPTError, match="shapes, voc2007, coco2014, nuswide"):
         data.load_dataset("imagenet", tmp_path, "train")
     with pytest.raises(FedMPTError, match="train or test"):
