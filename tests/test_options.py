@@ -1,5 +1,8 @@
 """Options from one source: the command line, the checks and docs/usage.md's table are made from
 the config fields; the command line tells a newcomer what was wrong and where a run went."""
+import argparse
+import ast
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -8,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import experiment
-import federate
-from options import ModelConfig
-from options import FlowerConfig
-import options
 import client
-import aggregation
+import federate
+import flower_app
+import options
+import predict
+from options import Config, FlowerConfig, ModelConfig
+from store import runs
+
+REPO = Path(__file__).resolve().parents[1]
 
 usage_table = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
     "options_table", Path(__file__).resolve().parents[1] / "docs" / "options_table.py"))
@@ -23,16 +28,16 @@ spec.loader.exec_module(usage_table)  # docs/options_table.py, the script that w
 
 def test_the_usage_table_is_made_from_the_fields_and_is_current():
     table = options.options_table(usage_table.sections())
-    for config_class in (options.Config, ModelConfig, FlowerConfig):
+    for config_class in (Config, ModelConfig, FlowerConfig):
         for field in dataclasses.fields(config_class):
             assert f"| `{options.flag(field.name)}` |" in table, field.name
     assert table in usage_table.USAGE.read_text(), "docs/usage.md is stale: python docs/options_table.py --write"
 
 
 def test_help_lists_every_option_its_choices_and_its_real_default():
-    text = federate.build_parser((options.Config, ModelConfig)).format_help()
+    text = parser_of(federate.parse_config, []).format_help()
     flat = " ".join(text.split())
-    for config_class in (options.Config, ModelConfig):
+    for config_class in (Config, ModelConfig):
         for field in dataclasses.fields(config_class):
             assert options.flag(field.name) in text
             assert field.metadata.get("help"), f"{field.name} has no help"
@@ -50,7 +55,8 @@ def test_ranges_read_as_written(value, spec, inside):
     assert options.in_range(value, spec) is inside
 
 
-def test_an_error_names_only_the_options_that_were_wrong(capsys):
+def test_an_error_names_only_the_options_that_were_wrong(capsys, monkeypatch):
+    monkeypatch.setattr(runs.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # busy cores: the error is still all it says
     assert federate.main(["--method", "foo"]) == 2
     error = capsys.readouterr().err
     assert error.strip() == ("error: --method foo: choose one of fedmpt, fedmvp, fed-dualcoop, fed-poscoop, fedtpg, "
@@ -59,11 +65,6 @@ def test_an_error_names_only_the_options_that_were_wrong(capsys):
     error = capsys.readouterr().err
     assert "--clients 0: must lie in [1, inf)" in error and "--ot-rho 0.0: must lie in (0, inf]" in error
     assert "--loss mse: choose one of asl, bce" in error and "--lr" not in error
-
-
-def test_the_aggregation_rules_are_named_once():
-    field = next(f for f in dataclasses.fields(options.Config) if f.name == "aggregate")
-    assert tuple(aggregation.AGGREGATORS) == field.metadata["choices"]
 
 
 @pytest.mark.slow
@@ -97,3 +98,72 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_the_resume_command
     assert error[-1] == (f"error: interrupted in round 2: {out / 'checkpoint.pt'} keeps round 1; continue with "
                          f"python federate.py --resume {out}")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
+
+
+# ---- Every option is defined once ---------------------------------------------------------------
+class Parsed(Exception):
+    """Raised in place of parsing: the parser an entry point built is in hand."""
+
+
+def parser_of(command, *args) -> argparse.ArgumentParser:
+    """The parser `command(*args)` builds, caught as it starts to parse (nothing runs after)."""
+    built = []
+
+    def caught(parser, *_, **__):
+        built.append(parser)
+        raise Parsed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", caught)
+        with pytest.raises(Parsed):
+            command(*args)
+    return built[0]
+
+
+ENTRY_POINTS = {"federate": (federate.parse_config, []), "predict": (predict.parse_options, ["--evaluate"]),
+                "flower_app": (flower_app.main, [])}
+
+
+def definitions(entry_point: str) -> collections.Counter:
+    """Where the options of an entry point are defined, by flag: each field of options.py's
+    dataclasses its build_parser call takes (those in `only`, if given), and each literal
+    add_argument("--x", ...) in its source."""
+    found = collections.Counter()
+    for node in ast.walk(ast.parse((REPO / f"{entry_point}.py").read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "attr", getattr(node.func, "id", None))
+        if name == "add_argument":
+            found.update(arg.value for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("-"))
+        elif name == "build_parser":
+            classes = [getattr(options, element.id) for element in node.args[0].elts]
+            only = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "only"), None)
+            found.update(options.flag(f.name) for config_class in classes for f in dataclasses.fields(config_class)
+                         if only is None or f.name in only)
+    return found
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_every_option_is_defined_once(entry_point):
+    parser = parser_of(*ENTRY_POINTS[entry_point])
+    given = [flag for action in parser._actions for flag in action.option_strings
+             if not isinstance(action, argparse._HelpAction)]
+    defined = definitions(entry_point)
+    assert given and len(given) == len(set(given))
+    twice = {flag: defined[flag] for flag in given if defined[flag] != 1}
+    assert not twice, f"{entry_point}: options not defined exactly once (flag: definitions): {twice}"
+    assert set(defined) <= set(given), f"{entry_point}: defined but not in its parser: {set(defined) - set(given)}"
+
+
+def test_predict_takes_the_options_it_shares_with_training_from_config():
+    fields = {options.flag(f.name): f for f in dataclasses.fields(Config)}
+    shared = ["--device", "--dataset", "--root", "--cache-dir"]
+    literals = collections.Counter()
+    for node in ast.walk(ast.parse((REPO / "predict.py").read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            literals.update(arg.value for arg in node.args if isinstance(arg, ast.Constant))
+    actions = {flag: action for action in parser_of(*ENTRY_POINTS["predict"])._actions for flag in action.option_strings}
+    for flag in shared:
+        assert definitions("predict")[flag] == 1 and not literals[flag], flag
+        field, action = fields[flag], actions[flag]
+        assert action.type is type(field.default) and field.metadata["help"] in action.help, flag
+    assert actions["--device"].default == Config.device  # the same choices and default as training's
