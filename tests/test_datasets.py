@@ -410,10 +410,10 @@ def test_safe_extract_refuses_a_symlink_chain_that_escapes_once_its_links_exist(
     assert os.readlink(target / "VOCdevkit" / "latest") == "VOC2007"
 
 
-# ---- #33: one path rule for every loader; files that are not text ------------------------
+# ---- One path rule for every loader; files that are not text -----------------------------
 @pytest.mark.parametrize("file_name", ["../../outside.jpg", "/etc/hostname"])
 def test_a_coco_file_name_outside_the_root_is_refused(coco_root, tmp_path_factory, file_name):
-    """#33 item 5: COCO's file_name joined with the image folder must stay inside it."""
+    """COCO's file_name joined with the image folder must stay inside it."""
     path = coco_root / "annotations" / "instances_val2014.json"
     coco = json.loads(path.read_text())
     coco["images"][0]["file_name"] = file_name
@@ -437,7 +437,7 @@ def voc_root(root):
 
 
 def test_a_voc_image_id_that_climbs_out_of_the_root_is_refused(tmp_path):
-    """#33 item 5: an ImageSets id ../../../x would read x.xml and x.jpg outside ROOT."""
+    """An ImageSets id ../../../x, which would read x.xml and x.jpg outside ROOT, is refused."""
     directory = voc_root(tmp_path / "voc")
     (tmp_path / "x.xml").write_text("<annotation></annotation>")
     save_jpeg(tmp_path / "x.jpg")
@@ -448,7 +448,7 @@ def test_a_voc_image_id_that_climbs_out_of_the_root_is_refused(tmp_path):
 
 
 def test_a_voc_image_set_or_generated_json_that_does_not_read_names_the_file(tmp_path):
-    """#33 item 11: a non-UTF-8 ImageSets file and a malformed generated.json end in error: lines."""
+    """A non-UTF-8 ImageSets file and a malformed generated.json end in error: lines naming them."""
     directory = voc_root(tmp_path / "voc")
     (directory / "ImageSets" / "Main" / "test.txt").write_bytes(b"000001\n\xff\xfe\n")
     with pytest.raises(FedMPTError, match="test.txt is not UTF-8"):

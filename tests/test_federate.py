@@ -121,8 +121,9 @@ def test_a_run_that_ends_at_the_label_prior_says_so(capsys):
 
 
 def test_a_run_whose_loss_and_gradient_went_flat_near_the_label_prior_says_it_stopped_learning(capsys):
-    """The hidden real-image runs of #27: loss constant from round 2, gradient norm about 0.1, a
-    few mAP above the prior: the untrained warning (prior + 1) stays quiet, this one speaks."""
+    """A run whose loss stays constant from round 2, gradient norm about 0.1, a few mAP above the
+    prior (as real-image runs with a saturated ASL do): the untrained warning (prior + 1) stays
+    quiet, this one speaks."""
     def history(losses, grads, final, prior=25.0):
         rows = [{"round": r + 1, "loss": loss, "grad_norm": g, "mAP": final} for r, (loss, g) in
                 enumerate(zip(losses, grads))]
@@ -138,7 +139,7 @@ def test_a_run_whose_loss_and_gradient_went_flat_near_the_label_prior_says_it_st
     assert capsys.readouterr().err == ""
 
 
-# ---- #33: a run that cannot train, a refused resume, what a resumed run keeps ---------------
+# ---- A run that cannot train, a refused resume, what a resumed run keeps --------------------
 def test_a_run_whose_updates_were_never_aggregated_or_never_moved_the_state_failed():
     from errors import RunFailed
     from store.runs import check_trained
@@ -154,7 +155,7 @@ def test_a_run_whose_updates_were_never_aggregated_or_never_moved_the_state_fail
 
 @pytest.mark.slow
 def test_a_run_that_cannot_train_exits_1_and_saves_no_state(shapes_root, tmp_path):
-    """#33 item 1: --lr 1e30 --grad-clip 0: every update is non-finite, every round rejected."""
+    """--lr 1e30 --grad-clip 0: every update is non-finite, every round rejected: exit 1, no state.pt."""
     import subprocess
     import sys
     from pathlib import Path
@@ -188,7 +189,7 @@ def file_hashes(folder) -> dict:
 
 @pytest.mark.slow
 def test_a_refused_resume_leaves_config_json_as_it_was(unseen_run, tmp_path, capsys):
-    """#33 item 3: --rounds beside --resume is recorded only once every check passed."""
+    """--rounds beside --resume is recorded only once every check passed."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(unseen_run[0], run)
@@ -201,7 +202,7 @@ def test_a_refused_resume_leaves_config_json_as_it_was(unseen_run, tmp_path, cap
 
 @pytest.mark.slow
 def test_resume_keeps_the_unseen_classes_it_resolved_not_the_file(unseen_run, tmp_path, monkeypatch):
-    """#33 item 7: an --unseen file edited between rounds does not change what the run trains."""
+    """An --unseen file edited between rounds does not change what the run trains."""
     import shutil
     import experiment
     run = tmp_path / "run"
@@ -222,7 +223,7 @@ def test_resume_keeps_the_unseen_classes_it_resolved_not_the_file(unseen_run, tm
 
 @pytest.mark.parametrize("under", ["", "run"])
 def test_an_out_at_or_under_an_existing_file_is_refused_before_setup(tmp_path, capsys, monkeypatch, under):
-    """#33 item 11: --out at (or under) a file ends in one error line at once, the file untouched."""
+    """--out at (or under) a file ends in one error line at once, the file untouched."""
     def reached(*args, **kwargs):
         raise AssertionError("the run was built")
     import experiment

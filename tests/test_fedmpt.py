@@ -122,7 +122,7 @@ def random_logits_and_targets(seed=0):
 
 def test_asl_value_is_unchanged_by_constant_focusing_weights():
     """Detaching the focusing weights changes the gradient, not the value: the loss equals the
-    formula computed with every term differentiable (the implementation before the change)."""
+    formula computed with every term differentiable."""
     logits, targets = random_logits_and_targets()
     p = torch.sigmoid(logits)
     p_m = (p - 0.05).clamp(min=0)

@@ -255,7 +255,8 @@ def test_a_taken_port_is_retried_and_a_superlink_killed_mid_run_fails_it_leaving
 
 
 def test_an_out_that_holds_a_run_is_refused_before_any_flower_process_starts(tmp_path, capsys, monkeypatch):
-    """#33 item 13: it was refused only after ~26 s of start-up, with a streamed ServerApp traceback."""
+    """Refused in one error line before any process starts (not after Flower's start-up, in a
+    streamed ServerApp traceback)."""
     import hashlib
     import launcher.flower
     run = tmp_path / "run"

@@ -306,9 +306,9 @@ def test_min_labels_keeps_each_site_with_its_remaining_images(tmp_path):
     assert train.natural_clients == [("east", [2]), ("north", [0]), ("south", [1])]
 
 
-# ---- #33: every path resolves inside ROOT; class names that cannot be written back --------
+# ---- Every path resolves inside ROOT; class names that cannot be written back -------------
 def test_an_image_link_inside_root_to_a_file_outside_is_refused(tmp_path):
-    """#33 item 5: the written path lies inside ROOT, but a symbolic link takes it outside."""
+    """The written path lies inside ROOT, but a symbolic link takes it outside: refused."""
     root = write_folder(tmp_path / "data")
     outside = tmp_path / "secret.png"
     outside.write_bytes((root / ROWS[0][0]).read_bytes())
@@ -322,7 +322,7 @@ def test_an_image_link_inside_root_to_a_file_outside_is_refused(tmp_path):
 @pytest.mark.parametrize("where", ["labels.csv", "classes.txt"])
 @pytest.mark.parametrize("name", ["red,ish", "red\nish"])
 def test_a_class_name_with_a_comma_or_line_break_is_refused(tmp_path, where, name):
-    """#33 item 14: such a name cannot be written back (--unseen, classes.txt) as one name."""
+    """Such a name cannot be written back (--unseen, classes.txt) as one name: refused."""
     rows = [(image, labels.replace("red", name), *rest) for image, labels, *rest in ROWS]
     if where == "labels.csv":
         root = tmp_path / "data"

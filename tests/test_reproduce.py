@@ -138,7 +138,7 @@ def test_the_dry_run_prices_a_cell_by_its_class_count_from_the_measured_step_tim
     assert reproduce.ms_at([(20, 50.0)], 80) == 50.0
 
 
-# ---- #33 item 6: rows whole or absent, one checked reader, one grid per --out ---------------
+# ---- Rows whole or absent, one checked reader, one grid per --out ---------------------------
 def a_row(seed, mAP="20.8275"):
     return {"method": "fedmpt", "dataset": "shapes", "t": "1.0", "seed": str(seed), "rounds": "1", "clients": "2",
             "options": "", "mAP": mAP, "CF1": "10.0", "OF1": "11.0", "seconds": "3.0", "run_dir": "x",
@@ -201,7 +201,7 @@ def test_an_out_at_or_under_a_file_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_torn_results_csv_resumes_to_the_same_table(tmp_path):
-    """#33 acceptance: the grid run again after its last row was torn gives the untorn table."""
+    """The grid run again after its last row was torn gives the untorn table."""
     data_dir, out = tmp_path / "data", tmp_path / "grid"
     write_folder(data_dir / "folder", rows=ROWS, header="image,labels,split")
     command = [*grid(out, data_dir)[:-5], "--rounds", "1", "--", "--batch-size", "4", "--workers", "0",

@@ -134,7 +134,7 @@ def sha256(path) -> str:
 
 @pytest.mark.parametrize("planted", [".lock", "input0.npy", "manifest.json", ".manifest.json.{pid}.tmp", "entry"])
 def test_a_link_planted_in_the_store_is_refused_and_its_target_untouched(tmp_path, planted):
-    """#33 item 2: a shared cache in which another user planted links cannot make a run write
+    """A shared cache in which another user planted links cannot make a run write
     through them: the run stops naming the link, and the file it points to keeps its bytes."""
     dataset, cache = Images(), tmp_path / "cache"
     victim = tmp_path / "victim.txt"

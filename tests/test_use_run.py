@@ -85,7 +85,7 @@ def test_predicting_is_predict_pys_own_command_and_federate_refuses_it(capsys):
         assert stop.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
-# ---- #33: predict.py checks what it reads and where it writes before it writes ------------
+# ---- predict.py checks what it reads and where it writes before it writes -----------------
 def copy_run(finished_run, tmp_path):
     import shutil
     run = tmp_path / "run"
@@ -104,7 +104,7 @@ def an_image(shapes_root) -> str:
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "true", "-5", "1.5", '"0.5"'])
 def test_thresholds_json_values_outside_0_1_are_refused(finished_run, shapes_root, tmp_path, capsys, value):
-    """#33 item 9: NaN, Infinity or true silently switched a class off; -5 labelled every image."""
+    """NaN, Infinity or true would switch a class off, -5 would label every image: each refused."""
     run = copy_run(finished_run, tmp_path)
     classes = json.loads((run / "config.json").read_text())["classes"]
     thresholds = {c: 0.5 for c in classes}
@@ -121,7 +121,7 @@ def test_thresholds_json_values_outside_0_1_are_refused(finished_run, shapes_roo
     (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
 ])
 def test_predict_options_out_of_range_are_refused(finished_run, shapes_root, capsys, options, message):
-    """#33 items 9 and 11."""
+    """--threshold outside [0, 1] and --batch-size below 1 end in one error line naming the option."""
     assert predict.main(["--run", str(finished_run[0]), an_image(shapes_root), *options]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
@@ -134,7 +134,8 @@ def test_predict_options_out_of_range_are_refused(finished_run, shapes_root, cap
     (lambda c: c.update(condition_set={"conditions": "colour"}), "condition_set must be"),
 ])
 def test_a_run_record_of_the_wrong_shape_is_refused(finished_run, shapes_root, tmp_path, capsys, change, message):
-    """#33 item 10: a KeyError traceback, or one-letter labels with exit 0, before."""
+    """A config.json whose run record lacks a field or has the wrong type is refused by name (no
+    KeyError traceback, no one-letter labels from a string where a list belongs)."""
     run = copy_run(finished_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
     change(config)
@@ -146,7 +147,7 @@ def test_a_run_record_of_the_wrong_shape_is_refused(finished_run, shapes_root, t
 
 def test_predict_never_overwrites_the_runs_own_files_or_writes_under_a_file(finished_run, shapes_root, tmp_path,
                                                                             capsys):
-    """#33 items 11 and 12: --out RUN/config.json left the run unusable; --out under a file crashed."""
+    """--out RUN/config.json (which would leave the run unusable) and --out under a file are refused."""
     run = copy_run(finished_run, tmp_path)
     before = hashes(run)
     for out in (run / "config.json", run / "metrics.json", run / "config.json" / "p.csv"):
@@ -157,7 +158,7 @@ def test_predict_never_overwrites_the_runs_own_files_or_writes_under_a_file(fini
 
 
 def test_evaluate_with_a_root_but_no_dataset_never_generates_the_world_there(finished_run, tmp_path, capsys):
-    """#33 item 4: a shapes run evaluated with --root DIR wrote 2,300 images into DIR."""
+    """A shapes run evaluated with --root DIR writes nothing there (no 2,300 generated images)."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "photo.jpg").write_bytes(b"not really")
@@ -167,7 +168,7 @@ def test_evaluate_with_a_root_but_no_dataset_never_generates_the_world_there(fin
 
 
 def test_evaluate_against_a_store_it_cannot_write_names_cache_dir(finished_run, tmp_path, capsys):
-    """#33 item 11: an unusable feature store is an error line naming --cache-dir (a new option here)."""
+    """An unusable feature store is an error line naming --cache-dir."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert predict.main(["--run", str(finished_run[0]), "--evaluate", "--cache-dir", str(blocker / "cache")]) == 2

@@ -1,4 +1,4 @@
-"""Beyond the training classes (#26): the class split of --unseen, the zero-shot figures, the
+"""Beyond the training classes: the class split of --unseen, the zero-shot figures, the
 published COCO 48/17 and NUS-WIDE 925/81 split files, refusals, and cross-dataset transfer."""
 import json
 import shutil
@@ -32,7 +32,7 @@ def test_zero_shot_figures_equal_a_hand_computed_case():
     # last of 4: AP 1/4. unseen (images 1, 3): class 2's positives are both images: AP 1.
     assert got["seen_mAP"] == pytest.approx(100 * (1 + 0.25) / 2)
     # one unseen class: every image of the zero-shot setting holds it, so its AP there is 100 by
-    # construction (#33 item 8): undefined, with the reason, and so is H
+    # construction: undefined, with the reason, and so is H
     assert got["unseen_mAP"] is None and "every image holds it" in got["unseen_mAP_undefined"]
     assert got["H_mAP"] is None and "H_mAP_undefined" in got
     # over every image: class 2's positives (0.6, 0.8) rank first of 4: AP 1, a figure that could fail
@@ -286,7 +286,7 @@ def test_predict_takes_a_device_and_refuses_cuda_where_there_is_none(zsl_run, ca
 
 
 def test_a_split_file_path_that_climbs_out_of_the_root_is_refused(tmp_path):
-    """#33 item 5: ../../../../etc/passwd in a split file must not resolve outside ROOT."""
+    """../../../../etc/passwd in a split file must not resolve outside ROOT."""
     from loaders.zsl import SPLITS
     seen, unseen = [f"seen{i:02d}" for i in range(48)], [f"unseen{i:02d}" for i in range(17)]
     files = SPLITS["coco2014", "48/17"]
@@ -302,7 +302,7 @@ def test_a_split_file_path_that_climbs_out_of_the_root_is_refused(tmp_path):
 
 
 def test_an_unseen_file_that_is_not_utf8_names_the_file(tmp_path):
-    """#33 item 11."""
+    """An --unseen file that is not UTF-8 is an error line naming it."""
     names = tmp_path / "unseen.txt"
     names.write_bytes(b"ring\n\xff\n")
     with pytest.raises(FedMPTError, match="unseen.txt: the file is not UTF-8"):
@@ -310,7 +310,7 @@ def test_an_unseen_file_that_is_not_utf8_names_the_file(tmp_path):
 
 
 def test_the_unseen_figures_can_fail():
-    """#33 item 8: with two unseen classes the zero-shot setting has negatives, and the figure
+    """With two unseen classes the zero-shot setting has negatives, and the figure
     over every image ranks them against images holding no unseen class."""
     scores = np.array([[0.9, 0.1, 0.9], [0.8, 0.7, 0.1], [0.1, 0.9, 0.2], [0.3, 0.1, 0.8]])
     targets = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]])  # unseen: classes 1, 2
