@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import aggregation
+import client
 import federate
 import predict
 import splits as client_splitting
 from conditions import load_conditions
-import client
-import aggregation
+from errors import RunFailed
+from store import runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,12 +100,13 @@ def test_round_where_every_update_is_rejected_keeps_the_global_state(shapes_root
         state, n, stats = honest(*args)
         return {k: v * float("nan") for k, v in state.items()}, n, stats
     monkeypatch.setattr(federate, "local_train", broken)
-    history = run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2", "--batch-size", "128")
-    assert history[1]["failed"] and history[1]["clients_aggregated"] == 0
+    with pytest.raises(RunFailed, match="no client update was aggregated in any of its 1 rounds"):
+        run(shapes_root, tmp_path / "all", "--rounds", "1", "--clients", "2", "--batch-size", "128")
+    history = json.loads((tmp_path / "all" / "metrics.json").read_text())  # the rows are kept, the run failed
+    assert history[1]["failed"] is True and history[1]["clients_aggregated"] == 0
     assert history[1]["loss"] is None and history[1]["clip_share"] is None and history[1]["grad_norm"] is None
     assert history[1]["mAP"] == history[0]["mAP"]
-    saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
-    assert saved[1]["failed"] is True
+    assert not (tmp_path / "all" / "state.pt").exists()
 
 
 @pytest.mark.slow
@@ -278,7 +281,7 @@ def test_resume_keeps_the_saved_conditions_and_refuses_another_backbone(shapes_r
     conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["color", "background"], "source": "default"}))
     run(shapes_root, tmp_path / "a", "--rounds", "1", "--clients", "2", "--batch-size", "128", "--conditions", str(conditions))
     conditions.write_text(json.dumps({"dataset": "shapes", "conditions": ["pose"], "source": "default"}))
-    cfg, model_cfg = federate.resume_config(tmp_path / "a")
+    cfg, model_cfg = runs.resume_config(tmp_path / "a")
     assert load_conditions(cfg.conditions, "shapes")["conditions"] == ["color", "background"]
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "backbone_sha256": "0" * 64}))
