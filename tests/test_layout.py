@@ -114,6 +114,21 @@ def test_entry_points_import_the_loop_never_the_reverse():
         assert not imports_of(modules[room], modules) & {"federate", "flower_app", "predict"}, room
 
 
+def test_the_flower_bundle_carries_every_module_a_supernode_may_import():
+    """pyproject.toml's fab-include: every project module (the root's and each room's) is in the
+    Flower App bundle, or a SuperNode fails with "No module named ..." mid-run."""
+    import fnmatch
+    import tomllib
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+
+    def included(relative: Path) -> bool:  # a pattern's segments match the path's, one for one
+        return any(len(parts := pattern.strip("/").split("/")) == len(relative.parts)
+                   and all(fnmatch.fnmatchcase(part, glob) for part, glob in zip(relative.parts, parts))
+                   for pattern in patterns)
+    left_out = [str(path.relative_to(REPO)) for path in project_modules().values() if not included(path.relative_to(REPO))]
+    assert not left_out, f"not in pyproject.toml's fab-include: {left_out}"
+
+
 def modules_loaded_by(code: str) -> list:
     """The modules a fresh interpreter holds after each step of `code` (steps split by '# --')."""
     report = "import json, sys; print(json.dumps(sorted(sys.modules)))"
