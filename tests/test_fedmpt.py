@@ -2,15 +2,14 @@
 import clip
 import pytest
 import torch
+import torch.nn.functional as F
 
+import client
 import ot
 from backbone import FrozenCLIP, load_clip
 from errors import FedMPTError
-import torch.nn.functional as F
-
 from fedmpt import FedMPT, asymmetric_loss, bce_loss
 from options import ModelConfig
-import client
 
 CLASSES = ["circle", "square", "triangle"]
 CONDITIONS = ["color", "background", "scene type", "spatial layout", "pose"]
@@ -224,7 +223,6 @@ def test_gate_weights_move_when_the_condition_that_carries_the_label_changes_per
     """Trained with the federated client update (local_train: its loss, lr and clipping), the
     gate learns which condition to trust per image and the class becomes separable on new images
     of the same kinds; a uniform gate cannot separate it (its logits ignore v)."""
-    import federate
     import metrics
     from options import Config
     model = FedMPT(FrozenCLIP(load_clip("tiny")), ["circle"], ["color", "background"], ModelConfig(gate=gate), seed=0)
@@ -266,7 +264,6 @@ def two_look_alike_classes(n=200, seed=0, D=None):
 def test_class_contexts_tell_apart_classes_whose_prompts_are_the_same_text(class_ctx):
     """Shared contexts give two classes with the same name the same logits, however long they
     train; with --class-ctx each class has contexts of its own and learns its own evidence."""
-    import federate
     import metrics
     from options import Config
     backbone = FrozenCLIP(load_clip("tiny"))

@@ -13,10 +13,8 @@ flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install -r
 import evaluation  # noqa: E402
 import flower_app  # noqa: E402
 from errors import FedMPTError  # noqa: E402
-from options import Config  # noqa: E402
-from options import ModelConfig  # noqa: E402
 from launcher import flower  # noqa: E402
-from options import FlowerConfig  # noqa: E402
+from options import Config, FlowerConfig, ModelConfig  # noqa: E402
 
 
 def node_context(shapes_root, cache_dir, run_id=7, **options):

@@ -13,6 +13,7 @@ from PIL import Image
 
 import conditions
 import data
+import experiment
 import federate
 import predict
 from conditions import discover
@@ -104,7 +105,7 @@ def test_setup_trains_one_client_per_site_and_records_their_names(tmp_path, caps
     root = write_folder(tmp_path / "data")
     cfg, model_cfg = federate.parse_config(["--dataset", "folder", "--root", str(root), "--clients", "5",
                                             "--heterogeneity", "0.5", "--out", str(tmp_path / "run")])
-    exp = federate.setup(cfg, model_cfg)
+    exp = experiment.setup(cfg, model_cfg)
     assert [len(split) for split in exp.splits] == [3, 3, 2] and exp.cfg.clients == 3
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["client_names"] == ["east", "north", "south"] and config["client_sizes"] == [3, 3, 2]
@@ -120,7 +121,7 @@ def test_without_a_client_column_the_k_means_split_applies(tmp_path):
     assert data.load_dataset("folder", root, "train").natural_clients is None
     cfg, model_cfg = federate.parse_config(["--dataset", "folder", "--root", str(root), "--clients", "2",
                                             "--out", str(tmp_path / "run")])
-    exp = federate.setup(cfg, model_cfg)
+    exp = experiment.setup(cfg, model_cfg)
     assert len(exp.splits) == 2 and sum(map(len, exp.splits)) == 8
     assert json.loads((tmp_path / "run" / "config.json").read_text())["client_names"] is None
 
