@@ -65,6 +65,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     from (--resume), loaded as soon as the model is built, so one that does not fit fails before
     any image is encoded. An --out that already holds a run is refused first."""
     cfg, model_cfg, device, root = resolve(cfg, model_cfg)  # bad options first, before anything is built
+    runs.use_threads(cfg.threads)  # after the checks: a bad option is all a refused run says
     out = new_run_directory(cfg)
     exp = prepare(cfg, model_cfg, device, root)
     if state is not None:

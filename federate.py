@@ -171,7 +171,6 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
     checkpoint = None
     if cfg.resume:  # the run's own options and checkpoint, checked before the long setup
         cfg, model_cfg, checkpoint = runs.resume(cfg.resume, given)
-    runs.use_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"}, state=checkpoint and checkpoint["global_state"])
     cfg, model, out = exp.cfg, exp.model, exp.out
     if cfg.resume and "rounds" in (given or {}):  # every check passed: only now config.json records it

@@ -162,7 +162,8 @@ def zsl_metrics(scores, targets, unseen, ks=(3, 5)):
         reasons["H_mAP_undefined"] = "; ".join(reasons.values())
     for k in ks:
         for name, (s_, t_) in (("unseen", zsl), ("gzsl", (s, t))):
-            out[f"{name}_F1@{k}"] = _prf(top_k_predictions(s_, k), t_)["OF1"] if k < s_.shape[1] and len(s_) else None
+            out[f"{name}_F1@{k}"] = (multilabel_metrics(s_, t_, top_k=k)[f"OF1_top{k}"]
+                                     if k < s_.shape[1] and len(s_) else None)
     return {**out, **reasons}
 
 

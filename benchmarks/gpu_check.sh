@@ -75,7 +75,7 @@ else
   CLIP=(--clip tiny --device cpu) STEP=(--clip tiny --steps 1 --methods fedmpt fed-dualcoop --datasets voc2007) IMAGES=(--trainval 64 --test 32)
 fi
 step "new tests on this torch" 30 python3 -m pytest -q -x -p no:cacheprovider -m "not slow" \
-  tests/test_shared_prefix.py tests/test_precision.py tests/test_parallel.py
+  tests/test_speed.py tests/test_client.py tests/test_precision.py
 step "step times" 75 python3 benchmarks/step_time.py "${STEP[@]}" --out "$RESULTS/step_time.md"
 if [ "$MODE" = cuda ]; then
   step "CPU-vs-CUDA logits" 30 python3 benchmarks/device_parity.py --out "$RESULTS/parity.json"
