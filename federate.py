@@ -158,11 +158,24 @@ def save_round(exp: Experiment, history: list, row: dict, rng=None):
     client-sampling generator: what --resume continues from) and metrics.json; print the row."""
     history.append(row)
     runs.save_round(exp.out, history, exp.model.tunable_state(), row["round"], rng.bit_generator.state if rng else None)
-    loss, clipped, norm = (float("nan") if row.get(key) is None else row[key]  # round 0 has no training
-                           for key in ("loss", "clip_share", "grad_norm"))
-    tqdm.write(f"{row['round']:>5} {loss:>10.4f} {clipped:>7.0%} {norm:>9.2f} "
-               f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {row['seconds']:>8.1f}")
+    tqdm.write(table_row(row))
+    if row["round"] == 0:
+        tqdm.write(ROUND_ZERO.format(**row))
     sys.stdout.flush()
+
+
+def table_row(row: dict) -> str:
+    """A round's printed row; what it has no number for (round 0 has no training) shows as "-"."""
+    def cell(key, width, spec):
+        return f"{'-':>{width}}" if row.get(key) is None else f"{row[key]:>{width}{spec}}"
+    return " ".join([f"{row['round']:>5}", cell("loss", 10, ".4f"), cell("clip_share", 7, ".0%"),
+                     cell("grad_norm", 9, ".2f"), *(cell(key, 7, ".2f") for key in ("mAP", "CF1", "OF1")),
+                     cell("seconds", 8, ".1f")])
+
+
+ROUND_ZERO = ("      round 0 is the untuned model (the tunable tensors as initialised, before any client trained), "
+              "not zero-shot CLIP: the frozen backbone zero-shot is at mAP {zero_shot_mAP:.2f}, the label prior at "
+              "{label_prior_mAP:.2f}")
 
 
 # ---- The loop -----------------------------------------------------------------------------

@@ -232,3 +232,19 @@ def test_an_out_at_or_under_an_existing_file_is_refused_before_setup(tmp_path, c
     assert federate.main(["--out", str(file / under if under else file), "--threads", "1"]) == 2
     error = capsys.readouterr().err
     assert f"{file} is a file, not a folder" in error and "Traceback" not in error and file.read_text() == "mine\n"
+
+
+def test_round_zero_shows_dashes_not_nan_and_says_what_it_is(tmp_path, capsys):
+    """Round 0's row has no training numbers: they print as "-", and a line after it says round
+    0 is the untuned model and where zero-shot and the label prior stand."""
+    model = type("Model", (), {"tunable_state": lambda self: {}})()
+    exp = type("Exp", (), {"out": tmp_path, "model": model})()
+    row = {"round": 0, "loss": None, "seconds": 0.0, "mAP": 12.46, "CF1": 23.62, "OF1": 24.23,
+           "label_prior_mAP": 17.42, "zero_shot_mAP": 69.55}
+    federate.save_round(exp, [], row)
+    printed = capsys.readouterr().out
+    first, note = printed.splitlines()[:2]
+    assert "nan" not in printed.lower() and first.split() == ["0", "-", "-", "-", "12.46", "23.62", "24.23", "0.0"]
+    assert "round 0 is the untuned model" in note and "69.55" in note and "17.42" in note
+    trained = federate.table_row({**row, "round": 1, "loss": 1.5, "clip_share": 0.25, "grad_norm": 3.0})
+    assert trained.split() == ["1", "1.5000", "25%", "3.00", "12.46", "23.62", "24.23", "0.0"]
