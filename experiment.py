@@ -284,8 +284,9 @@ def save_run_directory(exp: Experiment):
             write_json(exp.out / "attributes.json", exp.attributes)
     splits.plot_client_distributions(exp.train_set.targets, exp.splits, exp.train_set.classes,
                                      exp.out / "clients.png", names=exp.client_names)
-    print(f"options and sizes: {exp.out / 'config.json'}; conditions ({exp.conditions['source']}): "
-          f"{', '.join(map(repr, exp.conditions['conditions']))}")
+    print(f"options and sizes: {exp.out / 'config.json'}" + (  # only FedMPT predicts through conditions
+        f"; conditions ({exp.conditions['source']}): {', '.join(map(repr, exp.conditions['conditions']))}"
+        if exp.cfg.method == "fedmpt" else ""))
 
 
 def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:

@@ -220,6 +220,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
     runs.warn_if_untrained(history, cfg.lr) or runs.warn_if_stalled(history, cfg.lr)
+    runs.warn_if_clipped(history, cfg.lr, cfg.grad_clip)
     return history
 
 

@@ -285,6 +285,7 @@ def server_main(grid, context):
     save_tensors(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
     runs.warn_if_untrained(strategy.history, exp.cfg.lr)
+    runs.warn_if_clipped(strategy.history, exp.cfg.lr, exp.cfg.grad_clip)
 
 
 def main(argv=None) -> int:

@@ -350,6 +350,24 @@ def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0
     return True
 
 
+def warn_if_clipped(history: list, lr: float, grad_clip: float, most: float = 0.5) -> bool:
+    """After the last round: a run whose gradient-norm guard clipped more than `most` of its local
+    steps (metrics.json's clip_share, each trained round counted alike: rounds run about the same
+    steps) took steps of the clip's length, not the gradient's; say so, and what to try."""
+    rows = [row for row in history[1:] if row.get("clip_share") is not None]
+    if not rows or not grad_clip:
+        return False
+    share = float(np.mean([row["clip_share"] for row in rows]))
+    if share <= most:
+        return False
+    norm = float(np.mean([row["grad_norm"] for row in rows]))
+    print(f"warning: the gradient-norm guard clipped {share:.0%} of the local steps over the run (mean gradient norm "
+          f"{norm:.3g}, --grad-clip {grad_clip:g}): the clip, not the gradient, set the length of those steps, so "
+          f"--lr {lr:g} acted through it. Try a lower --lr, or --grad-clip 0 to see the raw norms "
+          "(docs/choices.md).", file=sys.stderr)
+    return True
+
+
 def check_trained(history: list, first_round: int, start_state: dict, final_state: dict):
     """After the last round: a run that could not train is a failed run (RunFailed, exit 1), not a
     finished one. It could not when no client update was aggregated in any of its rounds (every
