@@ -184,6 +184,8 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
     checkpoint = None
     if cfg.resume:  # the run's own options and checkpoint, checked before the long setup
         cfg, model_cfg, checkpoint = runs.resume(cfg.resume, given)
+        if (finished := runs.finished_history(cfg.resume, cfg.rounds)) is not None:
+            return finished  # said so; nothing set up, nothing written
     runs.use_threads(cfg.threads)
     exp = setup(cfg, model_cfg, record={"engine": "plain"}, state=checkpoint and checkpoint["global_state"])
     cfg, model, out = exp.cfg, exp.model, exp.out

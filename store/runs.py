@@ -232,6 +232,23 @@ def resume(run_dir: str, given: dict = None):
     return cfg, model_cfg, checkpoint
 
 
+def finished_history(run_dir, rounds: int):
+    """--resume of a finished run (its metrics.json reaches its `rounds`, its state.pt is written):
+    its history, after saying so and where its state is; nothing is set up or written. None for
+    a run that has rounds left (or is extended by --rounds)."""
+    run_dir = Path(run_dir)
+    try:
+        history = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # resume's own checks (checkpoint.pt) say what is wrong with such a run
+    if not (run_dir / "state.pt").exists() or not history or history[-1].get("round") != rounds:
+        return None
+    print(f"--resume {run_dir}: the run is finished ({rounds} of {rounds} rounds, final mAP {history[-1]['mAP']:.2f}); "
+          f"its state is in {run_dir / 'state.pt'}. Nothing to do and nothing written: label images with python "
+          f"predict.py --run {run_dir}, or give --rounds N (more than {rounds}) beside --resume to extend it.")
+    return history
+
+
 def resume_config(run_dir: str, given: dict = None):
     """The run's own options; its conditions from the copy it saved (an edited source file
     must not change a resumed model). `given`: options named beside --resume, {name: value}.
