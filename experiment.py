@@ -66,6 +66,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     any image is encoded. An --out that already holds a run is refused first."""
     cfg, model_cfg, device, root = resolve(cfg, model_cfg)  # bad options first, before anything is built
     out = new_run_directory(cfg)
+    print(features.location_line(cfg.cache_dir))
     exp = prepare(cfg, model_cfg, device, root)
     if state is not None:
         try:

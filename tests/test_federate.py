@@ -266,6 +266,7 @@ def test_a_finished_run_is_one_whose_last_round_is_its_rounds_and_whose_state_is
 def test_resuming_a_finished_run_says_so_exits_0_and_writes_nothing(shapes_root, tmp_path, capsys):
     out = tmp_path / "run"
     run(shapes_root, out, "--rounds", "1", "--clients", "2", "--plot")
+    assert capsys.readouterr().out.count("feature store: ") == 1  # said once, at the start
     before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
     assert "plans.png" in before and "state.pt" in before
     capsys.readouterr()

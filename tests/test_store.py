@@ -167,3 +167,10 @@ def test_run_files_are_never_written_through_a_planted_link(tmp_path):
         with pytest.raises(FedMPTError, match="symbolic link"):
             write_json(run / "metrics.json", [1])
         assert victim.read_text() == "precious\n" and os.path.islink(run / name)
+
+
+def test_the_feature_store_line_names_the_folder_and_how_to_move_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMPT_CACHE", str(tmp_path / "env"))
+    line = features.location_line()
+    assert str(tmp_path / "env") in line and "FEDMPT_CACHE" in line and "--cache-dir" in line
+    assert str(tmp_path / "given") in features.location_line(str(tmp_path / "given"))
