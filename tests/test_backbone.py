@@ -1,4 +1,6 @@
 """The frozen CLIP's text side runs only the positions that matter, and stays exact."""
+import warnings
+
 import clip
 import pytest
 import torch
@@ -64,3 +66,23 @@ def test_short_encoding_keeps_gradients_to_the_contexts():
     scale = float(grad_full.abs().max())
     assert scale > 100
     assert torch.allclose(grad_short, grad_full, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_loading_clip_weights_hides_torch_jit_loads_deprecation_only(tmp_path, monkeypatch):
+    """clip.load opens every weights file with torch.jit.load first (the official weights are
+    TorchScript archives); its FutureWarning is not ours to show (backbone.quiet_clip_load), any
+    other warning still is, and the model comes back as clip.load gave it, in float32."""
+    import backbone
+    model = clip.model.CLIP(*backbone.ARCHITECTURES["tiny"]).half()
+
+    def load(name, device, jit, **where):  # what clip.load does on torch >= 2.10
+        warnings.warn("`torch.jit.load` is deprecated. Please switch to `torch.export`.", FutureWarning)
+        warnings.warn("a warning of the weights' own", UserWarning)
+        return model, None
+    monkeypatch.setattr(backbone.clip, "load", load)
+    (tmp_path / "weights.pt").write_bytes(b"archive")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_clip("ViT-B/16", str(tmp_path / "weights.pt"))
+    assert [str(w.message) for w in caught] == ["a warning of the weights' own"]
+    assert loaded is model and loaded.logit_scale.dtype == torch.float32
