@@ -32,6 +32,14 @@ ARCHITECTURES = {
 }
 
 
+def quiet_clip_load(name: str, **where) -> nn.Module:
+    """clip.load onto the CPU in float32, without its FutureWarning: it opens the official weights (TorchScript)
+    with torch.jit.load, which a later torch may drop; today they load exactly (jit=False rebuilds the model)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.load` is", category=FutureWarning)
+        return clip.load(name, device="cpu", jit=False, **where)[0].float().eval()
+
+
 def load_clip(name: str, weights: str = None, random_init: bool = False, seed: int = 0,
               cache_dir: str = None) -> nn.Module:
     """A float32 CLIP on the CPU: real weights (`clip.load`, cached download, or a local .pt)
@@ -41,7 +49,7 @@ def load_clip(name: str, weights: str = None, random_init: bool = False, seed: i
         if not os.path.isfile(weights):
             raise FedMPTError(f"--clip-weights {weights}: no such file.")
         try:
-            return clip.load(weights, device="cpu", jit=False)[0].float().eval()
+            return quiet_clip_load(weights)
         except (RuntimeError, KeyError, ValueError, EOFError, AttributeError, pickle.UnpicklingError) as error:
             raise FedMPTError(f"--clip-weights {weights}: not a CLIP checkpoint ({type(error).__name__}); pass the "
                               ".pt file clip.load downloads (e.g. ~/.cache/clip/ViT-B-16.pt).") from None
@@ -59,7 +67,7 @@ def load_clip(name: str, weights: str = None, random_init: bool = False, seed: i
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # an offline machine must fail fast, not hang
     try:
-        return clip.load(name, device="cpu", jit=False, download_root=cache_dir)[0].float().eval()
+        return quiet_clip_load(name, download_root=cache_dir)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise FedMPTError(
             f"could not load CLIP {name} ({error}). Without network, download {file_name} "
@@ -195,8 +203,7 @@ class FrozenCLIP(nn.Module):
     @torch.no_grad()
     def encode_texts(self, texts) -> torch.Tensor:
         """Normalised frozen features (len(texts), D) of plain sentences."""
-        tokens = clip.tokenize(texts, context_length=self.context_length, truncate=True)
-        tokens = tokens.to(self.model.token_embedding.weight.device)
+        tokens = clip.tokenize(texts, self.context_length, truncate=True).to(self.model.token_embedding.weight.device)
         embeddings, eot = self.model.token_embedding(tokens), tokens.argmax(dim=-1)
         return F.normalize(self.encode_prompts(embeddings, eot, precision="fp32"), dim=-1)  # frozen: float32
 

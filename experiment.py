@@ -67,6 +67,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     cfg, model_cfg, device, root = resolve(cfg, model_cfg)  # bad options first, before anything is built
     runs.use_threads(cfg.threads)  # after the checks: a bad option is all a refused run says
     out = new_run_directory(cfg)
+    print(features.location_line(cfg.cache_dir))
     exp = prepare(cfg, model_cfg, device, root)
     if state is not None:
         try:
@@ -285,8 +286,9 @@ def save_run_directory(exp: Experiment):
             write_json(exp.out / "attributes.json", exp.attributes)
     splits.plot_client_distributions(exp.train_set.targets, exp.splits, exp.train_set.classes,
                                      exp.out / "clients.png", names=exp.client_names)
-    print(f"options and sizes: {exp.out / 'config.json'}; conditions ({exp.conditions['source']}): "
-          f"{', '.join(map(repr, exp.conditions['conditions']))}")
+    print(f"options and sizes: {exp.out / 'config.json'}" + (  # only FedMPT predicts through conditions
+        f"; conditions ({exp.conditions['source']}): {', '.join(map(repr, exp.conditions['conditions']))}"
+        if exp.cfg.method == "fedmpt" else ""))
 
 
 def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:

@@ -158,11 +158,24 @@ def save_round(exp: Experiment, history: list, row: dict, rng=None):
     client-sampling generator: what --resume continues from) and metrics.json; print the row."""
     history.append(row)
     runs.save_round(exp.out, history, exp.model.tunable_state(), row["round"], rng.bit_generator.state if rng else None)
-    loss, clipped, norm = (float("nan") if row.get(key) is None else row[key]  # round 0 has no training
-                           for key in ("loss", "clip_share", "grad_norm"))
-    tqdm.write(f"{row['round']:>5} {loss:>10.4f} {clipped:>7.0%} {norm:>9.2f} "
-               f"{row['mAP']:>7.2f} {row['CF1']:>7.2f} {row['OF1']:>7.2f} {row['seconds']:>8.1f}")
+    tqdm.write(table_row(row))
+    if row["round"] == 0:
+        tqdm.write(ROUND_ZERO.format(**row))
     sys.stdout.flush()
+
+
+def table_row(row: dict) -> str:
+    """A round's printed row; what it has no number for (round 0 has no training) shows as "-"."""
+    def cell(key, width, spec):
+        return f"{'-':>{width}}" if row.get(key) is None else f"{row[key]:>{width}{spec}}"
+    return " ".join([f"{row['round']:>5}", cell("loss", 10, ".4f"), cell("clip_share", 7, ".0%"),
+                     cell("grad_norm", 9, ".2f"), *(cell(key, 7, ".2f") for key in ("mAP", "CF1", "OF1")),
+                     cell("seconds", 8, ".1f")])
+
+
+ROUND_ZERO = ("      round 0 is the untuned model (the tunable tensors as initialised, before any client trained), "
+              "not zero-shot CLIP: the frozen backbone zero-shot is at mAP {zero_shot_mAP:.2f}, the label prior at "
+              "{label_prior_mAP:.2f}")
 
 
 # ---- The loop -----------------------------------------------------------------------------
@@ -171,6 +184,8 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
     checkpoint = None
     if cfg.resume:  # the run's own options and checkpoint, checked before the long setup
         cfg, model_cfg, checkpoint = runs.resume(cfg.resume, given)
+        if (finished := runs.finished_history(cfg.resume, cfg.rounds)) is not None:
+            return finished  # said so; nothing set up, nothing written
     exp = setup(cfg, model_cfg, record={"engine": "plain"}, state=checkpoint and checkpoint["global_state"])
     cfg, model, out = exp.cfg, exp.model, exp.out
     if cfg.resume and "rounds" in (given or {}):  # every check passed: only now config.json records it
@@ -206,6 +221,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
     runs.warn_if_untrained(history, cfg.lr) or runs.warn_if_stalled(history, cfg.lr)
+    runs.warn_if_clipped(history, cfg.lr, cfg.grad_clip)
     return history
 
 

@@ -124,7 +124,7 @@ class FedMPT(PromptModel):
         with seeded(seed):  # the contexts, the adapters' down-projections, the gate's first layer
             self.prompts = ConditionPrompts(class_names, conditions, cfg.n_ctx,
                                             backbone.model.token_embedding, backbone.context_length,
-                                            clip.tokenize, class_ctx=cfg.class_ctx)
+                                            clip.tokenize, class_ctx=cfg.class_ctx, ctx_init=cfg.ctx_init)
             self.text_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
             self.patch_adapter = Adapter(D, cfg.adapter_reduction, cfg.adapter_alpha)
             # one condition: softmax over one logit is 1, so a gate would have nothing to learn

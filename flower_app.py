@@ -273,6 +273,7 @@ def server_main(grid, context):
     cfg, model_cfg, flower_cfg = run_options(context.run_config)
     cfg, model_cfg, device, root = experiment.resolve(cfg, model_cfg)
     out = experiment.new_run_directory(cfg)
+    print(features.location_line(cfg.cache_dir))
     exp = experiment.prepare(cfg, model_cfg, device, root)
     experiment.test_side(exp)  # the server evaluates; it trains no client
     exp.out, exp.resolved = out, experiment.describe(exp, out, {"engine": "flower", **dataclasses.asdict(flower_cfg)})
@@ -285,6 +286,7 @@ def server_main(grid, context):
     save_tensors(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
     runs.warn_if_untrained(strategy.history, exp.cfg.lr)
+    runs.warn_if_clipped(strategy.history, exp.cfg.lr, exp.cfg.grad_clip)
 
 
 def main(argv=None) -> int:

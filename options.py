@@ -107,6 +107,9 @@ class ModelConfig:
     n_ctx: int = option(16, "M context tokens per condition and sign", range="[1, inf)")
     class_ctx: int = option(0, "FedMPT: Mc context tokens of each class's own per sign, after the shared ones "
                                "(CoOp's class-specific context; 0 = the paper's shared contexts)", range="[0, inf)")
+    ctx_init: str = option("", "CoOp's ctx_init: a template (e.g. \"a photo of a\") whose token embeddings start the last "
+                               "positive contexts (fedmpt, fed-poscoop, fed-dualcoop; the rest random, as without it)",
+                           shown="none (random contexts)", added="0.3")
     ot_eps: float = option(0.1, "entropic regularisation eps of the region-condition transport", range="(0, inf)")
     ot_iters: int = option(100, "Sinkhorn iterations at most", range="[1, inf)")
     ot: str = option("sinkhorn", "the transport: sinkhorn, or uniform (the independent plan: ablation)",
@@ -141,6 +144,8 @@ def validate(cfg: Config, model_cfg: ModelConfig):
               "--download: only voc2007 can be downloaded; see docs/datasets.md for coco2014 and nuswide"),
              (model_cfg.class_ctx == 0 or cfg.method == "fedmpt",
               f"--class-ctx {model_cfg.class_ctx}: FedMPT's option (--method fedmpt)"),
+             (not model_cfg.ctx_init or cfg.method in ("fedmpt", "fed-poscoop", "fed-dualcoop"),
+              f"--ctx-init: the learned contexts of fedmpt, fed-poscoop and fed-dualcoop; {cfg.method} has its own"),
              (not cfg.plot or cfg.method == "fedmpt", "--plot: draws FedMPT's transport plans; use it with --method fedmpt"),
              (not (cfg.unseen and cfg.zsl_split), "--unseen and --zsl-split: the published split names its unseen "
                                                   "classes; give one of the two"),

@@ -6,9 +6,10 @@ One prompt per (condition k, class c) and sign s in {+, -}:
 
 The M context vectors are learnable and shared by all classes of a condition (one set for the
 positive, one for the negative prompt, as in DualCoOp); the tokens of the condition and class
-name are fixed buffers (as in CoOp's PromptLearner). With class_ctx = Mc > 0 each class also
-gets Mc contexts of its own (per sign, shared by the conditions: CoOp's class-specific context),
-placed after the shared ones:
+name are fixed buffers (as in CoOp's PromptLearner). With ctx_init (CoOp's, e.g. "a photo of
+a") the template's embeddings start the last positive contexts; the rest, and the negative ones,
+stay random. With class_ctx = Mc > 0 each class also gets Mc contexts of its own (per sign,
+shared by the conditions: CoOp's class-specific context), placed after the shared ones:
 
     [SOS] ctx^s_k,1 ... ctx^s_k,M  cls^s_c,1 ... cls^s_c,Mc  <condition k> <class name c> . [EOT]
 
@@ -29,7 +30,7 @@ class ConditionPrompts(nn.Module):
     With conditions [""] these are DualCoOp's prompts (CoOp's with signs=1; baselines/coop.py)."""
 
     def __init__(self, class_names, conditions, n_ctx, token_embedding, context_length, tokenize, signs=2,
-                 class_ctx=0):
+                 class_ctx=0, ctx_init=""):
         super().__init__()
         K, C, M = len(conditions), len(class_names), n_ctx + class_ctx
         width = token_embedding.weight.shape[1]
@@ -52,6 +53,12 @@ class ConditionPrompts(nn.Module):
         # drawn from torch's generator like nn.Linear's weights: the model seeds it (fedmpt.seeded)
         self.context = nn.Parameter(0.02 * torch.randn(signs, K, n_ctx, width))  # (S, K, M, Dt)
         self.class_context = nn.Parameter(0.02 * torch.randn(signs, C, class_ctx, width)) if class_ctx else None
+        if ctx_init:  # after the random draws: the same random values with or without it
+            ids = tokenize([ctx_init], context_length=context_length)[0].to(tokens.device)  # (L,)
+            n = int(ids.argmax()) - 1  # the template's tokens, between [SOS] and [EOT]
+            if n > n_ctx:
+                raise FedMPTError(f"--ctx-init {ctx_init!r} has {n} tokens, more than --n-ctx {n_ctx}: shorten it.")
+            self.context.data[0, :, n_ctx - n:] = token_embedding(ids[1:1 + n]).detach()  # (n, Dt) into (K, n, Dt)
         self.shape, self.signs, self.n_ctx, self.class_ctx = (K, C), signs, n_ctx, class_ctx
 
     def forward(self, context=None):

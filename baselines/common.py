@@ -25,11 +25,12 @@ def images_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def class_prompts(backbone: FrozenCLIP, class_names, n_ctx, signs=2) -> ConditionPrompts:
+def class_prompts(backbone: FrozenCLIP, class_names, n_ctx, signs=2, ctx_init="") -> ConditionPrompts:
     """CoOp's prompts 'ctx_1 .. ctx_M <class>.', one learned context per sign shared by all
-    classes (signs=2: DualCoOp's positive and negative prompt)."""
+    classes (signs=2: DualCoOp's positive and negative prompt); `ctx_init`: CoOp's template for
+    the last positive contexts (--ctx-init)."""
     return ConditionPrompts(class_names, [""], n_ctx, backbone.model.token_embedding,
-                            backbone.context_length, clip.tokenize, signs=signs)
+                            backbone.context_length, clip.tokenize, signs=signs, ctx_init=ctx_init)
 
 
 def encode_class_prompts(backbone: FrozenCLIP, prompts, context=None, after=None) -> torch.Tensor:

@@ -21,7 +21,8 @@ class FedPosCoOp(PromptModel):
         super().__init__()
         self.backbone = backbone
         with seeded(seed):
-            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=1)
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=1,
+                                         ctx_init=getattr(cfg, "ctx_init", ""))
             self.negative = normal_parameter(len(class_names), backbone.width, std=1.0)  # (C, D)
 
     def text_from(self, encoded):
@@ -44,7 +45,8 @@ class FedDualCoOp(FedPosCoOp):
         PromptModel.__init__(self)
         self.backbone = backbone
         with seeded(seed):
-            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2)
+            self.prompts = class_prompts(backbone, class_names, self.n_ctx, signs=2,
+                                         ctx_init=getattr(cfg, "ctx_init", ""))
 
     def text_from(self, encoded):
         return class_features(self.prompts, encoded)

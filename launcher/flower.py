@@ -232,7 +232,8 @@ def flwr_run(connection, run_config: Path, env, processes, local, flower_dir) ->
                                start_new_session=True)
     processes.append(process)
     run_ids = []
-    reader = threading.Thread(target=pass_through, args=(process.stdout, run_ids), daemon=True)
+    reader = threading.Thread(target=pass_through, args=(process.stdout, run_ids, flower_dir / "flwr-run.log"),
+                              daemon=True)
     reader.start()
     while process.poll() is None:
         check_federation(local, flower_dir)
@@ -244,13 +245,34 @@ def flwr_run(connection, run_config: Path, env, processes, local, flower_dir) ->
     return run_ids[0]
 
 
-def pass_through(stream, run_ids: list):
-    """`flwr run`'s output to ours, noting the run id it announces."""
-    for line in stream:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        if found := re.search(r"Successfully started run (\d+)", line):
-            run_ids.append(int(found.group(1)))
+# Flower's own log lines ("INFO :      Starting FedAvg strategy", coloured): the level, an optional time, ": "
+FLOWER_LOG_LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d{4}-\d\d-\d\d [\d:,.]+)?\s*: ")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+# Flower's warnings that say what our strategy does by design: the server evaluates (evaluate_fn)
+EXPECTED_WARNINGS = ("fraction_evaluate is set to 0.0",)
+
+
+def shown(line: str) -> bool:
+    """Whether a line of `flwr run`'s output reaches the console: every line of ours, and of
+    Flower's own log lines only its warnings and errors, less the EXPECTED_WARNINGS."""
+    found = FLOWER_LOG_LINE.match(ANSI_COLOUR.sub("", line))
+    if found is None:
+        return True
+    return found.group(1) not in ("DEBUG", "INFO") and not any(text in line for text in EXPECTED_WARNINGS)
+
+
+def pass_through(stream, run_ids: list, log: Path):
+    """`flwr run`'s output to ours, Flower's own INFO lines and expected warnings left out (`shown`);
+    every line kept in `log` (the run directory's flower/flwr-run.log). Notes the run id it announces."""
+    with open(log, "a", encoding="utf-8") as kept:
+        for line in stream:
+            kept.write(line)
+            kept.flush()
+            if shown(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if found := re.search(r"Successfully started run (\d+)", line):
+                run_ids.append(int(found.group(1)))
 
 
 def run_status(connection, run_id, env, local, flower_dir) -> tuple:

@@ -98,5 +98,7 @@ def find_voc_dir(root: Path, split: str, name: str) -> Path:
     how = ("run `python federate.py` without --dataset to generate it"
            if name == "shapes" else
            "pass --download, or download VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar "
-           f"({VOC_URLS['trainval']}, {VOC_URLS['test']}) and extract both into {root}")
+           f"({VOC_URLS['trainval']}, {VOC_URLS['test']}) and extract both into {root}; the paper's setting is "
+           f"python federate.py --dataset voc2007 --root {root} --clip ViT-B/16 --device cuda (with --download "
+           "to fetch it)")
     raise missing_files_error(name, root, [best / p for p in needed if not (best / p).exists()], how)

@@ -32,6 +32,12 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(cache_dir or os.environ.get("FEDMPT_CACHE") or Path.home() / ".cache" / "fedmpt").expanduser()
 
 
+def location_line(cache_dir: str = "") -> str:
+    """What a run prints once at its start: where the frozen features go (shared by every run of
+    the user, they can grow to hundreds of MB) and how to move them."""
+    return f"feature store: {cache_root(cache_dir)} (set FEDMPT_CACHE or --cache-dir to move it)"
+
+
 def images_digest(dataset) -> str:
     """sha256 of a dataset's images (path, size, modification time, status-change time, inode)
     and targets: a key that changes when an image file or a label does. Replacing a file, or

@@ -232,6 +232,23 @@ def resume(run_dir: str, given: dict = None):
     return cfg, model_cfg, checkpoint
 
 
+def finished_history(run_dir, rounds: int):
+    """--resume of a finished run (its metrics.json reaches its `rounds`, its state.pt is written):
+    its history, after saying so and where its state is; nothing is set up or written. None for
+    a run that has rounds left (or is extended by --rounds)."""
+    run_dir = Path(run_dir)
+    try:
+        history = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # resume's own checks (checkpoint.pt) say what is wrong with such a run
+    if not (run_dir / "state.pt").exists() or not history or history[-1].get("round") != rounds:
+        return None
+    print(f"--resume {run_dir}: the run is finished ({rounds} of {rounds} rounds, final mAP {history[-1]['mAP']:.2f}); "
+          f"its state is in {run_dir / 'state.pt'}. Nothing to do and nothing written: label images with python "
+          f"predict.py --run {run_dir}, or give --rounds N (more than {rounds}) beside --resume to extend it.")
+    return history
+
+
 def resume_config(run_dir: str, given: dict = None):
     """The run's own options; its conditions from the copy it saved (an edited source file
     must not change a resumed model). `given`: options named beside --resume, {name: value}.
@@ -347,6 +364,24 @@ def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0
           f"{history[-1]['mAP']:.2f} is within {margin:g} of the label prior {history[0]['label_prior_mAP']:.2f}. "
           f"Try --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md), another "
           f"--lr than {lr:g}, or for FedMPT --class-ctx 4; compare the choices on --validation.", file=sys.stderr)
+    return True
+
+
+def warn_if_clipped(history: list, lr: float, grad_clip: float, most: float = 0.5) -> bool:
+    """After the last round: a run whose gradient-norm guard clipped more than `most` of its local
+    steps (metrics.json's clip_share, each trained round counted alike: rounds run about the same
+    steps) took steps of the clip's length, not the gradient's; say so, and what to try."""
+    rows = [row for row in history[1:] if row.get("clip_share") is not None]
+    if not rows or not grad_clip:
+        return False
+    share = float(np.mean([row["clip_share"] for row in rows]))
+    if share <= most:
+        return False
+    norm = float(np.mean([row["grad_norm"] for row in rows]))
+    print(f"warning: the gradient-norm guard clipped {share:.0%} of the local steps over the run (mean gradient norm "
+          f"{norm:.3g}, --grad-clip {grad_clip:g}): the clip, not the gradient, set the length of those steps, so "
+          f"--lr {lr:g} acted through it. Try a lower --lr, or --grad-clip 0 to see the raw norms "
+          "(docs/choices.md).", file=sys.stderr)
     return True
 
 

@@ -1,5 +1,7 @@
 """The frozen CLIP: its text side runs only the positions that matter and stays exact; a weights
 file that is not a CLIP checkpoint is named."""
+import warnings
+
 import clip
 import pytest
 import torch
@@ -77,3 +79,23 @@ def test_clip_weights_that_are_not_a_clip_checkpoint_name_the_file(tmp_path, con
         path.write_bytes(content)
     with pytest.raises(FedMPTError, match=f"--clip-weights {path}: not a CLIP checkpoint"):
         load_clip("ViT-B/16", str(path))
+
+
+def test_loading_clip_weights_hides_torch_jit_loads_deprecation_only(tmp_path, monkeypatch):
+    """clip.load opens every weights file with torch.jit.load first (the official weights are
+    TorchScript archives); its FutureWarning is not ours to show (backbone.quiet_clip_load), any
+    other warning still is, and the model comes back as clip.load gave it, in float32."""
+    import backbone
+    model = clip.model.CLIP(*backbone.ARCHITECTURES["tiny"]).half()
+
+    def load(name, device, jit, **where):  # what clip.load does on torch >= 2.10
+        warnings.warn("`torch.jit.load` is deprecated. Please switch to `torch.export`.", FutureWarning)
+        warnings.warn("a warning of the weights' own", UserWarning)
+        return model, None
+    monkeypatch.setattr(backbone.clip, "load", load)
+    (tmp_path / "weights.pt").write_bytes(b"archive")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_clip("ViT-B/16", str(tmp_path / "weights.pt"))
+    assert [str(w.message) for w in caught] == ["a warning of the weights' own"]
+    assert loaded is model and loaded.logit_scale.dtype == torch.float32

@@ -161,3 +161,17 @@ def test_single_label_methods_pool_regions_unless_told_global(tiny, method):
         assert torch.allclose(models["regions"](*inputs), region_logits(torch.nn.functional.normalize(P, dim=-1), T),
                               atol=1e-5)
         assert torch.allclose(models["global"](*inputs), global_logits(v, T, tiny.logit_scale), atol=1e-5)
+
+
+def test_ctx_init_starts_the_coop_familys_positive_context_from_the_template():
+    import clip
+    from backbone import FrozenCLIP, load_clip
+    from baselines.coop import FedDualCoOp, FedPosCoOp
+    from options import ModelConfig
+    backbone = FrozenCLIP(load_clip("tiny"))
+    template = backbone.model.token_embedding(clip.tokenize(["a photo of a"])[0, 1:5])  # (4, Dt)
+    for method in (FedPosCoOp, FedDualCoOp):
+        plain = method(backbone, ["circle", "square"], cfg=ModelConfig(), seed=1).prompts.context
+        built = method(backbone, ["circle", "square"], cfg=ModelConfig(ctx_init="a photo of a"), seed=1).prompts.context
+        assert torch.equal(built[0, 0, -4:], template) and torch.equal(built[0, 0, :-4], plain[0, 0, :-4])
+        assert torch.equal(built[1:], plain[1:])  # DualCoOp's negative context stays random

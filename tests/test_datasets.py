@@ -462,3 +462,13 @@ def test_a_voc_image_set_or_generated_json_that_does_not_read_names_the_file(tmp
     stamp.write_text("[1,")
     with pytest.raises(FedMPTError, match="generated.json is not a generated world"):
         data.load_dataset("shapes", tmp_path / "shapes", "test")  # the shapes world reads its record first
+
+
+def test_missing_voc2007_names_the_papers_full_command(tmp_path):
+    """A newcomer who points --root at an empty folder learns the whole command of the paper's
+    setting (the real backbone and the GPU), not only how to fetch the images."""
+    with pytest.raises(FedMPTError) as caught:
+        data.load_dataset("voc2007", str(tmp_path), "train")
+    message = str(caught.value)
+    assert f"python federate.py --dataset voc2007 --root {tmp_path} --clip ViT-B/16 --device cuda" in message
+    assert "--download" in message

@@ -233,3 +233,45 @@ def test_an_out_at_or_under_an_existing_file_is_refused_before_setup(tmp_path, c
     assert federate.main(["--out", str(file / under if under else file), "--threads", "1"]) == 2
     error = capsys.readouterr().err
     assert f"{file} is a file, not a folder" in error and "Traceback" not in error and file.read_text() == "mine\n"
+
+
+def test_round_zero_shows_dashes_not_nan_and_says_what_it_is(tmp_path, capsys):
+    """Round 0's row has no training numbers: they print as "-", and a line after it says round
+    0 is the untuned model and where zero-shot and the label prior stand."""
+    model = type("Model", (), {"tunable_state": lambda self: {}})()
+    exp = type("Exp", (), {"out": tmp_path, "model": model})()
+    row = {"round": 0, "loss": None, "seconds": 0.0, "mAP": 12.46, "CF1": 23.62, "OF1": 24.23,
+           "label_prior_mAP": 17.42, "zero_shot_mAP": 69.55}
+    federate.save_round(exp, [], row)
+    printed = capsys.readouterr().out
+    first, note = printed.splitlines()[:2]
+    assert "nan" not in printed.lower() and first.split() == ["0", "-", "-", "-", "12.46", "23.62", "24.23", "0.0"]
+    assert "round 0 is the untuned model" in note and "69.55" in note and "17.42" in note
+    trained = federate.table_row({**row, "round": 1, "loss": 1.5, "clip_share": 0.25, "grad_norm": 3.0})
+    assert trained.split() == ["1", "1.5000", "25%", "3.00", "12.46", "23.62", "24.23", "0.0"]
+
+
+def test_a_finished_run_is_one_whose_last_round_is_its_rounds_and_whose_state_is_saved(tmp_path, capsys):
+    rows = [{"round": r, "mAP": 40.0 + r} for r in range(3)]
+    (tmp_path / "metrics.json").write_text(json.dumps(rows))
+    assert runs.finished_history(tmp_path, 2) is None  # no state.pt: stopped before it was written
+    (tmp_path / "state.pt").write_bytes(b"state")
+    assert runs.finished_history(tmp_path, 3) is None  # a round left (or extended by --rounds)
+    assert capsys.readouterr().out == ""
+    assert runs.finished_history(tmp_path, 2) == rows
+    said = capsys.readouterr().out
+    assert "the run is finished (2 of 2 rounds" in said and str(tmp_path / "state.pt") in said
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_exits_0_and_writes_nothing(shapes_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(shapes_root, out, "--rounds", "1", "--clients", "2", "--plot")
+    assert capsys.readouterr().out.count("feature store: ") == 1  # said once, at the start
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+    assert "plans.png" in before and "state.pt" in before
+    capsys.readouterr()
+    assert federate.main(["--resume", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "the run is finished (1 of 1 rounds" in printed and federate.TABLE_HEADER not in printed
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before

@@ -287,3 +287,29 @@ def test_class_contexts_tell_apart_classes_whose_prompts_are_the_same_text(class
         assert ap > 90, ap
     else:
         assert torch.equal(logits[:, 0], logits[:, 1]) and ap < 80, ap
+
+
+def test_ctx_init_puts_the_templates_embedding_in_the_last_positive_contexts_only():
+    """CoOp's ctx_init: "a photo of a" (4 tokens) fills the last 4 positive contexts of every
+    condition with its token embeddings; every other value, negative contexts, adapters and gate,
+    is the random one the same seed gives without it; and the same seed gives the same model."""
+    backbone = FrozenCLIP(load_clip("tiny"))
+    plain = FedMPT(backbone, CLASSES, CONDITIONS, ModelConfig(), seed=3)
+    built = [FedMPT(backbone, CLASSES, CONDITIONS, ModelConfig(ctx_init="a photo of a"), seed=3) for _ in range(2)]
+    template = backbone.model.token_embedding(clip.tokenize(["a photo of a"])[0, 1:5])  # (4, Dt)
+    context, random = built[0].prompts.context, plain.prompts.context  # (2, K, 16, Dt)
+    assert torch.equal(context[0, :, 12:], template.expand(len(CONDITIONS), -1, -1))
+    assert torch.equal(context[0, :, :12], random[0, :, :12]) and torch.equal(context[1], random[1])
+    others = {name: t for name, t in plain.tunable_state().items() if name != "prompts.context"}
+    assert all(torch.equal(built[0].tunable_state()[name], t) for name, t in others.items())
+    assert all(torch.equal(built[0].tunable_state()[name], t) for name, t in built[1].tunable_state().items())
+
+
+def test_ctx_init_longer_than_the_contexts_and_on_another_method_are_refused():
+    backbone = FrozenCLIP(load_clip("tiny"))
+    with pytest.raises(FedMPTError, match="--ctx-init 'a photo of a' has 4 tokens, more than --n-ctx 2"):
+        FedMPT(backbone, CLASSES, CONDITIONS, ModelConfig(n_ctx=2, ctx_init="a photo of a"), seed=0)
+    from options import Config, validate
+    with pytest.raises(FedMPTError, match="--ctx-init"):
+        validate(Config(method="fedtpg"), ModelConfig(ctx_init="a photo of a"))
+    validate(Config(method="fed-dualcoop"), ModelConfig(ctx_init="a photo of a"))  # the CoOp family takes it

@@ -1,11 +1,13 @@
 """Run directories (store/runs.py): what --resume reads back is checked before the long setup
 (config.json against the options' own definitions, checkpoint.pt's format and shapes), options
 that would change the trained rounds are refused beside --resume while --rounds extends a run,
-and a write that fails in a round leaves metrics.json never ahead of checkpoint.pt."""
+a write that fails in a round leaves metrics.json never ahead of checkpoint.pt, and what a run
+says around its rounds (the end-of-run checks, the run directory's lines)."""
 import dataclasses
 import json
 import os
 import shutil
+import types
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import federate
 import options
 import predict
 from errors import FedMPTError
-from options import ModelConfig
+from options import Config, ModelConfig
 from store import runs
 from tests.test_store import FullDisk
 
@@ -153,3 +155,40 @@ def test_a_full_disk_in_a_round_stops_the_run_with_metrics_never_ahead_of_the_ch
     monkeypatch.setattr(files, "os", os)
     assert federate.main(["--resume", str(out)]) == 0
     assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [0, 1, 2]
+
+
+def rounds(shares, norm=223.0):
+    """metrics.json rows: round 0, then one trained round per clipped share."""
+    return [{"round": 0, "loss": None, "mAP": 12.0}] + [
+        {"round": r, "loss": 1.0, "clip_share": share, "grad_norm": norm, "mAP": 70.0}
+        for r, share in enumerate(shares, start=1)]
+
+
+def test_a_run_whose_guard_clipped_most_steps_says_so_with_what_to_try(capsys):
+    assert runs.warn_if_clipped(rounds([1.0, 1.0, 0.9]), lr=1e-3, grad_clip=10.0)
+    message = capsys.readouterr().err
+    assert message.count("warning:") == 1 and "clipped 97% of the local steps" in message
+    assert "the clip, not the gradient" in message and "lower --lr" in message and "--grad-clip 0" in message
+
+
+def test_a_run_whose_guard_clipped_half_or_fewer_steps_or_was_off_says_nothing(capsys):
+    assert not runs.warn_if_clipped(rounds([0.6, 0.4, 0.5]), lr=0.1, grad_clip=10.0)  # 50%: not most
+    assert not runs.warn_if_clipped(rounds([0.0, 0.0]), lr=0.1, grad_clip=0.0)
+    assert not runs.warn_if_clipped(rounds([]), lr=0.1, grad_clip=10.0)  # no trained round
+    assert capsys.readouterr().err == ""
+
+
+def run_directory_lines(method, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(experiment.splits, "plot_client_distributions", lambda *a, **k: None)
+    exp = types.SimpleNamespace(cfg=Config(method=method, resume=str(tmp_path)), out=tmp_path, splits=[],
+                                conditions={"source": "default", "conditions": ["small", "large"]},
+                                train_set=types.SimpleNamespace(targets=None, classes=[]), client_names=None)
+    experiment.save_run_directory(exp)
+    return capsys.readouterr().out
+
+
+def test_only_fedmpt_prints_its_condition_list(monkeypatch, capsys, tmp_path):
+    assert "'small', 'large'" in run_directory_lines("fedmpt", monkeypatch, capsys, tmp_path)
+    for method in ("fed-dualcoop", "fed-poscoop", "fedmvp", "fedtpg", "fed-maple", "fed-ram"):
+        printed = run_directory_lines(method, monkeypatch, capsys, tmp_path)
+        assert "config.json" in printed and "conditions" not in printed and "small" not in printed, method

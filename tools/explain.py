@@ -6,12 +6,22 @@ spread over the regions; N K Q[:, k] is 1 on every region for a uniform spread, 
 scale is shared by all panels. Regions are the backbone's patch grid (3 x 3 for `--clip shapes`).
 """
 import math
+import textwrap
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+CAPTION_WIDTH = 30  # characters of a caption line at fontsize 7 in a 2.1-inch panel
+
+
+def caption(truth: list, predicted: str, probability: float) -> str:
+    """An image panel's title: its true labels, wrapped whole over as many lines as they need,
+    then the top prediction."""
+    return textwrap.fill(f"true: {', '.join(truth)}", CAPTION_WIDTH) + f"\npred: {predicted} ({probability:.2f})"
 
 
 def pick_images(targets: torch.Tensor, n: int) -> list:
@@ -37,7 +47,7 @@ def plot_transport(model, dataset, inputs, conditions, classes, path, n_images=4
         mass = (Q[b, 0, c] * Q.shape[-2] * K).cpu().numpy()  # (N, K): 1 = uniform
         truth = [classes[j] for j in range(len(classes)) if dataset.targets[index, j] == 1]
         axes[row, 0].imshow(image)
-        axes[row, 0].set_title(f"true: {', '.join(truth)}\npred: {classes[c]} ({probs[b, c]:.2f})", fontsize=7)
+        axes[row, 0].set_title(caption(truth, classes[c], float(probs[b, c])), fontsize=7)
         for k in range(K):
             axis = axes[row, 1 + k]
             axis.imshow(image)
