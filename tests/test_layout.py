@@ -15,8 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHOD = {"ot", "gating", "prompts", "backbone", "fedmpt"}
 ROOMS = ["baselines", "conditions", "launcher", "loaders", "shapes", "speed", "store", "tools", "zeroshot"]
 STUDENT_PATH = ["federate", "experiment", "data", "client", "options", *sorted(METHOD)]  # what a student reads
-ENTRY_POINTS = ["federate", pytest.param("predict", marks=pytest.mark.slow),
-                pytest.param("flower_app", marks=pytest.mark.slow)]  # each starts an interpreter: one in the fast tier
+ENTRY_POINTS = [pytest.param(name, marks=pytest.mark.slow) for name in ("federate", "predict", "flower_app")]  # each starts an interpreter
 
 
 def project_modules() -> dict:

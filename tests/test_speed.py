@@ -248,7 +248,8 @@ def assert_close(together, one_by_one):
             assert float((state[name] - state1[name]).abs().max()) <= 1e-5 * scale, name
 
 
-@pytest.mark.parametrize("method", PARALLEL)
+@pytest.mark.parametrize("method", [m if m == "fed-dualcoop" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in PARALLEL])  # one in the fast tier: each trains three clients twice
 def test_clients_side_by_side_equal_the_sequential_loop(method):
     model, stored, targets, cfg = client_setup(method)
     start, one_by_one = sequential(model, stored, targets, cfg)
