@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from errors import FedMPTError
+from store.files import save_figure
 
 
 def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iters: int = 100, n_init: int = 10) -> np.ndarray:
@@ -170,5 +171,5 @@ def plot_client_distributions(targets: torch.Tensor, splits, classes, path, name
     axes.set_title(f"label distribution per client (label skew {label_skew(targets, splits):.3f})")
     figure.colorbar(picture, ax=axes, label="share of images with the label")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     return Path(path)

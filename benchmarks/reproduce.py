@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from errors import FedMPTError  # noqa: E402
-from store.files import write_atomic  # noqa: E402
+from store.files import save_figure, write_atomic  # noqa: E402
 METHODS = ["fedmpt", "fedmvp", "fed-dualcoop", "fed-poscoop", "fedtpg", "fed-maple", "fed-ram"]
 DATASETS = {"table1": ["voc2007", "coco2014", "nuswide"], "table3": ["multiscene", "mlrsnet"], "table5": [],
             "zsl": ["coco2014", "nuswide"]}
@@ -399,7 +399,7 @@ def plot_table1(rows, args, path: Path):
         axes.grid(alpha=0.3)
     figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
 
 
 # ---- The command ---------------------------------------------------------------------------

@@ -85,3 +85,10 @@ def save_tensors(obj, path, fix: str = ""):
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # in memory first: torch's own writer turns a full disk into a vague error
     write_atomic(path, buffer.getbuffer(), fix)
+
+
+def save_figure(figure, path, dpi: int):
+    """A matplotlib figure as a PNG at `path`, written like every kept file (whole, never through a link)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    write_atomic(path, buffer.getvalue())

@@ -32,7 +32,7 @@ import torch
 from errors import FedMPTError, Interrupted, RunFailed
 import zeroshot
 from options import Config, ModelConfig, config_from, field_problems, flag
-from store.files import save_tensors, write_json
+from store.files import save_tensors, write_atomic, write_json
 
 
 def default_out(cfg) -> str:
@@ -320,7 +320,7 @@ def round_failure(out: Path, round_index: int):
     try:
         yield
     except RunFailed as failure:
-        (out / "error.log").write_text("".join(traceback.format_exception(failure.__cause__)))
+        write_atomic(out / "error.log", "".join(traceback.format_exception(failure.__cause__)).encode())
         kept = f"checkpoint.pt keeps round {round_index - 1}" if round_index > 1 else "no round finished"
         raise RunFailed(f"{failure} (traceback in {out / 'error.log'}; {kept}; fix the cause and "
                         f"continue with --resume {out})") from failure.__cause__

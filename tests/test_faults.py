@@ -285,5 +285,5 @@ def test_resume_keeps_the_saved_conditions_and_refuses_another_backbone(shapes_r
     assert load_conditions(cfg.conditions, "shapes")["conditions"] == ["color", "background"]
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "backbone_sha256": "0" * 64}))
-    result = cli("--resume", str(tmp_path / "a"))
+    result = cli("--resume", str(tmp_path / "a"), "--rounds", "2")  # more rounds: the run must build its model again
     assert result.returncode == 2 and "other shapes weights" in result.stderr and "Traceback" not in result.stderr

@@ -113,7 +113,8 @@ def test_a_checkpoint_of_another_format_or_shape_is_refused_before_any_image_is_
     encoded = []
     real = experiment.training_inputs
     monkeypatch.setattr(experiment, "training_inputs", lambda *a: encoded.append(1) or real(*a))
-    assert federate.main(["--resume", str(run)]) == 2
+    # extended by a round: a finished run that is only resumed has nothing to train and says so
+    assert federate.main(["--resume", str(run), "--rounds", "2"]) == 2
     error = capsys.readouterr().err
     assert f"{name} has shape (3,)" in error and "does not fit the model" in error and not encoded
     assert predict.main(["--run", str(run), "--evaluate"]) == 2

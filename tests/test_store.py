@@ -169,6 +169,30 @@ def test_run_files_are_never_written_through_a_planted_link(tmp_path):
         assert victim.read_text() == "precious\n" and os.path.islink(run / name)
 
 
+def test_pictures_and_the_error_log_are_never_written_through_a_planted_link(tmp_path):
+    """clients.png, plans.png and the grids' plots (files.save_figure) and error.log (a failed
+    round: runs.round_failure) refuse a link planted at their name; its target keeps its bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from errors import RunFailed
+    from store import runs
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "clients.png").symlink_to(victim)
+    figure = plt.figure()
+    with pytest.raises(FedMPTError, match="clients.png is a symbolic link"):
+        files.save_figure(figure, tmp_path / "clients.png", dpi=50)
+    plt.close(figure)
+    (tmp_path / "error.log").symlink_to(victim)
+    with pytest.raises(FedMPTError, match="error.log is a symbolic link"):
+        with runs.round_failure(tmp_path, 2):
+            raise RunFailed("round 2, client 0: a failing update") from ValueError("a bug")
+    assert victim.read_text() == "precious\n"
+    files.save_figure(plt.figure(), tmp_path / "plot.png", dpi=50)  # where no link is planted: a whole PNG
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
 # ---- What the store serves is what was encoded ---------------------------------------------
 def test_a_damaged_npy_header_in_the_store_is_encoded_again_and_open_store_names_the_entry(tmp_path):
     dataset, messages = Images(), []

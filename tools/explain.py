@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from store.files import save_figure  # noqa: E402
+
 
 CAPTION_WIDTH = 30  # characters of a caption line at fontsize 7 in a 2.1-inch panel
 
@@ -65,6 +67,6 @@ def plot_transport(model, dataset, inputs, conditions, classes, path, n_images=4
         axis.set_xticks([]), axis.set_yticks([])
     figure.suptitle("transport plan of each condition for the top class (bright = more mass)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     plt.close(figure)
     return shown
