@@ -1,12 +1,12 @@
-"""Evaluation: the global model's metrics on the test images each round (both engines), the
-held-out images' (--validation) and the thresholds chosen on them, and the reference scores
-round 0 carries.
+"""Evaluation: the global model's metrics on the test images each round (both engines), and the
+held-out images' (--validation) and the thresholds chosen on them.
 """
 import torch
 
 import metrics
 import zeroshot
 from client import gather
+from errors import RunFailed
 
 
 @torch.no_grad()
@@ -21,11 +21,16 @@ def predict_scores(model, inputs, batch_size=256, rows=None):
 
 def evaluate_global(exp) -> dict:
     """Metrics of the model's current state on the test images (with unseen classes: every
-    class scored by exp.scorer, and the zero-shot figures)."""
+    class scored by exp.scorer, and the zero-shot figures). A state whose scores are not finite
+    (finite updates so large that the model overflows) ends the run: RunFailed."""
     inputs, y = exp.test
     if exp.unseen:
         exp.scorer.load_tunable_state(exp.model.tunable_state())
     scores = predict_scores(exp.scorer or exp.model, inputs)
+    if not torch.isfinite(scores).all():
+        raise RunFailed("the run could not train: the global model's test scores are not finite (its tunable state "
+                        "overflowed: the steps were too large); checkpoint.pt keeps the last round whose model scored. "
+                        "Try a lower --lr (or 0, the method's own) and keep --grad-clip on (its default 10).")
     result = metrics.multilabel_metrics(scores, y, top_k=min(3, y.shape[1]))
     if exp.unseen:
         result.update(metrics.zsl_metrics(scores, y, exp.unseen))

@@ -161,7 +161,7 @@ def test_a_run_that_cannot_train_exits_1_and_saves_no_state(shapes_root, tmp_pat
     from pathlib import Path
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "federate.py", "--root", str(shapes_root), "--out", str(out), "--clip",
-                           "tiny", "--threads", "1", "--rounds", "2", "--clients", "2", "--lr", "1e30",
+                           "tiny", "--threads", "1", "--rounds", "2", "--clients", "2", "--batch-size", "512", "--lr", "1e30",
                            "--grad-clip", "0", "--workers", "0"], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]

@@ -95,7 +95,7 @@ def test_a_ten_round_offline_bf16_run_ends_within_half_a_point_of_fp32(shapes_ro
     """The default offline run (FedMPT, 10 rounds) in bf16 against its float32 final mAP, which
     the default run reproduces bit for bit: 77.90978651404704."""
     cfg, model_cfg = federate.parse_config(["--root", str(shapes_root), "--out", str(tmp_path / "bf16"),
-                                            "--precision", "bf16", "--threads", "1"])
+                                            "--precision", "bf16", "--threads", "2"])
     history = federate.run(cfg, model_cfg)
     assert abs(history[-1]["mAP"] - 77.90978651404704) < 0.5
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
