@@ -99,7 +99,7 @@ def hold_out(n_images: int, share: float, seed: int):
 
 
 def make_clients(cfg, train_set):
-    """(cfg, splits, client names) of a run (`cfg`: experiment.Config): the dataset's own sites
+    """(cfg, splits, client names) of a run (`cfg`: options.Config): the dataset's own sites
     where it names them (labels.csv's client column; the returned cfg then says how many), with
     --clients-by scene the scenes grouped into --clients sites, else the K-means split with t."""
     if cfg.clients_by == "scene":
