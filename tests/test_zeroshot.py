@@ -95,6 +95,7 @@ def zsl_run(shapes_root, tmp_path_factory):
     return out, spy
 
 
+@pytest.mark.slow  # zsl_run trains a whole federation
 def test_no_unseen_label_or_name_reaches_training(zsl_run, shapes_root):
     out, spy = zsl_run
     classes = data.load_dataset("shapes", shapes_root, "train").classes
@@ -116,6 +117,7 @@ def test_no_unseen_label_or_name_reaches_training(zsl_run, shapes_root):
     assert config["negative_only_images"] == int((holds.any(1) & ~holds[:, seen].any(1)).sum()) > 0
 
 
+@pytest.mark.slow  # zsl_run trains a whole federation
 def test_every_round_records_the_zero_shot_figures(zsl_run):
     out, _ = zsl_run
     rows = json.loads((out / "metrics.json").read_text())
@@ -225,6 +227,7 @@ def write_second_world(shapes_root, root, classes=("circle", "star", "heart", "s
     return root
 
 
+@pytest.mark.slow  # zsl_run trains a whole federation
 def test_a_finished_run_scores_another_datasets_classes(zsl_run, shapes_root, tmp_path, capsys):
     out, _ = zsl_run
     other = write_second_world(shapes_root, tmp_path / "other")
@@ -278,6 +281,7 @@ def test_thresholds_chosen_on_validation_leave_unseen_classes_at_one_half():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.slow  # zsl_run trains a whole federation
 def test_predict_takes_a_device_and_refuses_cuda_where_there_is_none(zsl_run, capsys):
     out, _ = zsl_run
     assert predict.main(["--run", str(out), "--evaluate", "--device", "cuda"]) == 2
