@@ -100,12 +100,11 @@ def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Expe
     similar = similar_classes(backbone, train_set.classes)
     attributes = method_attributes(cfg, train_set.classes) if cfg.method == "fedmvp" else None
     # the model's initial values follow --seed; its text side runs as --text-encoding asks (speed/)
-    model = build_model(cfg.method, backbone, labelled.classes, conditions, model_cfg, attributes, seed=cfg.seed)
-    model = speed.with_text_encoding(model.to(device), cfg.text_encoding)
+    placed = {"seed": cfg.seed, "device": device, "text_encoding": cfg.text_encoding}
+    model = build_model(cfg.method, backbone, labelled.classes, conditions, model_cfg, attributes, **placed)
     scorer = model  # with unseen classes: the model on every class name, scoring with model's state
     if unseen:
-        scorer = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes, seed=cfg.seed)
-        scorer = speed.with_text_encoding(scorer.to(device), cfg.text_encoding)
+        scorer = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes, **placed)
     # --label-mask: what the clients' annotators left out (after the split and the store key:
     # neither depends on it); the test labels stay whole
     train_targets = data.mask_positives(labelled.targets, cfg.label_mask, cfg.seed) if cfg.label_mask else labelled.targets
@@ -162,15 +161,20 @@ def method_attributes(cfg: Config, classes):
     return load_attributes(cfg.dataset, classes, cfg.attributes)
 
 
-def build_model(method, backbone, classes, conditions, model_cfg, attributes=None, *, seed: int) -> PromptModel:
+def build_model(method, backbone, classes, conditions, model_cfg, attributes=None, *, seed: int, device=None,
+                text_encoding="full") -> PromptModel:
     """The method's model on the frozen backbone; prompts say `data.prompt_name` of each class.
-    `seed` (a run's --seed) decides every initial value of its tunable tensors."""
+    `seed` (a run's --seed) decides every initial value of its tunable tensors. With a `device`,
+    the model is moved there and its text side runs as `text_encoding` (--text-encoding) asks
+    (speed.with_text_encoding)."""
     names = [data.prompt_name(c) for c in classes]
     if method != "fedmvp":  # FedMPT takes the conditions, FedMVP the attribute descriptions
-        return baselines.model_class(method)(backbone, names, conditions["conditions"], model_cfg, seed=seed)
-    sentences = [t for c in classes for t in attributes["attributes"][c]]
-    return baselines.model_class(method)(backbone, names, conditions["conditions"], model_cfg, attributes=sentences,
-                                         seed=seed)
+        model = baselines.model_class(method)(backbone, names, conditions["conditions"], model_cfg, seed=seed)
+    else:
+        sentences = [t for c in classes for t in attributes["attributes"][c]]
+        model = baselines.model_class(method)(backbone, names, conditions["conditions"], model_cfg,
+                                              attributes=sentences, seed=seed)
+    return model if device is None else speed.with_text_encoding(model.to(device), text_encoding)
 
 
 def frozen_inputs(encode, split_set, kind, backbone_sha256, cfg: Config, device):

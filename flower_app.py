@@ -39,7 +39,6 @@ import torch
 import evaluation
 import experiment
 import federate
-import speed
 import zeroshot
 from errors import FedMPTError, exit_code
 from client import local_train
@@ -146,9 +145,8 @@ def kit_model(cfg, model_cfg, kit):
     if backbone.fingerprint() != kit["key"].get("backbone_sha256"):
         raise FedMPTError(f"the CLIP weights ({cfg.clip_weights or cfg.clip}) changed after this node prepared "
                           "this run's features; restart the run (a new run prepares again).")
-    model = experiment.build_model(cfg.method, backbone, kit["classes"], kit["conditions"], model_cfg,
-                                   kit["attributes"], seed=cfg.seed)
-    return speed.with_text_encoding(model.to(device), cfg.text_encoding)
+    return experiment.build_model(cfg.method, backbone, kit["classes"], kit["conditions"], model_cfg,
+                                  kit["attributes"], seed=cfg.seed, device=device, text_encoding=cfg.text_encoding)
 
 
 @client_app.query()

@@ -23,7 +23,6 @@ import metrics
 import zeroshot
 from errors import FedMPTError, exit_code
 from evaluation import predict_scores
-import speed
 from experiment import build_model, frozen_inputs, load_backbone, method_attributes, zero_shot_metrics
 from options import Config, build_parser
 from loaders.base import UNREADABLE
@@ -54,9 +53,8 @@ def load_run(run_dir: str, device: str = "cpu", classes=None, dataset=""):
         raise FedMPTError(f"run {run_dir} was trained on another backbone than the {cfg.clip} found "
                           f"now (weights differ; clip-weights {cfg.clip_weights or 'none'}).")
     attributes = method_attributes(cfg, classes) if cfg.method == "fedmvp" else None
-    model = build_model(cfg.method, backbone, classes, saved["condition_set"], model_cfg,
-                        attributes, seed=cfg.seed)  # the trained state replaces every value
-    model = speed.with_text_encoding(model.to(device), cfg.text_encoding).eval()
+    model = build_model(cfg.method, backbone, classes, saved["condition_set"], model_cfg, attributes, seed=cfg.seed,
+                        device=device, text_encoding=cfg.text_encoding).eval()  # the trained state replaces each value
     state_path, checkpoint_path = Path(run_dir) / "state.pt", Path(run_dir) / "checkpoint.pt"
     if not state_path.exists() and not checkpoint_path.exists():
         raise FedMPTError(f"run {run_dir} has neither state.pt nor checkpoint.pt: nothing to load.")
