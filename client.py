@@ -25,13 +25,14 @@ def local_train(model, global_state, inputs, targets, indices, cfg, lr, generato
     model.load_tunable_state(global_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, loss_fn = local_optimizer(params, lr), LOSSES[cfg.loss]
-    totals = StepTotals(model.device)
-    for batch_inputs, batch_targets in batches(inputs, targets, client_order(indices, cfg, generator), model.device):
+    order = client_order(indices, cfg, generator)
+    sums = torch.zeros(3, dtype=torch.float64, device=model.device)  # clip_and_step's numbers, summed on the device
+    for batch_inputs, batch_targets in batches(inputs, targets, order, model.device):
         loss = model.loss(batch_inputs, batch_targets, loss_fn)
         optimizer.zero_grad()
         loss.backward()
-        totals.add(loss, clip_and_step(optimizer, params, cfg.grad_clip), len(batch_targets), cfg.grad_clip)
-    return model.tunable_state(), len(indices), totals.stats()
+        sums += clip_and_step(optimizer, params, cfg.grad_clip, loss, len(batch_targets))
+    return model.tunable_state(), len(indices), step_stats(sums, len(order), len(indices) * cfg.local_epochs)
 
 
 def local_optimizer(params, lr):
@@ -39,36 +40,25 @@ def local_optimizer(params, lr):
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
 
 
-def clip_and_step(optimizer, params, grad_clip) -> torch.Tensor:
-    """The gradient-norm guard and the SGD step; returns the norm before clipping (a device
-    tensor: reading it here would stop a GPU to wait for the host)."""
+def clip_and_step(optimizer, params, grad_clip, loss, n_images) -> torch.Tensor:
+    """The gradient-norm guard and the SGD step. Returns the step's numbers for step_stats, in
+    float64 on the device (reading them here would stop a GPU to wait for the host): (the batch's
+    loss x its images, the gradient norm before clipping, 1 if the guard clipped it else 0)."""
     if grad_clip > 0:  # a guard: the first steps from random contexts can be large
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the norm before clipping
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     optimizer.step()
-    return norm
+    norm = norm.detach().double()
+    return torch.stack([loss.detach().double() * n_images, norm, (norm > grad_clip).double() * (grad_clip > 0)])
 
 
-class StepTotals:
-    """A client's training numbers, summed on the device in float64 and read once, after its last step."""
-
-    def __init__(self, device):
-        self.loss, self.norms, self.clipped = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
-        self.seen, self.steps = 0, 0
-
-    def add(self, loss, norm, n_images, grad_clip):
-        norm = norm.detach().double()
-        self.loss += loss.detach().double() * n_images
-        self.norms += norm
-        self.clipped += (norm > grad_clip).double() if grad_clip > 0 else 0.0
-        self.seen, self.steps = self.seen + n_images, self.steps + 1
-
-    def stats(self) -> dict:
-        loss, norms, clipped = (float(t) for t in (self.loss, self.norms, self.clipped))  # the one host sync
-        steps = max(self.steps, 1)
-        return {"loss": loss / max(self.seen, 1), "steps": self.steps, "clip_share": clipped / steps,
-                "grad_norm": norms / steps}
+def step_stats(sums: torch.Tensor, steps: int, seen: int) -> dict:
+    """A client's training numbers from its steps' clip_and_step numbers summed (read once, after
+    its last step): the loss per image, the share of steps clipped, the mean gradient norm."""
+    loss, norms, clipped = sums.tolist()  # the one host sync
+    return {"loss": loss / max(seen, 1), "steps": steps, "clip_share": clipped / max(steps, 1),
+            "grad_norm": norms / max(steps, 1)}
 
 
 def client_order(indices, cfg, generator) -> list:

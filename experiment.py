@@ -25,7 +25,7 @@ from backbone import ARCHITECTURES, FrozenCLIP, load_clip
 from conditions import load_conditions
 from errors import FedMPTError
 from fedmpt import PromptModel
-from options import Config, ModelConfig, learning_rate, validate
+from options import Config, ModelConfig, validate
 from store import features, runs
 from store.files import write_json
 
@@ -57,7 +57,6 @@ class Experiment:
     store_keys: dict = dataclasses.field(default_factory=dict)  # {"train"/"test"/"zero-shot": key in the store}
     encoded: int = 0  # images encoded now (not found in the feature store)
     out: Path = None
-    resolved: dict = None  # what config.json holds
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None) -> Experiment:
@@ -65,9 +64,12 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     from (--resume), loaded as soon as the model is built, so one that does not fit fails before
     any image is encoded. An --out that already holds a run is refused first."""
     cfg, model_cfg, device, root = resolve(cfg, model_cfg)  # bad options first, before anything is built
-    runs.use_threads(cfg.threads)  # after the checks: a bad option is all a refused run says
-    out = new_run_directory(cfg)
-    print(features.location_line(cfg.cache_dir))
+    if cfg.threads:  # after the checks: a bad option is all a refused run says
+        torch.set_num_threads(cfg.threads)
+    elif (cores := os.cpu_count() or 1) > 1 and (load := os.getloadavg()[0]) >= 0.75 * cores:  # torch's default
+        print(f"note: the CPUs are busy (load {load:.1f} on {cores} cores); a run that shares them is faster "
+              "with --threads 1 (docs/usage.md).", file=sys.stderr)
+    out = runs.run_directory(cfg)
     exp = prepare(cfg, model_cfg, device, root)
     if state is not None:
         try:
@@ -77,20 +79,22 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
                               f"({error}) Restore the run's own files, or train it again with another --out.") from None
     exp.train = training_inputs(exp)
     test_side(exp)
-    exp.out, exp.resolved = out, describe(exp, out, record)
-    save_run_directory(exp)
+    save_run_directory(exp, out, record)
     return exp
 
 
 def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Experiment:
     """(resolved options) -> data -> (seen classes) -> clients -> backbone -> model."""
+    print(f"feature store: {features.cache_root(cfg.cache_dir)} (set FEDMPT_CACHE or --cache-dir to move it)")
     conditions = load_conditions(cfg.conditions, cfg.dataset)
     train_set, test_set = load_data(cfg, root)
     unseen, labelled = [], train_set  # labelled: what the clients label, no unseen class
     if cfg.unseen or cfg.zsl_split:
         unseen = zeroshot.unseen_classes(cfg.unseen, train_set.classes, cfg.seed, getattr(train_set, "unseen_names", None))
         labelled = zeroshot.seen_view(train_set, unseen)
-    validation, pool = splits.hold_out(len(labelled), cfg.validation, cfg.seed)  # held out before the client split
+    validation, pool = [], list(range(len(labelled)))
+    if cfg.validation:  # held out before the client split
+        validation, pool = splits.hold_out(len(labelled), cfg.validation, cfg.seed)
     cfg, client_splits, client_names = splits.make_clients(cfg, labelled.subset(pool) if validation else labelled)
     if validation:  # back to rows of the whole training set
         client_splits = [[pool[i] for i in s] for s in client_splits]
@@ -117,7 +121,7 @@ def resolve(cfg: Config, model_cfg: ModelConfig):
     """The checked options, the method's own rate resolved (--lr 0); the device and the dataset
     root: (cfg, model_cfg, device, root), what `prepare` starts from."""
     validate(cfg, model_cfg)
-    cfg = dataclasses.replace(cfg, lr=learning_rate(cfg))
+    cfg = dataclasses.replace(cfg, lr=cfg.lr or baselines.model_class(cfg.method).learning_rate)  # --lr 0: its own
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     return cfg, model_cfg, device, cfg.root or os.path.join("data", cfg.dataset)
 
@@ -251,12 +255,16 @@ def test_side(exp: Experiment):
     exp.zero_shot = zero_shot_metrics(backbone, v, test_set, train_set.classes, exp.unseen)
 
 
-def describe(exp: Experiment, out, record=None) -> dict:
-    """config.json: every resolved option and what the run was built from."""
+def save_run_directory(exp: Experiment, out: Path, record: dict = None):
+    """The run directory `out`. For a new run: config.json (every resolved option and what the
+    run was built from, with `record`), conditions.json (and FedMVP's attributes.json); clients.png."""
     cfg, train_set, test_set, client_splits = exp.cfg, exp.train_set, exp.test_set, exp.splits
-    return {**dataclasses.asdict(cfg), **dataclasses.asdict(exp.model_cfg), "root": exp.root,
-            "device_used": exp.device, "out": str(out), "classes": train_set.classes,
-            "condition_set": exp.conditions, "attribute_source": (exp.attributes or {}).get("source"),
+    exp.out = out
+    if not cfg.resume:
+        write_json(out / "config.json", {
+            **dataclasses.asdict(cfg), **dataclasses.asdict(exp.model_cfg), "root": exp.root, "device_used": exp.device,
+            "out": str(out), "classes": train_set.classes, "condition_set": exp.conditions,
+            "attribute_source": (exp.attributes or {}).get("source"),
             "tunable_params": sum(t.numel() for t in exp.model.tunable_state().values()),
             "backbone_sha256": exp.model.backbone.fingerprint(), "feature_cache": str(features.cache_root(cfg.cache_dir)),
             "loss_over_images": "mean", "encoded_images": exp.encoded,
@@ -269,30 +277,15 @@ def describe(exp: Experiment, out, record=None) -> dict:
                                                                         targets == -1).sum()) if cfg.label_mask else 0,
             "unseen_classes": [train_set.classes[c] for c in exp.unseen],
             "negative_only_images": zeroshot.negative_only(train_set, exp.unseen) if exp.unseen else 0,
-            "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})}
-
-
-def new_run_directory(cfg: Config) -> Path:
-    """--out (or the default), refused when it already holds a run that is not being resumed."""
-    out = Path(runs.default_out(cfg))
-    if not cfg.resume and (out / "metrics.json").exists():  # never overwrite a run
-        raise FedMPTError(f"--out {out} already holds a run; continue it with --resume {out} "
-                          "or choose another --out.")
-    return out
-
-
-def save_run_directory(exp: Experiment):
-    """config.json, conditions.json (and FedMVP's attributes.json) of a new run; clients.png."""
-    if not exp.cfg.resume:
-        write_json(exp.out / "config.json", exp.resolved)
-        write_json(exp.out / "conditions.json", exp.conditions)  # what --resume builds the model from
+            "skipped_images": [str(p) for p in train_set.skipped + test_set.skipped], **(record or {})})
+        write_json(out / "conditions.json", exp.conditions)  # what --resume builds the model from
         if exp.attributes:
-            write_json(exp.out / "attributes.json", exp.attributes)
-    splits.plot_client_distributions(exp.train_set.targets, exp.splits, exp.train_set.classes,
-                                     exp.out / "clients.png", names=exp.client_names)
-    print(f"options and sizes: {exp.out / 'config.json'}" + (  # only FedMPT predicts through conditions
+            write_json(out / "attributes.json", exp.attributes)
+    splits.plot_client_distributions(train_set.targets, client_splits, train_set.classes, out / "clients.png",
+                                     names=exp.client_names)
+    print(f"options and sizes: {out / 'config.json'}" + (  # only FedMPT predicts through conditions
         f"; conditions ({exp.conditions['source']}): {', '.join(map(repr, exp.conditions['conditions']))}"
-        if exp.cfg.method == "fedmpt" else ""))
+        if cfg.method == "fedmpt" else ""))
 
 
 def count_params(cfg: Config, model_cfg: ModelConfig) -> dict:

@@ -13,6 +13,7 @@ sample count n_i; the server checks each update and combines the accepted ones b
 The experiment itself (options, data, model, frozen features) is built by experiment.setup; the
 same local training, sampling, accept_and_aggregate and round row run on Flower (flower_app.py).
 """
+import dataclasses
 import json
 import math
 import sys
@@ -24,10 +25,10 @@ from tqdm import tqdm
 
 from aggregation import AGGREGATORS
 from client import local_train
-from errors import exit_code
+from errors import RunFailed, exit_code
 from evaluation import evaluate_global, thresholds_record
 from experiment import Experiment, count_params, setup
-from options import Config, ModelConfig, build_parser, config_from, given_options
+from options import Config, ModelConfig, build_parser, flag
 from speed.parallel_clients import train_together
 from store import runs
 from store.files import save_tensors, write_json
@@ -43,7 +44,7 @@ def parse_config(argv):
                              "model on seeded random weights (no download), for the classes of "
                              "--dataset (voc2007, Table 5's setting, when --dataset is not given)")
     args = vars(parser.parse_args(argv))
-    return config_from(Config, args), config_from(ModelConfig, args)
+    return tuple(config(**{f.name: args[f.name] for f in dataclasses.fields(config)}) for config in (Config, ModelConfig))
 
 
 # ---- The server's pieces: the learning rate, client sampling, accepting and aggregating -----
@@ -79,24 +80,15 @@ def validate_update(update: dict, reference: dict) -> str:
     return ""
 
 
-def combine_stats(stats: list, sizes: list) -> dict:
-    """A round's training numbers from its aggregated clients' local_train stats: the loss per
-    image weighted by samples, the clipped share and the mean gradient norm weighted by local
-    steps (Nones when no client was aggregated)."""
-    if not stats:
-        return {"loss": None, "clip_share": None, "grad_norm": None}
-    steps = [s["steps"] for s in stats]
-    return {"loss": float(np.average([s["loss"] for s in stats], weights=sizes)),
-            **{key: float(np.average([s[key] for s in stats], weights=steps)) for key in ("clip_share", "grad_norm")}}
-
-
 def accept_and_aggregate(round_index, updates, reference, rule, log):
     """What both engines do with a round's updates. `updates`: (client, state, n_samples, stats,
     problem) per sampled client, `problem` '' or why it sent nothing usable (no reply, its
     training failed). Updates that do not fit `reference` (validate_update) are left out too,
     with a log line; the rest are combined by the rule named `rule` (aggregation.AGGREGATORS).
-    Returns (new state, or None when no update was accepted; combine_stats of the accepted
-    ones; their number; the left-out client ids, sorted)."""
+    Returns (new state, or None when no update was accepted; the round's training numbers from
+    the accepted clients' local_train stats: the loss per image weighted by samples, the clipped
+    share and the mean gradient norm weighted by local steps, Nones when none was accepted; their
+    number; the left-out client ids, sorted)."""
     states, sizes, stats, rejected = [], [], [], []
     for client, state, n, client_stats, problem in updates:
         if problem:
@@ -109,14 +101,17 @@ def accept_and_aggregate(round_index, updates, reference, rule, log):
         states.append(state), sizes.append(n), stats.append(client_stats)
     if not states:
         log(f"round {round_index}: every client failed; the global state stays as it was")
-        return None, combine_stats([], []), 0, sorted(rejected)
-    return AGGREGATORS[rule](states, sizes), combine_stats(stats, sizes), len(states), sorted(rejected)
+        return None, {"loss": None, "clip_share": None, "grad_norm": None}, 0, sorted(rejected)
+    steps = [s["steps"] for s in stats]
+    combined = {"loss": float(np.average([s["loss"] for s in stats], weights=sizes)),
+                **{key: float(np.average([s[key] for s in stats], weights=steps)) for key in ("clip_share", "grad_norm")}}
+    return AGGREGATORS[rule](states, sizes), combined, len(states), sorted(rejected)
 
 
 def run_round(round_index, model, global_state, features, client_splits, sampled, cfg, log):
     """Train the sampled clients one after another (--parallel-clients N: N at a time, side by
     side: speed.parallel_clients), then accept_and_aggregate. A client whose training raises
-    stops the run (RunFailed). Returns (new global state, combine_stats of the aggregated
+    stops the run (RunFailed). Returns (new global state, the training numbers of the aggregated
     clients, their number, left-out client ids)."""
     inputs, targets = features
     lr = cosine_lr(cfg.lr, round_index, cfg.rounds)
@@ -124,10 +119,16 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
     for group in tqdm([sampled[i:i + size] for i in range(0, len(sampled), size)], desc=f"round {round_index}",
                       leave=False):
         rows, generators = [client_splits[c] for c in group], [client_generator(cfg, round_index, c) for c in group]
-        with runs.client_failure(round_index, group):
+        try:
             results = ([local_train(model, global_state, inputs, targets, rows[0], cfg, lr, generators[0])]
                        if len(group) == 1 else train_together(model, global_state, inputs, targets, rows, generators,
                                                               cfg, lr))
+        except Exception as error:  # out of memory, a bug: the run stops in one process (RunFailed)
+            oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
+                or "can't allocate memory" in str(error)
+            raise RunFailed(f"round {round_index}, {'client' if len(group) == 1 else 'clients'} "
+                            f"{group[0] if len(group) == 1 else group}: {type(error).__name__}: {error}"
+                            + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
         updates += [(client, state, n, stats, "") for client, (state, n, stats) in zip(group, results)]
     new_state, stats, n_aggregated, rejected = accept_and_aggregate(round_index, updates, global_state,
                                                                     cfg.aggregate, log)
@@ -137,6 +138,8 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
 # ---- Rounds: what both engines record -----------------------------------------------------
 TABLE_HEADER = (f"{'round':>5} {'train loss':>10} {'clipped':>7} {'grad norm':>9} {'mAP':>7} {'CF1':>7} {'OF1':>7} "
                 f"{'seconds':>8}")
+COLUMNS = [("loss", 10, ".4f"), ("clip_share", 7, ".0%"), ("grad_norm", 9, ".2f"), ("mAP", 7, ".2f"), ("CF1", 7, ".2f"),
+           ("OF1", 7, ".2f"), ("seconds", 8, ".1f")]  # each printed row's, after the round (round 0 has no training)
 
 
 def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregated=0, rejected=()) -> dict:
@@ -154,23 +157,20 @@ def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregat
 
 
 def save_round(exp: Experiment, history: list, row: dict, rng=None):
-    """Append the row, write checkpoint.pt after a training round (global state, history, the
-    client-sampling generator: what --resume continues from) and metrics.json; print the row."""
+    """Append the row; after a training round write checkpoint.pt (global state, history, the
+    client-sampling generator: what --resume continues from), then metrics.json (a row per
+    round): a write that fails leaves both at the last round saved whole. Print the row."""
     history.append(row)
-    runs.save_round(exp.out, history, exp.model.tunable_state(), row["round"], rng.bit_generator.state if rng else None)
-    tqdm.write(table_row(row))
+    fix = f"continue the run with python federate.py --resume {exp.out}"
+    if row["round"] > 0:
+        save_tensors({"global_state": exp.model.tunable_state(), "round": row["round"], "history": history,
+                      "rng_state": rng.bit_generator.state if rng else None}, exp.out / "checkpoint.pt", fix)
+    write_json(exp.out / "metrics.json", history, fix)
+    tqdm.write(" ".join([f"{row['round']:>5}", *(f"{'-':>{width}}" if row.get(key) is None else  # "-": no number
+                                                 f"{row[key]:>{width}{spec}}" for key, width, spec in COLUMNS)]))
     if row["round"] == 0:
         tqdm.write(ROUND_ZERO.format(**row))
     sys.stdout.flush()
-
-
-def table_row(row: dict) -> str:
-    """A round's printed row; what it has no number for (round 0 has no training) shows as "-"."""
-    def cell(key, width, spec):
-        return f"{'-':>{width}}" if row.get(key) is None else f"{row[key]:>{width}{spec}}"
-    return " ".join([f"{row['round']:>5}", cell("loss", 10, ".4f"), cell("clip_share", 7, ".0%"),
-                     cell("grad_norm", 9, ".2f"), *(cell(key, 7, ".2f") for key in ("mAP", "CF1", "OF1")),
-                     cell("seconds", 8, ".1f")])
 
 
 ROUND_ZERO = ("      round 0 is the untuned model (the tunable tensors as initialised, before any client trained), "
@@ -220,8 +220,7 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         print(f"wrote {out / 'plans.png'}")
     print(f"final mAP {history[-1]['mAP']:.2f} (round 0: {history[0]['mAP']:.2f}, zero-shot "
           f"{exp.zero_shot['mAP']:.2f}, label prior {exp.prior_mAP:.2f}); run saved in {out}")
-    runs.warn_if_untrained(history, cfg.lr) or runs.warn_if_stalled(history, cfg.lr)
-    runs.warn_if_clipped(history, cfg.lr, cfg.grad_clip)
+    runs.warn_after_run(history, cfg.lr, cfg.grad_clip)
     return history
 
 
@@ -229,7 +228,8 @@ def main(argv=None):
     """`federate.py [options]` trains (`--count-params`: prints the method's size and exits)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, model_cfg = parse_config(argv)
-    given = given_options(argv, cfg, model_cfg)
+    named = {argument.split("=")[0] for argument in argv if argument.startswith("--")}  # on the command line
+    given = {f.name: getattr(c, f.name) for c in (cfg, model_cfg) for f in dataclasses.fields(c) if flag(f.name) in named}
     if "--count-params" in argv:
         if "dataset" not in given:
             cfg.dataset = "voc2007"  # Table 5's setting

@@ -270,12 +270,10 @@ server_app = ServerApp()
 def server_main(grid, context):
     cfg, model_cfg, flower_cfg = run_options(context.run_config)
     cfg, model_cfg, device, root = experiment.resolve(cfg, model_cfg)
-    out = experiment.new_run_directory(cfg)
-    print(features.location_line(cfg.cache_dir))
+    out = runs.run_directory(cfg)
     exp = experiment.prepare(cfg, model_cfg, device, root)
     experiment.test_side(exp)  # the server evaluates; it trains no client
-    exp.out, exp.resolved = out, experiment.describe(exp, out, {"engine": "flower", **dataclasses.asdict(flower_cfg)})
-    experiment.save_run_directory(exp)
+    experiment.save_run_directory(exp, out, {"engine": "flower", **dataclasses.asdict(flower_cfg)})
     strategy = FedMPTStrategy(exp, flower_cfg)  # launch made every path absolute
     print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
     print(federate.TABLE_HEADER, flush=True)
@@ -283,8 +281,7 @@ def server_main(grid, context):
                    evaluate_fn=strategy.evaluate_and_record)
     save_tensors(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
-    runs.warn_if_untrained(strategy.history, exp.cfg.lr)
-    runs.warn_if_clipped(strategy.history, exp.cfg.lr, exp.cfg.grad_clip)
+    runs.warn_after_run(strategy.history, exp.cfg.lr, exp.cfg.grad_clip)
 
 
 def main(argv=None) -> int:

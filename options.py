@@ -163,11 +163,6 @@ def validate(cfg: Config, model_cfg: ModelConfig):
         raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
 
 
-def learning_rate(cfg: Config) -> float:
-    """--lr, or with --lr 0 the method's own rate (its class's learning_rate)."""
-    return cfg.lr or baselines.model_class(cfg.method).learning_rate
-
-
 # ---- What is made from the fields -------------------------------------------------------
 def flag(name: str) -> str:
     """The command-line flag of a field name: class_ctx -> --class-ctx."""
@@ -202,40 +197,31 @@ def help_text(field, shown=None) -> str:
     return "; ".join(p for p in parts if p)
 
 
+class FieldHelp(argparse.HelpFormatter):
+    """--help's text of an option, made from its field (help_text) when --help asks for it."""
+
+    def _get_help_string(self, action):
+        return help_text(action.field, action.shown) if hasattr(action, "field") else action.help
+
+
 def build_parser(config_classes, prog=None, description=None, only=None, defaults=None) -> argparse.ArgumentParser:
     """argparse from the dataclasses' fields (those named in `only`, if given): --field-name,
     typed, with the field's default and help; `defaults` {name: (value, as shown)} replaces a
     field's default where another command means another one (predict.py: the run's own dataset)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, formatter_class=FieldHelp)
     for config_class in config_classes:
         for field in dataclasses.fields(config_class):
             if only is not None and field.name not in only:
                 continue
             default, shown = (defaults or {}).get(field.name, (field.default, None))
             if isinstance(field.default, bool):
-                parser.add_argument(flag(field.name), action="store_true", help=help_text(field))
+                action = parser.add_argument(flag(field.name), action="store_true", help=field.name)
             else:
                 metavar = {int: "N", float: "X"}.get(type(field.default), "TEXT")
-                parser.add_argument(flag(field.name), type=type(field.default), default=default,
-                                    metavar=metavar, help=help_text(field, shown))
+                action = parser.add_argument(flag(field.name), type=type(field.default), default=default,
+                                             metavar=metavar, help=field.name)
+            action.field, action.shown = field, shown  # the help is written from them when asked for
     return parser
-
-
-def given_options(argv, *configs) -> dict:
-    """{field name: parsed value} of the options named on the command line `argv`."""
-    named = {argument.split("=")[0] for argument in argv if argument.startswith("--")}
-    return {f.name: getattr(config, f.name) for config in configs for f in dataclasses.fields(config) if flag(f.name) in named}
-
-
-def in_range(value, spec: str) -> bool:
-    """Whether `value` lies in an interval written "(0, 1]", "[1, inf)", "(0, inf]"."""
-    low_bracket, low, high, high_bracket = re.fullmatch(r"([\[(])\s*(\S+),\s*(\S+)\s*([\])])", spec).groups()
-    low, high = float(low), float(high)
-    if math.isnan(value):
-        return False
-    above = value >= low if low_bracket == "[" else value > low
-    below = value <= high if high_bracket == "]" else value < high
-    return above and below
 
 
 def field_problems(config) -> list:
@@ -248,8 +234,13 @@ def field_problems(config) -> list:
             problems.append(f"{flag(field.name)} {value!r}: must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
         elif "choices" in rules and value not in rules["choices"]:
             problems.append(f"{flag(field.name)} {value}: choose one of {', '.join(map(str, rules['choices']))}")
-        elif "range" in rules and not in_range(value, rules["range"]):
-            problems.append(f"{flag(field.name)} {value}: must lie in {rules['range']}")
+        elif "range" in rules:  # an interval written "(0, 1]", "[1, inf)", "(0, inf]"
+            low_bracket, low, high, high_bracket = re.fullmatch(r"([\[(])\s*(\S+),\s*(\S+)\s*([\])])",
+                                                                rules["range"]).groups()
+            above = value >= float(low) if low_bracket == "[" else value > float(low)
+            below = value <= float(high) if high_bracket == "]" else value < float(high)
+            if math.isnan(value) or not (above and below):
+                problems.append(f"{flag(field.name)} {value}: must lie in {rules['range']}")
     return problems
 
 

@@ -96,20 +96,20 @@ def measure(model, stored, targets, device, n_steps) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = client.local_optimizer(params, 1e-3)
     rows = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))  # a shuffled batch
-    totals = client.StepTotals(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # as client.local_train sums its steps
 
     def step():
         for inputs, batch_targets in client.batches(stored, targets, [rows], device):
             loss = model.loss(inputs, batch_targets, asymmetric_loss)
             optimizer.zero_grad()
             loss.backward()
-            totals.add(loss, client.clip_and_step(optimizer, params, GRAD_CLIP), len(rows), GRAD_CLIP)
+            sums.add_(client.clip_and_step(optimizer, params, GRAD_CLIP, loss, len(rows)))
 
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = median_seconds(step, n_steps, device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.device(device).type == "cuda" else None
-    totals.stats()  # the round's one read, as local_train does
+    client.step_stats(sums, n_steps, n_steps * len(rows))  # the round's one read, as local_train does
     transport = Transport(device)
     ot.sinkhorn = transport
     try:

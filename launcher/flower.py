@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 from errors import FedMPTError
-from options import Config, FlowerConfig, ModelConfig, field_problems, learning_rate, validate
+from experiment import resolve
+from options import Config, FlowerConfig, ModelConfig, field_problems
 from launcher.processes import (TOKEN_VARIABLE, accepts_connections, free_ports, log_tail, new_token, start,
                                 stop_processes)
 from shapes.model import WEIGHTS
 from store.files import write_json
-from store.runs import check_new_run, default_out
+from store.runs import run_directory
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml + this repository's code
 ATTEMPTS = 3  # tries at starting the local federation when a port was taken meanwhile
@@ -46,8 +47,8 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
     problems = [message for ok, message in checks if not ok] + field_problems(flower_cfg)
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
-    validate(cfg, model_cfg)
-    check_new_run(default_out(cfg))  # at once: before any Flower process starts (it took ~26 s to say so)
+    cfg, model_cfg, _, root = resolve(cfg, model_cfg)  # checked; the method's own --lr; the dataset's root
+    out = run_directory(cfg)  # at once: before any Flower process starts (it took ~26 s to say so)
     import tomli_w  # requirements-flower.txt (flower_app.py checks it is there)
     superlink = flower_cfg.superlink
     connection = superlink if superlink and ":" not in superlink else "fedmpt"
@@ -59,9 +60,9 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
               file=sys.stderr, flush=True)
     absolute = lambda path: str(Path(path).expanduser().resolve()) if path and path != "none" else path
     cfg = dataclasses.replace(  # the apps run in other processes, other directories
-        cfg, lr=learning_rate(cfg), root=absolute(cfg.root or os.path.join("data", cfg.dataset)), conditions=absolute(cfg.conditions),
+        cfg, root=absolute(root), conditions=absolute(cfg.conditions),
         cache_dir=absolute(cfg.cache_dir),
-        out=absolute(default_out(cfg)),
+        out=absolute(str(out)),
         clip_weights=absolute(cfg.clip_weights or (str(WEIGHTS) if cfg.clip == "shapes"
                                                     and not cfg.random_init else "")),
         attributes=absolute(cfg.attributes))  # app bundles carry no .pt

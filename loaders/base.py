@@ -28,19 +28,12 @@ def inside_root(root, path, named_by: str) -> Path:
     """`path` (ROOT-relative or absolute) when it resolves, links resolved, inside ROOT; else
     FedMPTError naming `named_by` (the file and line, or entry, that named it). A path that does
     not exist yet is judged by what it would resolve to: missing files stay the loader's to report."""
-    if not lies_inside(root, path):
-        real = os.path.realpath(Path(root) / path)
+    real = Path(os.path.realpath(Path(root) / path))
+    if not real.is_relative_to(os.path.realpath(root)):
         raise FedMPTError(f"{named_by} names {path}, which lies outside the dataset root {root} (it resolves to "
                           f"{real}); every image, annotation and split path must lie inside the root: fix the entry, "
                           "or copy the file into the root.")
     return Path(root) / path
-
-
-def lies_inside(root, path) -> bool:
-    """Whether ROOT/path (or an absolute `path`) resolves, links resolved, inside ROOT."""
-    root_real = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(Path(root) / path))
-    return real == root_real or root_real in real.parents
 
 
 class ImageDataset(torch.utils.data.Dataset):

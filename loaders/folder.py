@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from errors import FedMPTError
-from loaders.base import UNREADABLE, ImageDataset, lies_inside, missing_files_error
+from loaders.base import UNREADABLE, ImageDataset, missing_files_error
 
 
 FOLDER_COLUMNS = ["image", "labels", "split"]  # required; an optional "client" column names sites
@@ -123,7 +123,8 @@ def read_folder_labels(root: Path, check_images: bool = True):
         key = os.path.normpath(image)
         if not image:
             here("no image path")
-        elif path.is_absolute() or ".." in path.parts or not lies_inside(root, path):
+        elif path.is_absolute() or ".." in path.parts or not Path(os.path.realpath(root / path)).is_relative_to(
+                os.path.realpath(root)):  # links resolved
             here(f"image '{image}' is not a path inside {root} (links resolved)")
         elif key in first_line_of:
             here(f"image {image} is listed twice (also on line {first_line_of[key]})")

@@ -43,47 +43,35 @@ def load_split(root, split, transform=None, skip_unreadable=False) -> "VOCDatase
 
 
 class VOCDataset(ImageDataset):
-    """PASCAL VOC layout: JPEGImages/, Annotations/*.xml, ImageSets/Main/{split}.txt."""
+    """PASCAL VOC layout: JPEGImages/, Annotations/*.xml, ImageSets/Main/{split}.txt (the image
+    ids, each checked: its annotation and image lie inside the dataset's folder, loaders/base.py's
+    path rule, else an error naming the line)."""
 
     def __init__(self, root, split, classes=VOC_CLASSES, transform=None, name="voc2007",
                  skip_unreadable=False):
         self.dir, classes = find_voc_dir(Path(root), split, name), list(classes)
-        ids = read_image_set(self.dir, split)
+        path, ids = self.dir / "ImageSets" / "Main" / f"{split}.txt", []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise FedMPTError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); it lists one image id "
+                              "a line: restore it from the dataset's archive.") from None
+        for number, line in enumerate(lines, 1):
+            for image_id in line.split():
+                for part in (f"Annotations/{image_id}.xml", f"JPEGImages/{image_id}.jpg"):
+                    inside_root(self.dir, part, f"{path} line {number}")
+                ids.append(image_id)
         targets = torch.stack([parse_voc_annotation(self.dir / "Annotations" / f"{i}.xml", classes)
                                for i in ids])  # (n_images, C)
         images = [self.dir / "JPEGImages" / f"{image_id}.jpg" for image_id in ids]
         super().__init__(name, split, images, targets, classes, transform, skip_unreadable)
-        self.biased_pairs = read_biased_pairs(self.dir / "generated.json", classes)
-
-
-def read_image_set(directory: Path, split: str) -> list:
-    """The image ids of ImageSets/Main/<split>.txt, each checked: its annotation and image lie
-    inside the dataset's folder (loaders/base.py's path rule), else an error naming the line."""
-    path = directory / "ImageSets" / "Main" / f"{split}.txt"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise FedMPTError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); it lists one image id a "
-                          "line: restore it from the dataset's archive.") from None
-    ids = []
-    for number, line in enumerate(lines, 1):
-        for image_id in line.split():
-            for part in (f"Annotations/{image_id}.xml", f"JPEGImages/{image_id}.jpg"):
-                inside_root(directory, part, f"{path} line {number}")
-            ids.append(image_id)
-    return ids
-
-
-def read_biased_pairs(stamp: Path, classes) -> list:
-    """The shapes world's biased class pairs from its generated.json ([] where there is none)."""
-    if not stamp.exists():
-        return []
-    try:
-        pairs = json.loads(stamp.read_text(encoding="utf-8")).get("biased_pairs", [])
-        return [(classes.index(a), classes.index(b)) for a, b in pairs if a in classes and b in classes]
-    except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as error:
-        raise FedMPTError(f"{stamp} is not the shapes world's record ({type(error).__name__}: {error}); delete the "
-                          "generated folder and run again to generate it anew.") from None
+        stamp = self.dir / "generated.json"  # the shapes world's record: its biased class pairs
+        try:
+            pairs = json.loads(stamp.read_text(encoding="utf-8")).get("biased_pairs", []) if stamp.exists() else []
+            self.biased_pairs = [(classes.index(a), classes.index(b)) for a, b in pairs if a in classes and b in classes]
+        except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as error:
+            raise FedMPTError(f"{stamp} is not the shapes world's record ({type(error).__name__}: {error}); delete the "
+                              "generated folder and run again to generate it anew.") from None
 
 
 def find_voc_dir(root: Path, split: str, name: str) -> Path:

@@ -248,29 +248,24 @@ def world_layouts(n_trainval: int, n_test: int, seed: int):
             "test": [(sample_layout(test, outline_share=OUTLINE_SHARE), None) for _ in range(n_test)]}
 
 
-def read_stamp(stamp: Path) -> dict:
-    """generated.json, the record a generated world ends with; one that does not read is an error
-    naming it (a world written by other code, or a damaged one, is not overwritten silently)."""
-    try:
-        record = json.loads(stamp.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise FedMPTError(f"{stamp} is not a generated world's record ({type(error).__name__}: {error}); delete it "
-                          "(or the whole generated folder) and run again to generate the world anew.") from None
-    if not isinstance(record, dict):
-        raise FedMPTError(f"{stamp} holds a JSON {type(record).__name__}, not a generated world's record; delete it "
-                          "and run again to generate the world anew.")
-    return record
-
-
 def generate_shapes_dataset(root, n_trainval=1500, n_test=800, size=SIZE, seed=0):
     """Write the world under ROOT/VOCdevkit/VOC2007 (once per setting): JPEGImages, Annotations,
     ImageSets/Main/{trainval,test}.txt, captions.json ({image id: caption}) and generated.json
     (settings, biased pairs, scenes, each trainval image's group), the last written."""
     directory = Path(root) / "VOCdevkit" / "VOC2007"
     settings = {"version": 3, "n_trainval": n_trainval, "n_test": n_test, "size": size, "seed": seed}
-    stamp = directory / "generated.json"
-    if stamp.exists() and read_stamp(stamp).get("settings") == settings:
-        return directory
+    stamp = directory / "generated.json"  # the record a generated world ends with
+    if stamp.exists():  # one that does not read is an error naming it: a world of other code is not overwritten
+        try:
+            record = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise FedMPTError(f"{stamp} is not a generated world's record ({type(error).__name__}: {error}); delete "
+                              "it (or the whole generated folder) and run again to generate the world anew.") from None
+        if not isinstance(record, dict):
+            raise FedMPTError(f"{stamp} holds a JSON {type(record).__name__}, not a generated world's record; delete "
+                              "it and run again to generate the world anew.")
+        if record.get("settings") == settings:
+            return directory
     for sub in ["JPEGImages", "Annotations", "ImageSets/Main"]:
         (directory / sub).mkdir(parents=True, exist_ok=True)
     captions, groups, index = {}, {}, 0

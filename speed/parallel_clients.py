@@ -9,7 +9,7 @@ own gradient: equal to client.local_train one client after another, up to float 
 import torch
 from torch.func import functional_call
 
-from client import StepTotals, batches, client_order, clip_and_step, local_optimizer
+from client import batches, client_order, clip_and_step, local_optimizer, step_stats
 from fedmpt import LOSSES
 from speed.shared_prefix import SharedPrefixText
 
@@ -25,7 +25,7 @@ def train_together(model, global_state, inputs, targets, client_rows, generators
     optimizers = [local_optimizer(list(state.values()), lr) for state in states]
     orders = [client_order(rows, cfg, generator) for rows, generator in zip(client_rows, generators)]
     loaders = [batches(inputs, targets, order, device) for order in orders]
-    totals = [StepTotals(device) for _ in states]
+    sums = [torch.zeros(3, dtype=torch.float64, device=device) for _ in states]  # client.local_train's
     methods = {name: MethodCall(model, name) for name in ("text_inputs", "text_from", "loss")}
     call = lambda i, method, *args, **kwargs: functional_call(methods[method], states[i], args, kwargs)
     for step in range(max(map(len, orders))):
@@ -41,9 +41,10 @@ def train_together(model, global_state, inputs, targets, client_rows, generators
             optimizers[i].zero_grad()
         torch.stack([loss for _, loss, _ in losses]).sum().backward()
         for i, loss, n in losses:
-            totals[i].add(loss, clip_and_step(optimizers[i], list(states[i].values()), cfg.grad_clip), n, cfg.grad_clip)
-    return [({name[len("model."):]: t.detach().clone() for name, t in state.items()}, len(rows), total.stats())
-            for state, rows, total in zip(states, client_rows, totals)]
+            sums[i] += clip_and_step(optimizers[i], list(states[i].values()), cfg.grad_clip, loss, n)
+    return [({name[len("model."):]: t.detach().clone() for name, t in state.items()}, len(rows),
+             step_stats(total, len(order), len(rows) * cfg.local_epochs))
+            for state, rows, total, order in zip(states, client_rows, sums, orders)]
 
 
 class MethodCall(torch.nn.Module):

@@ -32,36 +32,25 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(cache_dir or os.environ.get("FEDMPT_CACHE") or Path.home() / ".cache" / "fedmpt").expanduser()
 
 
-def location_line(cache_dir: str = "") -> str:
-    """What a run prints once at its start: where the frozen features go (shared by every run of
-    the user, they can grow to hundreds of MB) and how to move them."""
-    return f"feature store: {cache_root(cache_dir)} (set FEDMPT_CACHE or --cache-dir to move it)"
-
-
-def images_digest(dataset) -> str:
-    """sha256 of a dataset's images (path, size, modification time, status-change time, inode)
-    and targets: a key that changes when an image file or a label does. Replacing a file, or
-    writing into it, changes its status-change time (and a replacement its inode) even when its
-    size and modification time are kept; the bytes themselves are not hashed (a dataset's
-    images can be many gigabytes)."""
-    files = [(str(Path(path).resolve()), *stat_of(path)) for path in dataset.images]
+def store_key(backbone_sha256, dataset, kind: str) -> dict:
+    """What the frozen inputs of a split depend on, and nothing else (not the seed or method).
+    Its images: sha256 of each image's path, size, modification time, status-change time and
+    inode, and of the targets, which changes when an image file or a label does. Replacing a
+    file, or writing into it, changes its status-change time (and a replacement its inode) even
+    when its size and modification time are kept; the bytes themselves are not hashed (a
+    dataset's images can be many gigabytes)."""
+    files = []
+    for path in dataset.images:
+        try:
+            status = os.stat(path)
+            files.append((str(Path(path).resolve()), status.st_size, status.st_mtime_ns, status.st_ctime_ns,
+                          status.st_ino))
+        except OSError:  # not a file (a test's in-memory image) or missing: reading it will say so
+            files.append((str(Path(path).resolve()), None, None, None, None))
     digest = hashlib.sha256(json.dumps(files).encode())
     digest.update(dataset.targets.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def stat_of(path) -> tuple:
-    try:
-        status = os.stat(path)
-        return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
-    except OSError:  # not a file (a test's in-memory image) or missing: reading it will say so
-        return None, None, None, None
-
-
-def store_key(backbone_sha256, dataset, kind: str) -> dict:
-    """What the frozen inputs of a split depend on, and nothing else (not the seed or method)."""
     return {"backbone_sha256": backbone_sha256, "dataset": dataset.name, "split": dataset.split,
-            "images": images_digest(dataset), "preprocessing": repr(dataset.transform), "inputs": kind}
+            "images": digest.hexdigest(), "preprocessing": repr(dataset.transform), "inputs": kind}
 
 
 def as_stored(outputs) -> list:

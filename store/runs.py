@@ -35,32 +35,21 @@ from options import Config, ModelConfig, config_from, field_problems, flag
 from store.files import save_tensors, write_atomic, write_json
 
 
-def default_out(cfg) -> str:
-    """--out, else runs/<dataset>-<method>-<timestamp>; refused at once where it cannot be a
-    run directory (check_out_folder)."""
-    out = cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_out_folder(out)
-    return out
-
-
-def check_new_run(out, resume_hint: str = "python federate.py --resume"):
-    """An --out for a new run: FedMPTError, before anything starts, when it is a file or already
-    holds a run (its metrics.json or config.json): nothing of that run is overwritten."""
-    check_out_folder(out)
-    if (Path(out) / "metrics.json").exists() or (Path(out) / "config.json").exists():
+def run_directory(cfg, resume_hint: str = "python federate.py --resume") -> Path:
+    """--out, else runs/<dataset>-<method>-<timestamp>: FedMPTError, before anything starts, where
+    it cannot be a run directory (it, or a folder on its path, is an existing file, or it is a
+    link this code did not create) or, for a new run (no --resume), where it already holds one
+    (its metrics.json or config.json): nothing of that run is overwritten."""
+    out = Path(cfg.out or f"runs/{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.is_symlink():
+        raise FedMPTError(f"--out {out} is a symbolic link (to {out.readlink()}); give the folder itself.")
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise FedMPTError(f"--out {out}: {path} is a file, not a folder; give another --out.")
+    if not cfg.resume and ((out / "metrics.json").exists() or (out / "config.json").exists()):
         raise FedMPTError(f"--out {out} already holds a run; continue it with {resume_hint} {out}, or choose another "
                           "--out.")
-
-
-def check_out_folder(out, option: str = "--out"):
-    """A folder to write into: FedMPTError when `out`, or a folder on its path, is an existing
-    file (or a link this code did not create), before anything is built or written."""
-    out = Path(out)
-    for path in (out, *out.parents):
-        if path.is_symlink() and path == out:
-            raise FedMPTError(f"{option} {out} is a symbolic link (to {path.readlink()}); give the folder itself.")
-        if path.exists() and not path.is_dir():
-            raise FedMPTError(f"{option} {out}: {path} is a file, not a folder; give another {option}.")
+    return out
 
 
 def load_checkpoint(path: Path, fix: str) -> object:
@@ -197,17 +186,7 @@ def extend_rounds(run_dir, rounds: int, done: int):
     write_json(Path(run_dir) / "config.json", {**saved, "rounds": rounds, "extended": extended})
 
 
-def save_round(out: Path, history: list, global_state: dict, round_index: int, rng_state=None):
-    """After a training round checkpoint.pt (what --resume continues from), then metrics.json
-    (a row per round): a write that fails leaves both at the last round that was saved whole."""
-    fix = f"continue the run with python federate.py --resume {out}"
-    if round_index > 0:
-        save_tensors({"global_state": global_state, "round": round_index, "history": history,
-                      "rng_state": rng_state}, out / "checkpoint.pt", fix)
-    write_json(out / "metrics.json", history, fix)
-
-
-# What config.json holds besides the options (describe(), the engines' records, resume's notes).
+# What config.json holds besides the options (experiment.save_run_directory, the engines' records, resume's notes).
 RUN_RECORD = ("root", "device_used", "out", "classes", "condition_set", "attribute_source", "tunable_params",
               "backbone_sha256", "feature_cache", "loss_over_images", "encoded_images", "client_sizes", "client_names",
               "label_skew", "images", "similar_class_pairs", "masked_positives", "skipped_images", "engine",
@@ -288,31 +267,6 @@ def continue_from(checkpoint: dict, rng: np.random.Generator, out: Path):
     return checkpoint["history"], checkpoint["round"] + 1
 
 
-def use_threads(threads: int):
-    """--threads N sets torch's CPU threads; with 0 (torch's default, one per core) a run that
-    starts on busy cores says that one thread would be faster there (docs/usage.md)."""
-    if threads:
-        torch.set_num_threads(threads)
-        return
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if cores > 1 and load >= 0.75 * cores:
-        print(f"note: the CPUs are busy (load {load:.1f} on {cores} cores); a run that shares them is faster "
-              "with --threads 1 (docs/usage.md).", file=sys.stderr)
-
-
-@contextmanager
-def client_failure(round_index: int, clients: list):
-    """A client update that raises (out of memory, a bug) stops the run in one process: RunFailed."""
-    try:
-        yield
-    except Exception as error:
-        oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
-            or "can't allocate memory" in str(error)
-        who = f"client {clients[0]}" if len(clients) == 1 else f"clients {clients}"
-        raise RunFailed(f"round {round_index}, {who}: {type(error).__name__}: {error}"
-                        + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
-
-
 @contextmanager
 def round_failure(out: Path, round_index: int):
     """A round that fails (RunFailed: its traceback goes to error.log) or is interrupted (Ctrl-C)
@@ -331,58 +285,45 @@ def round_failure(out: Path, round_index: int):
                           f"python federate.py --resume {out}") from None
 
 
-def warn_if_untrained(history: list, lr: float, margin: float = 1.0) -> bool:
-    """After the last round: a model that ranks the test images no better than the label prior
-    (within `margin` mAP) learned nothing usable, whatever the exit code says; say so, and how
-    to tell a collapse (round 0 was better) from a task the backbone cannot see."""
+def warn_after_run(history: list, lr: float, grad_clip: float, stalled_rounds: int = 3) -> list:
+    """After the last round (both engines), a warning for each way the run may have learned
+    nothing it reports; returns their names ([] for a run that learned):
+    - "untrained": the final model ranks the test images no better than the label prior (within
+      1 mAP), whatever the exit code says; it tells a collapse (round 0 was better) from a task
+      the backbone cannot see;
+    - "stalled" (else): the training loss and gradient norm stayed flat over the last
+      `stalled_rounds` rounds (loss within 2%, gradient norm within half its mean) while the final
+      mAP is within 5 of the label prior: it stopped learning early;
+    - "clipped": the gradient-norm guard clipped more than half of the local steps (metrics.json's
+      clip_share, each trained round counted alike), so the clip, not the gradient, set the steps."""
     final, start, prior = history[-1]["mAP"], history[0]["mAP"], history[0]["label_prior_mAP"]
-    if final > prior + margin:
-        return False
-    collapsed = start > prior + margin
-    print(f"warning: the final model ranks the test images no better than the label prior (final mAP "
-          f"{final:.2f}, label prior {prior:.2f}, round 0 {start:.2f}). "
-          + (f"Training lost what round 0 had: the steps were too large for this data; try --lr {lr / 3:.3g}, "
-             "or --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md)."
-             if collapsed else
-             "It never rose above it: check the labels, and the vocabulary warning above if any."),
-          file=sys.stderr)
-    return True
-
-
-def warn_if_stalled(history: list, lr: float, last: int = 3, margin: float = 5.0) -> bool:
-    """After the last round: a run whose training loss and gradient norm stayed flat over its
-    `last` rounds (loss within 2%, gradient norm within half its mean) while its final mAP is
-    within `margin` of the label prior stopped learning early; say so, with what to try."""
-    rows = [row for row in history[1:] if row.get("loss") is not None and not row.get("failed")][-last:]
-    if len(rows) < last or history[-1]["mAP"] > history[0]["label_prior_mAP"] + margin:
-        return False
-    spread = lambda key: np.ptp([row[key] for row in rows]) / max(abs(np.mean([row[key] for row in rows])), 1e-12)
-    if spread("loss") > 0.02 or spread("grad_norm") > 0.5:
-        return False
-    print(f"warning: training stopped learning: over rounds {rows[0]['round']}-{rows[-1]['round']} the loss stayed at "
-          f"{rows[-1]['loss']:.4g} and the gradient norm at {rows[-1]['grad_norm']:.3g}, and the final mAP "
-          f"{history[-1]['mAP']:.2f} is within {margin:g} of the label prior {history[0]['label_prior_mAP']:.2f}. "
-          f"Try --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md), another "
-          f"--lr than {lr:g}, or for FedMPT --class-ctx 4; compare the choices on --validation.", file=sys.stderr)
-    return True
-
-
-def warn_if_clipped(history: list, lr: float, grad_clip: float, most: float = 0.5) -> bool:
-    """After the last round: a run whose gradient-norm guard clipped more than `most` of its local
-    steps (metrics.json's clip_share, each trained round counted alike: rounds run about the same
-    steps) took steps of the clip's length, not the gradient's; say so, and what to try."""
-    rows = [row for row in history[1:] if row.get("clip_share") is not None]
-    if not rows or not grad_clip:
-        return False
-    share = float(np.mean([row["clip_share"] for row in rows]))
-    if share <= most:
-        return False
-    norm = float(np.mean([row["grad_norm"] for row in rows]))
-    print(f"warning: the gradient-norm guard clipped {share:.0%} of the local steps over the run (mean gradient norm "
-          f"{norm:.3g}, --grad-clip {grad_clip:g}): the clip, not the gradient, set the length of those steps, so "
-          f"--lr {lr:g} acted through it. Try a lower --lr, or --grad-clip 0 to see the raw norms "
-          "(docs/choices.md).", file=sys.stderr)
-    return True
+    said = []
+    flat = [row for row in history[1:] if row.get("loss") is not None and not row.get("failed")][-stalled_rounds:]
+    spread = lambda key: np.ptp([row[key] for row in flat]) / max(abs(np.mean([row[key] for row in flat])), 1e-12)
+    if final <= prior + 1.0:
+        said.append("untrained")
+        print(f"warning: the final model ranks the test images no better than the label prior (final mAP "
+              f"{final:.2f}, label prior {prior:.2f}, round 0 {start:.2f}). "
+              + (f"Training lost what round 0 had: the steps were too large for this data; try --lr {lr / 3:.3g}, "
+                 "or --loss bce (ASL's gradient vanishes once every probability saturates: docs/choices.md)."
+                 if start > prior + 1.0 else
+                 "It never rose above it: check the labels, and the vocabulary warning above if any."), file=sys.stderr)
+    elif len(flat) == stalled_rounds and final <= prior + 5.0 and spread("loss") <= 0.02 and spread("grad_norm") <= 0.5:
+        said.append("stalled")
+        print(f"warning: training stopped learning: over rounds {flat[0]['round']}-{flat[-1]['round']} the loss stayed "
+              f"at {flat[-1]['loss']:.4g} and the gradient norm at {flat[-1]['grad_norm']:.3g}, and the final mAP "
+              f"{final:.2f} is within 5 of the label prior {prior:.2f}. Try --loss bce (ASL's gradient vanishes once "
+              f"every probability saturates: docs/choices.md), another --lr than {lr:g}, or for FedMPT --class-ctx 4; "
+              "compare the choices on --validation.", file=sys.stderr)
+    shares = [row["clip_share"] for row in history[1:] if row.get("clip_share") is not None]
+    if grad_clip and shares and np.mean(shares) > 0.5:
+        said.append("clipped")
+        norm = float(np.mean([row["grad_norm"] for row in history[1:] if row.get("clip_share") is not None]))
+        print(f"warning: the gradient-norm guard clipped {np.mean(shares):.0%} of the local steps over the run (mean "
+              f"gradient norm {norm:.3g}, --grad-clip {grad_clip:g}): the clip, not the gradient, set the length of "
+              f"those steps, so --lr {lr:g} acted through it. Try a lower --lr, or --grad-clip 0 to see the raw norms "
+              "(docs/choices.md).", file=sys.stderr)
+    return said
 
 
 def check_trained(history: list, first_round: int, start_state: dict, final_state: dict):

@@ -29,10 +29,9 @@ def feature_cache(tmp_path_factory):
 def build_experiment(cfg, model_cfg):
     """A whole experiment as setup builds it, without a run directory (nothing written but the
     feature store): resolved options, data, clients, model, the frozen inputs of the training
-    and test images, the reference scores and what config.json would hold (`resolved`)."""
+    and test images, the reference scores."""
     import experiment
     exp = experiment.prepare(*experiment.resolve(cfg, model_cfg))
     exp.train = experiment.training_inputs(exp)
     experiment.test_side(exp)
-    exp.resolved = experiment.describe(exp, exp.out)
     return exp

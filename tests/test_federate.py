@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,8 +63,14 @@ def test_runs_are_deterministic_for_a_seed(shapes_root, tmp_path):
 def test_round_numbers_weigh_clients_by_samples_and_steps():
     stats = [{"loss": 1.0, "steps": 1, "clip_share": 1.0, "grad_norm": 2.0},
              {"loss": 3.0, "steps": 3, "clip_share": 0.0, "grad_norm": 6.0}]
-    assert federate.combine_stats(stats, [10, 30]) == {"loss": 2.5, "clip_share": 0.25, "grad_norm": 5.0}
-    assert federate.combine_stats([], []) == {"loss": None, "clip_share": None, "grad_norm": None}
+    states = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([5.0])}]
+    updates = [(client, state, n, s, "") for client, state, n, s in zip([0, 1], states, [10, 30], stats)]
+    state, combined, n_aggregated, left_out = federate.accept_and_aggregate(1, updates, states[0], "mean", print)
+    assert combined == {"loss": 2.5, "clip_share": 0.25, "grad_norm": 5.0} and n_aggregated == 2 and left_out == []
+    assert torch.equal(state["w"], torch.tensor([4.0]))  # weighted by samples: (10 * 1 + 30 * 5) / 40
+    failed = [(client, None, 0, None, "sent nothing") for client in (0, 1)]
+    assert federate.accept_and_aggregate(1, failed, states[0], "mean", print)[1:] == (
+        {"loss": None, "clip_share": None, "grad_norm": None}, 0, [0, 1])
 
 
 @pytest.mark.slow
@@ -112,11 +119,11 @@ def test_a_run_that_ends_at_the_label_prior_says_so(capsys):
     the warning tells a collapse (round 0 was better: lower --lr) from a task never learned."""
     def history(start, final, prior=25.0):
         return [{"round": 0, "mAP": start, "label_prior_mAP": prior}, {"round": 1, "mAP": final}]
-    assert not runs.warn_if_untrained(history(30.0, 40.0), lr=0.1)
+    assert runs.warn_after_run(history(30.0, 40.0), lr=0.1, grad_clip=10.0) == []
     assert capsys.readouterr().err == ""
-    assert runs.warn_if_untrained(history(30.0, 25.5), lr=0.03)
+    assert runs.warn_after_run(history(30.0, 25.5), lr=0.03, grad_clip=10.0) == ["untrained"]
     assert "lost what round 0 had" in (err := capsys.readouterr().err) and "--lr 0.01" in err and "--loss bce" in err
-    assert runs.warn_if_untrained(history(25.2, 24.1), lr=0.1)
+    assert runs.warn_after_run(history(25.2, 24.1), lr=0.1, grad_clip=10.0) == ["untrained"]
     assert "never rose above it" in capsys.readouterr().err
 
 
@@ -129,13 +136,13 @@ def test_a_run_whose_loss_and_gradient_went_flat_near_the_label_prior_says_it_st
                 enumerate(zip(losses, grads))]
         return [{"round": 0, "mAP": prior, "label_prior_mAP": prior}] + rows
     flat = history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=28.0)
-    assert not runs.warn_if_untrained(flat, lr=0.1) and runs.warn_if_stalled(flat, lr=0.1)
+    assert runs.warn_after_run(flat, lr=0.1, grad_clip=10.0) == ["stalled"]
     error = capsys.readouterr().err
     assert "stopped learning: over rounds 2-4 the loss stayed at 3.2" in error and "--loss bce" in error
-    assert not runs.warn_if_stalled(history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=45.0), 0.1)
-    assert not runs.warn_if_stalled(history([3.9, 3.5, 3.2, 2.9], [0.4, 0.3, 0.3, 0.3], final=28.0), 0.1)
-    assert not runs.warn_if_stalled(history([3.9, 3.2, 3.2, 3.2], [0.4, 0.3, 0.05, 0.01], final=28.0), 0.1)
-    assert not runs.warn_if_stalled(history([3.2, 3.2], [0.1, 0.1], final=28.0), 0.1)  # too few rounds to say
+    assert runs.warn_after_run(history([3.9, 3.21, 3.205, 3.2], [0.4, 0.09, 0.11, 0.1], final=45.0), 0.1, 10.0) == []
+    assert runs.warn_after_run(history([3.9, 3.5, 3.2, 2.9], [0.4, 0.3, 0.3, 0.3], final=28.0), 0.1, 10.0) == []
+    assert runs.warn_after_run(history([3.9, 3.2, 3.2, 3.2], [0.4, 0.3, 0.05, 0.01], final=28.0), 0.1, 10.0) == []
+    assert runs.warn_after_run(history([3.2, 3.2], [0.1, 0.1], final=28.0), 0.1, 10.0) == []  # too few rounds to say
     assert capsys.readouterr().err == ""
 
 
@@ -247,8 +254,9 @@ def test_round_zero_shows_dashes_not_nan_and_says_what_it_is(tmp_path, capsys):
     first, note = printed.splitlines()[:2]
     assert "nan" not in printed.lower() and first.split() == ["0", "-", "-", "-", "12.46", "23.62", "24.23", "0.0"]
     assert "round 0 is the untuned model" in note and "69.55" in note and "17.42" in note
-    trained = federate.table_row({**row, "round": 1, "loss": 1.5, "clip_share": 0.25, "grad_norm": 3.0})
-    assert trained.split() == ["1", "1.5000", "25%", "3.00", "12.46", "23.62", "24.23", "0.0"]
+    federate.save_round(exp, [row], {**row, "round": 1, "loss": 1.5, "clip_share": 0.25, "grad_norm": 3.0},
+                        np.random.default_rng(0))
+    assert capsys.readouterr().out.split() == ["1", "1.5000", "25%", "3.00", "12.46", "23.62", "24.23", "0.0"]
 
 
 def test_a_finished_run_is_one_whose_last_round_is_its_rounds_and_whose_state_is_saved(tmp_path, capsys):

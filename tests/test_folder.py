@@ -293,12 +293,12 @@ def test_classes_the_text_side_cannot_tell_apart_are_named_before_training(tmp_p
     exp = build_experiment(*federate.parse_config(["--dataset", "folder", "--root", str(root)]))
     err = capsys.readouterr().err
     assert "warning: the backbone's text side hardly tells 3 of the 3 class pairs apart" in err
-    assert {tuple(sorted(p[:2])) for p in exp.resolved["similar_class_pairs"]} == {
+    assert {tuple(sorted(p[:2])) for p in exp.similar} == {
         ("one", "three"), ("one", "two"), ("three", "two")}
-    assert all(p[2] > 0.97 for p in exp.resolved["similar_class_pairs"])
+    assert all(p[2] > 0.97 for p in exp.similar)
     colours = build_experiment(*federate.parse_config(["--dataset", "folder", "--root",
                                                        str(write_folder(tmp_path / "c"))]))  # words the shapes CLIP learned
-    assert colours.resolved["similar_class_pairs"] == [] and "hardly tells" not in capsys.readouterr().err
+    assert colours.similar == [] and "hardly tells" not in capsys.readouterr().err
 
 
 def test_min_labels_keeps_each_site_with_its_remaining_images(tmp_path):

@@ -52,7 +52,9 @@ def test_help_lists_every_option_its_choices_and_its_real_default():
                                                  (float("inf"), "(0, inf)", False), (-1, "[-1, inf)", True),
                                                  (float("nan"), "[0, inf)", False)])
 def test_ranges_read_as_written(value, spec, inside):
-    assert options.in_range(value, spec) is inside
+    Ranged = dataclasses.make_dataclass("Ranged", [("x", float, options.option(0.5, "x", range=spec))])
+    problems = options.field_problems(Ranged(x=value))
+    assert problems == ([] if inside else [f"--x {value}: must lie in {spec}"])
 
 
 def test_an_error_names_only_the_options_that_were_wrong(capsys, monkeypatch):
@@ -165,5 +167,5 @@ def test_predict_takes_the_options_it_shares_with_training_from_config():
     for flag in shared:
         assert definitions("predict")[flag] == 1 and not literals[flag], flag
         field, action = fields[flag], actions[flag]
-        assert action.type is type(field.default) and field.metadata["help"] in action.help, flag
+        assert action.type is type(field.default) and action.field is field, flag  # its --help is the field's
     assert actions["--device"].default == Config.device  # the same choices and default as training's

@@ -88,7 +88,7 @@ def test_validation_holds_out_training_images_from_every_client_and_is_scored_ea
                             cache_dir=str(tmp_path / "cache"), workers=0)
     exp = build_experiment(cfg, ModelConfig())
     held_out = set(exp.validation)
-    assert len(held_out) == 8 and exp.resolved["images"] == {"train": 24, "validation": 8, "test": 8}
+    assert len(held_out) == 8 and (len(exp.train_set) - 8, len(exp.test_set)) == (24, 8)
     assert sorted(i for s in exp.splits for i in s) == sorted(set(range(32)) - held_out)
     assert build_experiment(cfg, ModelConfig()).validation == exp.validation  # seeded
     assert splits.hold_out(32, 0.25, 2)[0] != exp.validation

@@ -160,22 +160,22 @@ def test_a_full_disk_in_a_round_stops_the_run_with_metrics_never_ahead_of_the_ch
 
 def rounds(shares, norm=223.0):
     """metrics.json rows: round 0, then one trained round per clipped share."""
-    return [{"round": 0, "loss": None, "mAP": 12.0}] + [
+    return [{"round": 0, "loss": None, "mAP": 12.0, "label_prior_mAP": 5.0}] + [
         {"round": r, "loss": 1.0, "clip_share": share, "grad_norm": norm, "mAP": 70.0}
         for r, share in enumerate(shares, start=1)]
 
 
 def test_a_run_whose_guard_clipped_most_steps_says_so_with_what_to_try(capsys):
-    assert runs.warn_if_clipped(rounds([1.0, 1.0, 0.9]), lr=1e-3, grad_clip=10.0)
+    assert runs.warn_after_run(rounds([1.0, 1.0, 0.9]), lr=1e-3, grad_clip=10.0) == ["clipped"]
     message = capsys.readouterr().err
     assert message.count("warning:") == 1 and "clipped 97% of the local steps" in message
     assert "the clip, not the gradient" in message and "lower --lr" in message and "--grad-clip 0" in message
 
 
 def test_a_run_whose_guard_clipped_half_or_fewer_steps_or_was_off_says_nothing(capsys):
-    assert not runs.warn_if_clipped(rounds([0.6, 0.4, 0.5]), lr=0.1, grad_clip=10.0)  # 50%: not most
-    assert not runs.warn_if_clipped(rounds([0.0, 0.0]), lr=0.1, grad_clip=0.0)
-    assert not runs.warn_if_clipped(rounds([]), lr=0.1, grad_clip=10.0)  # no trained round
+    assert runs.warn_after_run(rounds([0.6, 0.4, 0.5]), lr=0.1, grad_clip=10.0) == []  # 50%: not most
+    assert runs.warn_after_run(rounds([0.0, 0.0]), lr=0.1, grad_clip=0.0) == []
+    assert runs.warn_after_run(rounds([]), lr=0.1, grad_clip=10.0) == []  # no trained round
     assert capsys.readouterr().err == ""
 
 
@@ -184,7 +184,7 @@ def run_directory_lines(method, monkeypatch, capsys, tmp_path):
     exp = types.SimpleNamespace(cfg=Config(method=method, resume=str(tmp_path)), out=tmp_path, splits=[],
                                 conditions={"source": "default", "conditions": ["small", "large"]},
                                 train_set=types.SimpleNamespace(targets=None, classes=[]), client_names=None)
-    experiment.save_run_directory(exp)
+    experiment.save_run_directory(exp, tmp_path)
     return capsys.readouterr().out
 
 

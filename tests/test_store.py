@@ -333,8 +333,10 @@ def test_a_full_disk_while_the_store_writes_its_manifest_resumes_where_it_stoppe
     assert encoded == len(fresh[0]) - 6 and all(torch.equal(a, b) for a, b in zip(inputs, fresh))
 
 
-def test_the_feature_store_line_names_the_folder_and_how_to_move_it(tmp_path, monkeypatch):
+def test_the_feature_store_is_the_given_folder_else_the_environment_s_else_the_home_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDMPT_CACHE", str(tmp_path / "env"))
-    line = features.location_line()
-    assert str(tmp_path / "env") in line and "FEDMPT_CACHE" in line and "--cache-dir" in line
-    assert str(tmp_path / "given") in features.location_line(str(tmp_path / "given"))
+    assert features.cache_root() == tmp_path / "env"
+    assert features.cache_root(str(tmp_path / "given")) == tmp_path / "given"
+    monkeypatch.delenv("FEDMPT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert features.cache_root() == tmp_path / "home" / ".cache" / "fedmpt"
