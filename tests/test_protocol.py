@@ -60,7 +60,8 @@ def test_label_mask_reaches_training_only_and_every_engine_alike(tmp_path):
     assert torch.equal(whole.test[1], test.targets)  # test labels are never masked
     masked = whole.train[1] != train.targets
     assert masked.any() and (train.targets[masked] == 1).all() and (whole.train[1][masked] == -1).all()
-    assert whole.resolved["masked_positives"] == int(masked.sum())
+    experiment.save_run_directory(whole, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["masked_positives"] == int(masked.sum())
     node = experiment.prepare(*experiment.resolve(cfg, ModelConfig()))
     _, node_targets = experiment.training_inputs(node, node.splits[1])  # what a Flower SuperNode trains on
     assert torch.equal(node_targets, whole.train[1][whole.splits[1]])

@@ -183,7 +183,7 @@ def run_directory_lines(method, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(experiment.splits, "plot_client_distributions", lambda *a, **k: None)
     exp = types.SimpleNamespace(cfg=Config(method=method, resume=str(tmp_path)), out=tmp_path, splits=[],
                                 conditions={"source": "default", "conditions": ["small", "large"]},
-                                train_set=types.SimpleNamespace(targets=None, classes=[]), client_names=None)
+                                train_set=types.SimpleNamespace(targets=None, classes=[]), test_set=None, client_names=None)
     experiment.save_run_directory(exp, tmp_path)
     return capsys.readouterr().out
 

@@ -32,7 +32,7 @@ def test_predict_gives_the_evaluation_probabilities(finished_run, shapes_root, t
     files = [str(images / f"{i}.jpg") for i in test_ids]
     assert predict.main(["--run", str(out), *files, "--out", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())
-    got = torch.tensor([[row["probabilities"][c] for c in exp.resolved["classes"]] for row in rows])
+    got = torch.tensor([[row["probabilities"][c] for c in exp.train_set.classes] for row in rows])
     assert [row["image"] for row in rows] == files
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(str(images))]
