@@ -186,16 +186,14 @@ class FrozenCLIP(nn.Module):
         return v, pool.c_proj(pool.v_proj(x[1:1 + n_cells].permute(1, 0, 2)))
 
     def encode_prompts(self, embeddings: torch.Tensor, eot: torch.Tensor, after=None, precision=None) -> torch.Tensor:
-        """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D), at the run's
-        precision (float32 out); `after` as in run_blocks. Exact and short: the text transformer is
-        causal, so no position after an end token changes that end token's output; only the first
-        max(eot) + 1 positions run, under the causal mask cut to them (equal to CLIP's encode_text
-        on the same tokens)."""
-        m = self.model
-        n = int(eot.max()) + 1  # positions that matter, for every prompt of the batch
+        """CLIP's text encoder on token embeddings (P, L, Dt) -> features (P, D), at the run's precision
+        (float32 out); `after` as in run_blocks. Exact and short: the encoder is causal, so callers cut
+        prompts after the last end token once, when built (ConditionPrompts, encode_texts; no host read
+        in a step), and all L positions run under the causal mask (CLIP's encode_text for L > max(eot))."""
+        m, n = self.model, embeddings.shape[1]  # L: the positions that matter, for every prompt
         mask = torch.full((n, n), float("-inf"), dtype=embeddings.dtype, device=embeddings.device).triu(1)
         with self.autocast(precision):
-            x = self.run_blocks(m.transformer.resblocks, embeddings[:, :n] + m.positional_embedding[:n], after, mask)
+            x = self.run_blocks(m.transformer.resblocks, embeddings + m.positional_embedding[:n], after, mask)
             x = m.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]  # (P, Dt) the end tokens
         with torch.autocast(x.device.type, enabled=False):  # the projection in float32: bf16 would round the features
             return x.to(m.text_projection.dtype) @ m.text_projection
@@ -204,7 +202,8 @@ class FrozenCLIP(nn.Module):
     def encode_texts(self, texts) -> torch.Tensor:
         """Normalised frozen features (len(texts), D) of plain sentences."""
         tokens = clip.tokenize(texts, self.context_length, truncate=True).to(self.model.token_embedding.weight.device)
-        embeddings, eot = self.model.token_embedding(tokens), tokens.argmax(dim=-1)
+        eot = tokens.argmax(dim=-1)
+        embeddings = self.model.token_embedding(tokens[:, :int(eot.max()) + 1])  # cut after the last end token
         return F.normalize(self.encode_prompts(embeddings, eot, precision="fp32"), dim=-1)  # frozen: float32
 
     @property

@@ -116,21 +116,21 @@ def sinkhorn(cost, eps, a=None, b=None, n_iters=100, tol=None, check_every=10, r
     neg_inf = torch.tensor(float("-inf"), dtype=C.dtype, device=C.device)
     if not rho > 0:
         raise ValueError(f"rho must be > 0 (math.inf for the exact row marginal), got {rho}")
-    exact = math.isinf(rho)
+    exact, rows_kept, columns_kept = math.isinf(rho), a > 0, b > 0  # the kept: where potentials are finite
     scale = 1.0 if exact else rho / (rho + eps)  # lambda: 1 = the exact row marginal
 
     for it in range(1, n_iters + 1):
         # f_n = eps log a_n - eps logsumexp_k((g_k - C_nk)/eps)
         previous = f
-        f = torch.where(a > 0, log_a - scale * torch.logsumexp(g.unsqueeze(-1) - Ct, dim=-2), neg_inf)
+        f = torch.where(rows_kept, log_a - scale * torch.logsumexp(g.unsqueeze(-1) - Ct, dim=-2), neg_inf)
         # g_k = eps log b_k - eps logsumexp_n((f_n - C_nk)/eps)
-        g = torch.where(b > 0, log_b - torch.logsumexp(f.unsqueeze(-2) - Ct, dim=-1), neg_inf)
+        g = torch.where(columns_kept, log_b - torch.logsumexp(f.unsqueeze(-2) - Ct, dim=-1), neg_inf)
         if tol > 0 and it % check_every == 0:
             if exact:
                 rows = torch.exp(f.unsqueeze(-2) + g.unsqueeze(-1) - Ct).sum(-2)  # (..., N) = Q 1
                 err = (rows - a).abs().sum(-1).max()    # worst row-marginal L1 error
             else:  # no row marginal to reach: stop when the potentials settle
-                err = torch.where(a > 0, f - previous, 0.0).abs().max()
+                err = torch.where(rows_kept, f - previous, 0.0).abs().max()
             if err.item() < tol:                        # the only host sync
                 break
     # Q_nk = exp((f_n + g_k - C_nk)/eps)

@@ -48,8 +48,10 @@ class ConditionPrompts(nn.Module):
             embedded = token_embedding(tokens).reshape(K, C, context_length, width)
         self.register_buffer("tokens", tokens, persistent=False)  # (K*C, L) the placeholder prompts' ids
         self.register_buffer("prefix", embedded[:, :, :1].clone(), persistent=False)  # (K, C, 1, Dt)
-        self.register_buffer("suffix", embedded[:, :, 1 + M:].clone(), persistent=False)  # (K, C, L-1-M, Dt)
-        self.register_buffer("eot", tokens.argmax(dim=-1).repeat(signs), persistent=False)  # (S*K*C,)
+        eot = tokens.argmax(dim=-1)  # (K*C,) each prompt's end token
+        self.positions = int(eot.max()) + 1  # Lp: read once; nothing after the last end token reaches one (causal)
+        self.register_buffer("suffix", embedded[:, :, 1 + M:self.positions].clone(), persistent=False)  # (K, C, Lp-1-M, Dt)
+        self.register_buffer("eot", eot.repeat(signs), persistent=False)  # (S*K*C,)
         # drawn from torch's generator like nn.Linear's weights: the model seeds it (fedmpt.seeded)
         self.context = nn.Parameter(0.02 * torch.randn(signs, K, n_ctx, width))  # (S, K, M, Dt)
         self.class_context = nn.Parameter(0.02 * torch.randn(signs, C, class_ctx, width)) if class_ctx else None
@@ -62,8 +64,9 @@ class ConditionPrompts(nn.Module):
         self.shape, self.signs, self.n_ctx, self.class_ctx = (K, C), signs, n_ctx, class_ctx
 
     def forward(self, context=None):
-        """Prompt embeddings (S*K*C, L, Dt), sign-major, and their end-token positions. A
-        `context` (S, K, M, Dt) given here replaces the learned one (FedTPG generates it)."""
+        """Prompt embeddings (S*K*C, Lp, Dt), sign-major, cut after the last end token (Lp =
+        `positions`), and their end-token positions. A `context` (S, K, M, Dt) given here replaces
+        the learned one (FedTPG generates it)."""
         K, C = self.shape
         context = self.context if context is None else context
         context = context[:, :, None].expand(-1, -1, C, -1, -1)  # (S, K, C, M, Dt)
@@ -72,5 +75,5 @@ class ConditionPrompts(nn.Module):
             context = torch.cat([context, own], dim=3)  # (S, K, C, M + Mc, Dt)
         prefix = self.prefix.expand(self.signs, -1, -1, -1, -1)
         suffix = self.suffix.expand(self.signs, -1, -1, -1, -1)
-        prompts = torch.cat([prefix, context, suffix], dim=3)  # (S, K, C, L, Dt)
+        prompts = torch.cat([prefix, context, suffix], dim=3)  # (S, K, C, Lp, Dt)
         return prompts.flatten(0, 2), self.eot

@@ -18,8 +18,11 @@ CLASSES = ["circle", "square", "triangle", "potted plant"]
 
 
 def full_length_features(backbone: FrozenCLIP, embeddings, eot, after=None):
-    """The reference: all context positions, under the blocks' own (full) causal mask."""
+    """The reference: all context positions, under the blocks' own (full) causal mask (prompts cut
+    after their last end token are filled up with random tokens: none may change an end token)."""
     m = backbone.model
+    fill = torch.randn(len(embeddings), m.context_length - embeddings.shape[1], embeddings.shape[2])
+    embeddings = torch.cat([embeddings, fill], dim=1)  # (P, 77, Dt)
     x = m.ln_final(backbone.run_blocks(m.transformer.resblocks, embeddings + m.positional_embedding, after))
     return x[torch.arange(len(x)), eot] @ m.text_projection
 

@@ -32,7 +32,9 @@ def test_each_prompt_is_sos_then_its_contexts_then_the_condition_and_class_token
     prompts, embedding = build(signs=signs)
     embeddings, eot = prompts()
     (K, C), M = prompts.shape, prompts.n_ctx
-    assert embeddings.shape == (signs * K * C, L, 6) and eot.shape == (signs * K * C,)
+    n = int(eot.max()) + 1  # cut after the last end token: nothing later reaches an end token
+    assert prompts.positions == n < L
+    assert embeddings.shape == (signs * K * C, n, 6) and eot.shape == (signs * K * C,)
     with torch.no_grad():
         for s in range(signs):
             for k, condition in enumerate(CONDITIONS):
@@ -41,7 +43,7 @@ def test_each_prompt_is_sos_then_its_contexts_then_the_condition_and_class_token
                     expected = embedding(tokens)
                     assert torch.equal(embeddings[row, :1], expected[:1])  # [SOS]
                     assert torch.equal(embeddings[row, 1:1 + M], prompts.context[s, k])  # ctx^s_k
-                    assert torch.equal(embeddings[row, 1 + M:], expected[1 + M:])  # <condition> <class>. [EOT]
+                    assert torch.equal(embeddings[row, 1 + M:], expected[1 + M:n])  # <condition> <class>. [EOT]
                     assert int(eot[row]) == int(tokens.argmax()) and int(tokens[eot[row]]) == 49407
 
 
@@ -57,7 +59,8 @@ def test_class_contexts_follow_the_shared_ones_and_differ_per_class_not_per_cond
                     row = (s * K + k) * C + c
                     assert torch.equal(embeddings[row, 1:1 + M], prompts.context[s, k])
                     assert torch.equal(embeddings[row, 1 + M:3 + M], prompts.class_context[s, c])
-                    assert torch.equal(embeddings[row, 3 + M:], embedding(words(condition, name, M + 2))[3 + M:])
+                    expected = embedding(words(condition, name, M + 2))[3 + M:prompts.positions]
+                    assert torch.equal(embeddings[row, 3 + M:], expected)
 
 
 def test_a_given_context_replaces_the_learned_one_and_gradients_reach_only_the_contexts():
