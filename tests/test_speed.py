@@ -285,3 +285,39 @@ def test_methods_that_change_tokens_inside_the_encoder_are_refused(method):
     with pytest.raises(FedMPTError, match="--parallel-clients 2"):
         options.validate(Config(method=method, parallel_clients=2), ModelConfig())
     options.validate(Config(method="fedmpt", parallel_clients=2), ModelConfig())
+
+
+@pytest.mark.slow  # each dtype and rho compiles once (inductor, about 20-30 s of one core)
+@pytest.mark.parametrize("rho", [0.1, float("inf")])
+def test_the_fused_sinkhorn_equals_ot_sinkhorn_in_float64(rho):
+    """Fused Sinkhorn (speed/fused_sinkhorn.py, compiled iterations) against the plain loop: the
+    full iterations (tol 0, as on CUDA) and the CPU's early stop alike; a masked pair (cost inf)
+    and a region without mass (a_n = 0) keep their zeros."""
+    import ot
+    from speed.fused_sinkhorn import sinkhorn as fused
+    generator = torch.Generator().manual_seed(0)
+    cost = 2 * torch.rand(3, 4, 49, 5, generator=generator, dtype=torch.float64)
+    cost[0, 0, 3, 1] = float("inf")
+    a = torch.full((3, 4, 49), 1.0, dtype=torch.float64)
+    a[1, 2, :7] = 0
+    a = a / a.sum(-1, keepdim=True)
+    for tol in (0.0, None):
+        expected = ot.sinkhorn(cost, 0.1, a=a, tol=tol, rho=rho)
+        plan = fused(cost, 0.1, a=a, tol=tol, rho=rho)
+        assert torch.allclose(plan, expected, rtol=0, atol=1e-12)
+        assert plan[0, 0, 3, 1] == 0 and (plan[1, 2, :7] == 0).all()
+
+
+@pytest.mark.slow  # compiles once (inductor)
+def test_the_fused_sinkhorn_equals_ot_sinkhorn_in_float32_at_fedmpts_shape():
+    """At a FedMPT batch's shape (B images x 2 signs x C classes problems of N x K), float32: within
+    1e-6 of the largest plan entry (the compiled reductions sum in their own order), and as close to
+    the float64 plan as the plain loop's float32 is."""
+    import ot
+    from speed.fused_sinkhorn import sinkhorn as fused
+    cost = 2 * torch.rand(4, 2, 20, 196, 5, generator=torch.Generator().manual_seed(1))
+    expected, exact = ot.sinkhorn(cost, 0.1, tol=0, rho=0.1), ot.sinkhorn(cost.double(), 0.1, tol=0, rho=0.1)
+    plan = fused(cost, 0.1, tol=0, rho=0.1)
+    assert plan.dtype == torch.float32
+    assert torch.allclose(plan, expected, rtol=0, atol=1e-6 * float(expected.max()))
+    assert (plan.double() - exact).abs().max() <= 2 * (expected.double() - exact).abs().max() + 1e-9
