@@ -7,6 +7,10 @@
     called in a Python loop on the same problems (numpy float64).
 (b) the same batched call on CUDA, when available.
 (c) scaling of the batched call with N (patches) and C (classes).
+(d) the fused Sinkhorn (speed/fused_sinkhorn.py: each iteration compiled) beside the plain
+    ot.sinkhorn at FedMPT's VOC shape (32 images x 2 signs x 20 classes = 1,280 problems of
+    196 x 5, rho 0.1 as FedMPT's default, 100 iterations), float32 and float64, in the same run,
+    with the compile time of its first call. `--only fused` runs (d) alone.
 Prints markdown tables. Timings: best of 3 after one warm-up call (best of 1
 for calls slower than 3 s, to keep the run short). On a machine shared with
 other busy processes pass ``--threads 1``: torch's OpenMP threads that compete
@@ -100,11 +104,15 @@ def solve(C):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    if (threads := parser.parse_args().threads) is not None:
-        torch.set_num_threads(threads)
+    parser.add_argument("--only", choices=["fused"], help="run one section")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"eps {EPS}, {ITERS} iterations, costs uniform in [0, 2]\n")
+    if args.only == "fused":
+        return fused_section()
 
     # (a) CPU: batched vs POT loop on the same 1,280 problems of 196 x 5
     C64 = costs(32, 20, 196, dtype=torch.float64)
@@ -158,6 +166,25 @@ def main():
                 t, _, _ = timed(lambda: solve(Cd), sync=sync)
                 cells.append(f"{1e3 * t:.1f} | {1e6 * t / len(C):.1f}")
             print(f"| {N} | {n_cls} | {len(C)} | " + " | ".join(cells) + " |")
+    fused_section()
+
+
+def fused_section():
+    """(d) fused vs plain at FedMPT's VOC shape, side by side."""
+    from speed.fused_sinkhorn import sinkhorn as fused
+    print("\n### (d) fused Sinkhorn (compiled iterations) vs ot.sinkhorn, 32 x 2 x 20 problems of 196 x 5, "
+          "rho 0.1, 100 iterations\n")
+    print("| dtype | plain (s) | fused (s) | speed-up | max abs plan diff | first call (compiles) (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for dtype in (torch.float32, torch.float64):
+        C = costs(32, 20, 196, dtype=dtype).reshape(32, 2, 20, 196, 5)
+        start = time.perf_counter()
+        fused(C, EPS, n_iters=ITERS, tol=0, rho=0.1)
+        first = time.perf_counter() - start
+        t_plain, _, Q_plain = timed(lambda: ot.sinkhorn(C, EPS, n_iters=ITERS, tol=0, rho=0.1))
+        t_fused, _, Q_fused = timed(lambda: fused(C, EPS, n_iters=ITERS, tol=0, rho=0.1))
+        print(f"| {str(dtype)[6:]} | {t_plain:.3f} | {t_fused:.3f} | {t_plain / t_fused:.1f}x | "
+              f"{(Q_plain - Q_fused).abs().max():.1e} | {first:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
