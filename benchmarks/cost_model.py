@@ -222,10 +222,12 @@ def count_methods(methods, datasets, clip="ViT-B/16", batch_size=32) -> list:
 
 
 def floors(row, gpu="h200") -> dict:
-    """ms per step: the floor at the GPU's peak, at 40% of it, and launch-bound."""
+    """ms per step: the arithmetic alone at the GPU's bf16 peak (flops_ms), the bytes alone at its
+    bandwidth (bytes_ms), the floor (the longer of the two) at peak and at 40% of it, and launch-bound."""
     peak, bandwidth = GPUS[gpu]
-    at_peak = max(row["flops"] / peak, row["bytes"] / bandwidth) * 1e3
-    return {"peak_ms": at_peak, "fed_ms": at_peak / FEED, "launch_ms": row["ops"] * LAUNCH_US * 1e-3}
+    flops_ms, bytes_ms = row["flops"] / peak * 1e3, row["bytes"] / bandwidth * 1e3
+    return {"flops_ms": flops_ms, "bytes_ms": bytes_ms, "peak_ms": max(flops_ms, bytes_ms),
+            "fed_ms": max(flops_ms, bytes_ms) / FEED, "launch_ms": row["ops"] * LAUNCH_US * 1e-3}
 
 
 def grid_cost(cells, rows, gpu="h200") -> dict:
@@ -233,32 +235,32 @@ def grid_cost(cells, rows, gpu="h200") -> dict:
     at peak, at 40% of peak, launch-bound; and per dataset. A cell's class count missing from
     `rows` takes the nearest one counted for its method."""
     from benchmarks import reproduce
-    hours = {"peak_ms": 0.0, "fed_ms": 0.0, "launch_ms": 0.0}
-    per_dataset, per_method = {}, {}
+    hours = dict.fromkeys(["flops_ms", "bytes_ms", "peak_ms", "fed_ms", "launch_ms"], 0.0)
+    per_dataset, per_method, priced = {}, {}, 0
     for cell in cells:
         classes = reproduce.CLASSES.get(cell["dataset"])
         counted = [r for r in rows if r["method"] == cell["method"]]
         if classes is None or cell["dataset"] not in reproduce.TRAIN_IMAGES or not counted:
             continue
-        row = min(counted, key=lambda r: abs(r["classes"] - classes))
+        row, priced = min(counted, key=lambda r: abs(r["classes"] - classes)), priced + 1
         steps = (math.ceil(reproduce.TRAIN_IMAGES[cell["dataset"]] / 32) + cell["clients"]) * cell["rounds"]
         for key, ms in floors(row, gpu).items():
             hours[key] += steps * ms / 3.6e6
         ms = floors(row, gpu)["fed_ms"] * steps / 3.6e6
         per_dataset[cell["dataset"]] = per_dataset.get(cell["dataset"], 0.0) + ms
         per_method[cell["method"]] = per_method.get(cell["method"], 0.0) + ms
-    return {"hours": hours, "fed_hours_by_dataset": per_dataset, "fed_hours_by_method": per_method}
+    return {"hours": hours, "fed_hours_by_dataset": per_dataset, "fed_hours_by_method": per_method, "cells": priced}
 
 
 def table(rows, gpu) -> str:
     lines = [f"| dataset (classes) | method | GFLOP / step | GB moved (est.) | operators (text fwd+bwd, transport) "
-             f"| floor ms at {gpu} peak | at 40% | launch-bound ms (5 us / op) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"| ms at {gpu}: arithmetic at peak | bytes at bandwidth | floor at 40% | launch-bound (5 us / op) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         f = floors(row, gpu)
         lines.append(f"| {row['dataset']} ({row['classes']}) | {row['method']} | {row['flops'] / 1e9:,.1f} | "
                      f"{row['bytes'] / 1e9:.2f} | {row['ops']:,} ({row['text']:,}, {row['transport']:,}) | "
-                     f"{f['peak_ms']:.2f} | {f['fed_ms']:.2f} | {f['launch_ms']:.1f} |")
+                     f"{f['flops_ms']:.2f} | {f['bytes_ms']:.2f} | {f['fed_ms']:.2f} | {f['launch_ms']:.1f} |")
     return "\n".join(lines)
 
 
@@ -268,8 +270,10 @@ def grid_lines(rows, table_name, seeds, gpu) -> list:
     cells = reproduce.make_cells(args)
     cost = grid_cost(cells, rows, gpu)
     h = cost["hours"]
-    lines = [f"{table_name}, seeds {','.join(map(str, seeds))}: {len(cells)} cells; floor {h['peak_ms']:,.0f} GPU-hours "
-             f"at {gpu}'s peak, {h['fed_ms']:,.0f} at 40% of it; launch-bound {h['launch_ms']:,.0f} GPU-hours (5 us / op).",
+    lines = [f"{table_name}, seeds {','.join(map(str, seeds))}: {len(cells)} cells; the arithmetic alone "
+             f"{h['flops_ms']:,.0f} GPU-hours at {gpu}'s bf16 peak ({h['flops_ms'] / FEED:,.0f} at 40%), the bytes alone "
+             f"{h['bytes_ms']:,.0f}; floor (the longer) {h['peak_ms']:,.0f} at peak, {h['fed_ms']:,.0f} at 40% of it; "
+             f"launch-bound {h['launch_ms']:,.0f} GPU-hours (5 us / op).",
              "At 40% of peak, by dataset: " + ", ".join(f"{d} {v:,.1f} h" for d, v in cost["fed_hours_by_dataset"].items())
              + "; by method: " + ", ".join(f"{m} {v:,.1f} h" for m, v in cost["fed_hours_by_method"].items()) + "."]
     return lines
@@ -286,9 +290,14 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", default="table1", help="a reproduce.py table to price ('' for none)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="", help="write the counts here as JSON")
+    parser.add_argument("--from-json", default="", help="print the table and grid of counts written before (no counting)")
     parser.add_argument("--write", action="store_true", help=f"write the counts to {SHIPPED.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    rows = count_methods(args.methods, args.datasets, args.clip, args.batch_size)
+    if args.from_json:
+        record = json.loads(Path(args.from_json).read_text())
+        rows, args.clip, args.batch_size = record["rows"], record["clip"], record["batch_size"]
+    else:
+        rows = count_methods(args.methods, args.datasets, args.clip, args.batch_size)
     print(f"{args.clip}, batch {args.batch_size}, counted on fake CUDA tensors (torch {torch.__version__}); "
           f"{args.gpu}: {GPUS[args.gpu][0] / 1e12:.0f} TFLOP/s bf16 dense, {GPUS[args.gpu][1] / 1e12:.2f} TB/s.\n")
     print(table(rows, args.gpu))

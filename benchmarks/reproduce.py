@@ -261,6 +261,20 @@ def seconds_per_round(cell, results, step_times) -> tuple:
     return ms * steps / 1000, f"paper's GPU ms/iter{' (Fed-PosCoOp as proxy)' if proxy != cell['method'] else ''}"
 
 
+def cost_model_price(cells) -> str:
+    """The cells' GPU-hours by the cost model (benchmarks/cost_model.py: counts of a step at ViT-B/16,
+    fp32, shipped in benchmarks/cost_model.json): the floor at an H200's bf16 peak, at 40% of it, and
+    launch-bound (5 us per operator)."""
+    from benchmarks import cost_model
+    counted = json.loads(cost_model.SHIPPED.read_text())
+    cost = cost_model.grid_cost(cells, counted["rows"], "h200")
+    hours = cost["hours"]
+    return (f"cost model ({cost['cells']} of {len(cells)} cells; counts at {counted['clip']}, benchmarks/cost_model.json): "
+            f"floor {hours['peak_ms']:,.0f} GPU-hours at an H200's bf16 peak (the arithmetic alone {hours['flops_ms']:,.0f}), "
+            f"{hours['fed_ms']:,.0f} at 40% of it; "
+            f"launch-bound {hours['launch_ms']:,.0f} GPU-hours (5 us per operator).")
+
+
 def ms_at(measured, n_classes) -> float:
     """ms per step at `n_classes` from [(classes, ms)] measured (step_time.py: VOC's 20 and COCO's
     80): linear in the class count between (and beyond) the two nearest, the one point alone."""
@@ -480,6 +494,7 @@ def run_grid(args, out: Path) -> list:
         print(f"total: {format_duration(total)} for {len(todo) - unknown} cells with an estimate"
               + (f"; {unknown} without one (none of their method and dataset finished yet: "
                  "run `table5` into this --out for step times, or let one cell finish)" if unknown else "") + ".")
+        print(cost_model_price(todo))
         return []
     failures = []
     # --jobs N: N cells at once (one GPU shared; on the CPU the cores divided between them)

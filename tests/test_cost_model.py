@@ -92,7 +92,7 @@ def test_fake_tensors_count_what_real_ones_run(method):
 def test_floors_and_grid_hours_follow_from_the_counts():
     row = {"method": "fedmpt", "classes": 20, "flops": 989e9, "bytes": 4.8e9, "ops": 1000}
     floors = cost_model.floors(row, "h200")  # 1 ms of arithmetic, 1 ms of memory, 1000 launches
-    assert floors == pytest.approx({"peak_ms": 1.0, "fed_ms": 2.5, "launch_ms": 5.0})
+    assert floors == pytest.approx({"flops_ms": 1.0, "bytes_ms": 1.0, "peak_ms": 1.0, "fed_ms": 2.5, "launch_ms": 5.0})
     cell = {"method": "fedmpt", "dataset": "voc2007", "clients": 2, "rounds": 50}
     steps = (157 + 2) * 50  # ceil(5011 / 32) + one short last batch per client, per round
     hours = cost_model.grid_cost([cell, cell], [row], "h200")["hours"]
