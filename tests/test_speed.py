@@ -321,3 +321,83 @@ def test_the_fused_sinkhorn_equals_ot_sinkhorn_in_float32_at_fedmpts_shape():
     assert plan.dtype == torch.float32
     assert torch.allclose(plan, expected, rtol=0, atol=1e-6 * float(expected.max()))
     assert (plan.double() - exact).abs().max() <= 2 * (expected.double() - exact).abs().max() + 1e-9
+
+
+# ---- Fewer, larger kernels (speed/compiled.py, --compile) ------------------------------------
+def image_method(method, backbone):
+    attributes = {"attributes": load_attributes("shapes", ["circle", "square"])["attributes"]} if method == "fedmvp" else None
+    return experiment.build_model(method, backbone, ["circle", "square"], load_conditions("", "shapes"), ModelConfig(),
+                                  attributes, seed=0)
+
+
+def test_batch_first_blocks_equal_clips_blocks():
+    """speed.compiled.run_blocks (tokens kept (B, L, W), one projection viewed as q, k, v, straight
+    into scaled_dot_product_attention) against FrozenCLIP.run_blocks: the image tower, and the text
+    tower with its own causal mask, a cut causal mask and a hook after each block; float32 to 1e-5 of
+    the tokens' scale (CLIP's LayerNorm computes in float32 whatever the model's dtype)."""
+    from speed.compiled import run_blocks
+    model = load_clip("tiny")
+    torch.manual_seed(0)
+    hook = lambda i, x: torch.cat([x[:, :1], x[:, 1:] * (1 + 0.1 * i)], dim=1)
+    image, text, cut = torch.randn(3, 65, 128), torch.randn(3, model.context_length, 128), torch.randn(3, 9, 128)
+    mask = torch.full((9, 9), float("-inf")).triu(1)
+    for blocks, x, extra in [(model.visual.transformer.resblocks, image, {}),
+                             (model.visual.transformer.resblocks, image, {"after": hook}),
+                             (model.transformer.resblocks, text, {}),
+                             (model.transformer.resblocks, cut, {"after": hook, "attn_mask": mask})]:
+        expected = FrozenCLIP.run_blocks(blocks, x, **extra)
+        assert torch.allclose(run_blocks(blocks, x, **extra), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["fed-maple", "fedmvp", "fed-ram"])
+def test_the_image_encoder_on_batch_first_blocks_trains_as_clips(method):
+    """The methods that run the image encoder every step: their loss and gradients on the
+    batch-first blocks equal CLIP's own blocks' within float32 tolerance."""
+    from speed.compiled import run_blocks
+    backbone = FrozenCLIP(load_clip("tiny"))
+    model = image_method(method, backbone)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        inputs = [x.float() for x in model.encode_images(torch.randn(3, 3, 64, 64))]
+    targets = torch.tensor([[1, 0], [0, 1], [1, 1]])
+    results = []
+    for batch_first in (False, True):
+        if batch_first:
+            backbone.run_blocks = run_blocks
+        loss = model.loss(inputs, targets, asymmetric_loss)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, params)))
+    (loss, grads), (fast_loss, fast_grads) = results
+    assert torch.allclose(fast_loss, loss, rtol=1e-5, atol=1e-6)
+    for g, fast in zip(grads, fast_grads):
+        assert torch.allclose(fast, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-8)
+
+
+@pytest.mark.slow  # compiles the step (inductor): a minute or more of one core
+@pytest.mark.parametrize("method, text_encoding", [("fedmpt", "shared"), ("fed-maple", "full")])
+def test_the_compiled_step_trains_as_the_eager_one(method, text_encoding):
+    """--compile (speed.compiled.CompiledStep): two local steps of SGD from the same state end at
+    the eager steps' tunable state within float32 tolerance, and the compiled step leaves the
+    backbone's blocks and ot.sinkhorn as they were."""
+    import ot
+    from speed.compiled import CompiledStep
+    backbone = FrozenCLIP(load_clip("tiny"))
+    model = speed.with_text_encoding(image_method(method, backbone), text_encoding)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        inputs = [x.float() for x in model.encode_images(torch.randn(4, 3, 64, 64))]
+    targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
+    start, states = model.tunable_state(), []
+    for runner in (model, CompiledStep(model)):
+        runner.load_tunable_state(start)
+        params = [p for p in runner.parameters() if p.requires_grad]
+        optimizer = client.local_optimizer(params, 0.05)
+        for _ in range(2):
+            loss = runner.loss(inputs, targets, asymmetric_loss)
+            optimizer.zero_grad()
+            loss.backward()
+            client.clip_and_step(optimizer, params, 10.0)
+        states.append(runner.tunable_state())
+    assert "run_blocks" not in vars(backbone) and ot.sinkhorn.__module__ == "ot"
+    for name, expected in states[0].items():
+        assert torch.allclose(states[1][name], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-7), name
