@@ -106,6 +106,8 @@ def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Expe
     # the model's initial values follow --seed; its text side runs as --text-encoding asks (speed/)
     placed = {"seed": cfg.seed, "device": device, "text_encoding": cfg.text_encoding}
     model = build_model(cfg.method, backbone, labelled.classes, conditions, model_cfg, attributes, **placed)
+    if cfg.compile:  # --compile: its training loss compiled, on fused kernels (speed/compiled.py)
+        model = speed.compiled_step(model)
     scorer = model  # with unseen classes: the model on every class name, scoring with model's state
     if unseen:
         scorer = build_model(cfg.method, backbone, train_set.classes, conditions, model_cfg, attributes, **placed)

@@ -99,6 +99,10 @@ class Config:
                                       "call for their prompts, each its own gradient (equal to one by one up to "
                                       "float rounding; not fed-maple, fed-ram; speed/parallel_clients.py)",
                                    range="[1, inf)", execution=True)
+    compile: bool = option(False, "fewer, larger kernels in each training step: its loss compiled (torch.compile), "
+                                  "CLIP's blocks straight into scaled_dot_product_attention, the Sinkhorn's iterations "
+                                  "fused; equal up to float rounding; the first steps compile (minutes on a CPU; "
+                                  "speed/compiled.py)", execution=True)
 
 
 @dataclass
@@ -151,7 +155,10 @@ def validate(cfg: Config, model_cfg: ModelConfig):
                                                   "classes; give one of the two"),
              (cfg.parallel_clients == 1 or method is None or hasattr(method, "text_from"),
               f"--parallel-clients {cfg.parallel_clients}: {cfg.method} changes tokens inside CLIP's text encoder "
-              "(deep prompts, adapters), so its clients cannot share one encoder call; use --parallel-clients 1")]
+              "(deep prompts, adapters), so its clients cannot share one encoder call; use --parallel-clients 1"),
+             (not cfg.compile or cfg.parallel_clients == 1,
+              f"--compile with --parallel-clients {cfg.parallel_clients}: the compiled step trains one client at a "
+              "time; give one of the two")]
     if cfg.unseen or cfg.zsl_split:  # every method scores the classes it never trained on, or says why not
         why = zeroshot.cannot_score_unseen(cfg.method, model_cfg.class_ctx)
         rules.append((not why, f"--{'unseen' if cfg.unseen else 'zsl-split'}: {cfg.method} cannot score unseen "
