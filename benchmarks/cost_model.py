@@ -165,9 +165,10 @@ def count(work) -> dict:
             "host_reads": dict(operators.host_reads)}
 
 
-def step_counts(model, batch_size, mode, device) -> dict:
+def step_counts(model, batch_size, mode, device, batch_first=False) -> dict:
     """The counts of a warm training step of `model` (already fake), of its text side alone
-    (forward + backward, as step_time.py times it) and of its transport calls."""
+    (forward + backward, as step_time.py times it) and of its transport calls; with `batch_first`
+    also the step's operators on the batch-first blocks of --compile (speed/compiled.py)."""
     with mode:
         images = torch.zeros(batch_size, 3, model.backbone.resolution, model.backbone.resolution, device=device)
         with torch.no_grad():
@@ -192,6 +193,13 @@ def step_counts(model, batch_size, mode, device) -> dict:
             finally:
                 ot.sinkhorn = solve
             counts["transport"] = sum(transport)
+            if batch_first:  # the same step on speed/compiled.py's batch-first blocks
+                from speed.compiled import run_blocks
+                model.backbone.run_blocks = run_blocks
+                try:
+                    counts["ops_batch_first"] = count(step)["ops"]
+                finally:
+                    del model.backbone.run_blocks
     return counts
 
 
@@ -208,7 +216,7 @@ def method_models(methods, datasets, clip, text_encoding="shared"):
     return {(m, d): method_model(m, backbone, d, "fp32", text_encoding, "cpu") for d in datasets for m in methods}
 
 
-def count_methods(methods, datasets, clip="ViT-B/16", batch_size=32) -> list:
+def count_methods(methods, datasets, clip="ViT-B/16", batch_size=32, batch_first=False) -> list:
     """One row per (dataset, method): its class count and step counts."""
     import data
     models = method_models(methods, datasets, clip)
@@ -217,7 +225,7 @@ def count_methods(methods, datasets, clip="ViT-B/16", batch_size=32) -> list:
     rows = []
     for (method, dataset), model in models.items():
         rows.append({"method": method, "dataset": dataset, "classes": len(data.known_classes(dataset)),
-                     **step_counts(model, batch_size, mode, "cpu")})
+                     **step_counts(model, batch_size, mode, "cpu", batch_first)})
     return rows
 
 
@@ -261,6 +269,11 @@ def table(rows, gpu) -> str:
         lines.append(f"| {row['dataset']} ({row['classes']}) | {row['method']} | {row['flops'] / 1e9:,.1f} | "
                      f"{row['bytes'] / 1e9:.2f} | {row['ops']:,} ({row['text']:,}, {row['transport']:,}) | "
                      f"{f['flops_ms']:.2f} | {f['bytes_ms']:.2f} | {f['fed_ms']:.2f} | {f['launch_ms']:.1f} |")
+    if any("ops_batch_first" in row for row in rows):
+        lines += ["", "| dataset | method | operators / step, CLIP's blocks | on batch-first blocks | ratio |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['dataset']} | {r['method']} | {r['ops']:,} | {r['ops_batch_first']:,} | "
+                  f"{r['ops_batch_first'] / r['ops']:.2f} |" for r in rows if "ops_batch_first" in r]
     return "\n".join(lines)
 
 
@@ -290,6 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", default="table1", help="a reproduce.py table to price ('' for none)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="", help="write the counts here as JSON")
+    parser.add_argument("--batch-first", action="store_true",
+                        help="also count each step on --compile's batch-first attention blocks (speed/compiled.py)")
     parser.add_argument("--from-json", default="", help="print the table and grid of counts written before (no counting)")
     parser.add_argument("--write", action="store_true", help=f"write the counts to {SHIPPED.relative_to(ROOT)}")
     args = parser.parse_args(argv)
@@ -297,7 +312,7 @@ def main(argv=None) -> int:
         record = json.loads(Path(args.from_json).read_text())
         rows, args.clip, args.batch_size = record["rows"], record["clip"], record["batch_size"]
     else:
-        rows = count_methods(args.methods, args.datasets, args.clip, args.batch_size)
+        rows = count_methods(args.methods, args.datasets, args.clip, args.batch_size, args.batch_first)
     print(f"{args.clip}, batch {args.batch_size}, counted on fake CUDA tensors (torch {torch.__version__}); "
           f"{args.gpu}: {GPUS[args.gpu][0] / 1e12:.0f} TFLOP/s bf16 dense, {GPUS[args.gpu][1] / 1e12:.2f} TB/s.\n")
     print(table(rows, args.gpu))

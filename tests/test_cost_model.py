@@ -27,13 +27,13 @@ def tiny_clip():
     return load_clip("tiny")
 
 
-def tiny_model(method, text_encoding="full", own_backbone=False):
+def tiny_model(method, text_encoding="full", own_backbone=False, **model_options):
     """A method on the tiny CLIP (shared between tests; its own copy to be made fake)."""
     torch.manual_seed(0)
     backbone = FrozenCLIP(copy.deepcopy(tiny_clip()) if own_backbone else tiny_clip())
     attributes = {"attributes": load_attributes("shapes", CLASSES)["attributes"]} if method == "fedmvp" else None
-    model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "shapes"), ModelConfig(), attributes,
-                                   seed=0)
+    model = experiment.build_model(method, backbone, CLASSES, load_conditions("", "shapes"),
+                                   ModelConfig(**model_options), attributes, seed=0)
     return speed.with_text_encoding(model, text_encoding)
 
 
@@ -87,7 +87,7 @@ def test_fake_tensors_count_what_real_ones_run(method):
     ones through foreach kernels.)"""
     counts = []
     for fake in (False, True):
-        model = tiny_model(method, own_backbone=fake)
+        model = tiny_model(method, own_backbone=fake, ot_iters=10)  # fake tensors are slow to dispatch
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         if fake:
             cost_model.fake_model([model], mode, "cpu")
