@@ -3,8 +3,11 @@ FLOPs (torch.utils.flop_counter), an estimate of the bytes moved and the operato
 a kernel launch on a GPU) of one training step as federate.py runs it on CUDA (the loss, backward,
 the gradient-norm guard and the SGD step: client.clip_and_step; the Sinkhorn's full iterations,
 --text-encoding auto: shared prefixes where the method splits its text side). Everything is
-counted on fake CUDA tensors (torch._subclasses.FakeTensorMode): no arithmetic runs, so ViT-B/16 at
-COCO's 80 classes counts in seconds on a laptop. From the counts, per step:
+counted on fake tensors (torch._subclasses.FakeTensorMode; CPU ones: autograd wants a CUDA
+context for CUDA ones): no arithmetic runs, so every method at ViT-B/16 and three class counts takes
+about two minutes of one core (the backbone is built for real, once). The optimizer and the gradient norm
+are counted tensor by tensor as fake tensors run them (CUDA's foreach kernels take a few dozen
+fewer operators). From the counts, per step:
 
     floor at peak  = max(FLOPs / the GPU's dense bf16 peak, bytes / its memory bandwidth)
     floor at 40%   = the same at 40% of both (what well-fed large kernels reach)
@@ -18,7 +21,8 @@ once they exist; this says what the hardware allows.
 
     python benchmarks/cost_model.py [--methods fedmpt ...] [--datasets voc2007 coco2014]
                                     [--clip ViT-B/16|shapes] [--gpu h200] [--grid table1 --seeds 0,1,2]
-                                    [--out runs/cost_model.json]
+                                    [--batch-first] [--out runs/cost_model.json]
+    python benchmarks/cost_model.py --from-json benchmarks/cost_model.json   # the shipped counts, priced again
 
 `python benchmarks/cost_model.py --write` refreshes benchmarks/cost_model.json, the counts at
 ViT-B/16 for every method and the class counts of reproduce.py's datasets, which `reproduce.py
@@ -313,7 +317,7 @@ def main(argv=None) -> int:
         rows, args.clip, args.batch_size = record["rows"], record["clip"], record["batch_size"]
     else:
         rows = count_methods(args.methods, args.datasets, args.clip, args.batch_size, args.batch_first)
-    print(f"{args.clip}, batch {args.batch_size}, counted on fake CUDA tensors (torch {torch.__version__}); "
+    print(f"{args.clip}, batch {args.batch_size}, counted on fake tensors (torch {torch.__version__}); "
           f"{args.gpu}: {GPUS[args.gpu][0] / 1e12:.0f} TFLOP/s bf16 dense, {GPUS[args.gpu][1] / 1e12:.2f} TB/s.\n")
     print(table(rows, args.gpu))
     if args.grid:
