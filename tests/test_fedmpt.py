@@ -58,7 +58,8 @@ def test_one_text_call_and_one_transport_solve_per_forward(model, monkeypatch):
     monkeypatch.setattr(ot, "sinkhorn", lambda cost, *a, **k: calls["ot"].append(cost.shape) or solve(cost, *a, **k))
     v, P = model.backbone.encode_image_tokens(images(4))
     model(v, P)
-    assert calls["text"] == [(2 * 5 * 3, 32, 128)]  # all 2*K*C prompts in one batch
+    # all 2*K*C prompts in one batch, cut after their last end token (once, when built)
+    assert calls["text"] == [(2 * 5 * 3, model.prompts.positions, 128)] and model.prompts.positions < 32
     assert calls["ot"] == [(4, 2, 3, 64, 5)]  # all B*2*C problems of N x K in one solve
 
 
