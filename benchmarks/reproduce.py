@@ -270,9 +270,8 @@ def cost_model_price(cells) -> str:
     cost = cost_model.grid_cost(cells, counted["rows"], "h200")
     hours = cost["hours"]
     return (f"cost model ({cost['cells']} of {len(cells)} cells; counts at {counted['clip']}, benchmarks/cost_model.json): "
-            f"floor {hours['peak_ms']:,.0f} GPU-hours at an H200's bf16 peak (the arithmetic alone {hours['flops_ms']:,.0f}), "
-            f"{hours['fed_ms']:,.0f} at 40% of it; "
-            f"launch-bound {hours['launch_ms']:,.0f} GPU-hours (5 us per operator).")
+            f"floor {hours['peak_ms']:,.1f} GPU-hours at an H200's bf16 peak (the arithmetic alone {hours['flops_ms']:,.1f}), "
+            f"{hours['fed_ms']:,.1f} at 40% of it; launch-bound {hours['launch_ms']:,.1f} GPU-hours (5 us per operator).")
 
 
 def ms_at(measured, n_classes) -> float:

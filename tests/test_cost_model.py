@@ -109,6 +109,19 @@ def test_floors_and_grid_hours_follow_from_the_counts():
     assert hours["launch_ms"] == pytest.approx(2 * steps * 5.0 / 3.6e6)
 
 
+def test_the_dry_run_prints_the_cost_models_price(tmp_path, capsys):
+    """reproduce.py --dry-run prices its cells from the shipped counts (benchmarks/cost_model.json)."""
+    import json
+    from benchmarks import reproduce
+    args = ["table1", "--dataset", "voc2007", "--methods", "fedmpt", "--t", "0.5,1.0", "--seeds", "0,1"]
+    assert reproduce.main([*args, "--out", str(tmp_path / "grid"), "--dry-run"]) == 0
+    row = next(r for r in json.loads(cost_model.SHIPPED.read_text())["rows"]
+               if (r["method"], r["classes"]) == ("fedmpt", 20))
+    steps = 4 * (-(-5011 // 32) + 2) * 50  # 4 cells: 2 clients, 50 rounds each (the authors' VOC setting)
+    assert f"launch-bound {steps * row['ops'] * 5e-6 / 3600:,.1f} GPU-hours" in capsys.readouterr().out
+    assert not (tmp_path / "grid").exists()
+
+
 @pytest.mark.slow
 def test_vit_b16_flops_match_the_issues_counts():
     """Issue #34's table (GFLOP per step at ViT-B/16, VOC's 20 classes), within 5%."""
