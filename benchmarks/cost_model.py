@@ -133,13 +133,13 @@ def training_step(model, inputs, targets):
     again (its optimizer kept, so a second call is a warm step with momentum buffers)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = client.local_optimizer(params, 1e-3)
-    totals = client.StepTotals(model.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=model.device)  # the step's numbers, summed on the device
 
     def step():
         loss = model.loss(inputs, targets, asymmetric_loss)
         optimizer.zero_grad()
         loss.backward()
-        totals.add(loss, client.clip_and_step(optimizer, params, GRAD_CLIP), len(targets), GRAD_CLIP)
+        sums.add_(client.clip_and_step(optimizer, params, GRAD_CLIP, loss, len(targets)))
     return step
 
 

@@ -46,7 +46,7 @@ def batch(model, n=4):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_training_step_reads_nothing_back_to_the_host(method):
-    """Forward, loss, backward, clip_and_step and the step's totals of one warm step: no operator
+    """Forward, loss, backward, clip_and_step and the sum of its numbers of one warm step: no operator
     whose result the host must wait for (.item(), bool(t), torch.equal, nonzero, a boolean mask)."""
     model = tiny_model(method, "shared" if method in ("fedmpt", "fed-dualcoop") else "full")
     inputs, targets = batch(model)

@@ -397,7 +397,7 @@ def test_the_compiled_step_trains_as_the_eager_one(method, text_encoding):
             loss = runner.loss(inputs, targets, asymmetric_loss)
             optimizer.zero_grad()
             loss.backward()
-            client.clip_and_step(optimizer, params, 10.0)
+            client.clip_and_step(optimizer, params, 10.0, loss, len(targets))
         states.append(runner.tunable_state())
     assert "run_blocks" not in vars(backbone) and ot.sinkhorn.__module__ == "ot"
     for name, expected in states[0].items():
