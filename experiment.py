@@ -60,15 +60,16 @@ class Experiment:
     resolved: dict = None  # what config.json holds
 
 
-def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None) -> Experiment:
+def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None, backbone=None) -> Experiment:
     """The plain loop's start: every stage in order. `state`: a saved tunable state to continue
     from (--resume), loaded as soon as the model is built, so one that does not fit fails before
-    any image is encoded. An --out that already holds a run is refused first."""
+    any image is encoded. An --out that already holds a run is refused first. `backbone`: a
+    FrozenCLIP already loaded (cells side by side share one: speed/lockstep.py)."""
     cfg, model_cfg, device, root = resolve(cfg, model_cfg)  # bad options first, before anything is built
     runs.use_threads(cfg.threads)  # after the checks: a bad option is all a refused run says
     out = new_run_directory(cfg)
     print(features.location_line(cfg.cache_dir))
-    exp = prepare(cfg, model_cfg, device, root)
+    exp = prepare(cfg, model_cfg, device, root, backbone)
     if state is not None:
         try:
             exp.model.load_tunable_state(state)
@@ -82,8 +83,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     return exp
 
 
-def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Experiment:
-    """(resolved options) -> data -> (seen classes) -> clients -> backbone -> model."""
+def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str, backbone=None) -> Experiment:
+    """(resolved options) -> data -> (seen classes) -> clients -> backbone (`backbone`, when one
+    is given) -> model."""
     conditions = load_conditions(cfg.conditions, cfg.dataset)
     train_set, test_set = load_data(cfg, root)
     unseen, labelled = [], train_set  # labelled: what the clients label, no unseen class
@@ -95,7 +97,7 @@ def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Expe
     if validation:  # back to rows of the whole training set
         client_splits = [[pool[i] for i in s] for s in client_splits]
     print(splits.split_report(labelled.targets, client_splits, labelled.classes, names=client_names))
-    backbone = load_backbone(cfg, device)
+    backbone = load_backbone(cfg, device) if backbone is None else backbone
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
     attributes = method_attributes(cfg, train_set.classes) if cfg.method == "fedmvp" else None
