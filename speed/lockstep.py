@@ -20,6 +20,7 @@ run alone up to float rounding (tests/test_lockstep.py).
     python speed/lockstep.py --cell [federate.py options] --cell [federate.py options] ...
 """
 import contextlib
+import json
 import math
 import os
 import sys
@@ -61,8 +62,8 @@ def train_stacked(model, lanes, cfg, lr) -> list:
     """FedMPT's lanes as one stacked model: each tunable tensor (L, ...); per step the active
     lanes' losses in one forward (`stacked_loss`), one backward, each lane's gradient-norm guard
     (`clip_lanes`) and one SGD step. A lane's state is taken after its own last step."""
-    encode = model.encode_prompts if isinstance(model, SharedPrefixText) else model.backbone.encode_prompts
     base = model.model if isinstance(model, SharedPrefixText) else model
+    encode = model.encode_prompts if isinstance(model, SharedPrefixText) else model.backbone.encode_prompts  # as alone
     device, loss_fn, L = base.device, LOSSES[cfg.loss], len(lanes)
     names = list(lanes[0][0])
     params = {name: torch.stack([lane[0][name] for lane in lanes]).to(device).requires_grad_() for name in names}
@@ -278,7 +279,7 @@ def share_features(cells):
     for cell in cells:
         exp = cell.exp
         for side in ("train", "test"):
-            key = (side, exp.store_keys.get(side))
+            key = (side, json.dumps(exp.store_keys.get(side), sort_keys=True))
             inputs, targets = getattr(exp, side)
             setattr(exp, side, (seen.setdefault(key, inputs), targets))
 
