@@ -3,6 +3,7 @@
     python benchmarks/reproduce.py table1 --out runs/table1 [--dataset voc2007,coco2014,nuswide]
         [--methods fedmpt,fedmvp] [--t 0.1,0.2] [--seeds 0,1,2] [--rounds R] [--clients N]
         [--data-dir data] [--dry-run] [--keep-going] [-- more federate.py options]
+        [--lockstep N] [--jobs N | --gpus 0,1,2,3 | --slurm [--slurm-partition P] [--slurm-time MIN] ...]
     python benchmarks/reproduce.py table3 --out runs/table3      # multiscene, mlrsnet: mAP / CF1 / OF1
     python benchmarks/reproduce.py table5 --out runs/table1      # cost: step times joined with the mAP rows
     python benchmarks/reproduce.py zsl --out runs/zsl            # unseen classes: COCO 48/17, NUS-WIDE 925/81
@@ -17,6 +18,13 @@ for each row (a temporary file renamed over it), and read back through one check
 note, any other bad row is an error naming its line. A grid holds OUT/.grid.lock while it runs:
 a second grid on the same --out is refused (exit 2), so one cell never runs twice at once. Then OUT/<table>.md holds the
 table in the paper's layout beside the published numbers, and table1 draws OUT/table1.png.
+
+How the cells run: one process each, one at a time (`--jobs N`: N at once); `--lockstep N`: up to N
+cells of one method, dataset and options (their seeds and t levels) side by side in one process
+(speed/lockstep.py), each still its own run directory and row, equal to it run alone; `--gpus
+0,1,...`: a worker per GPU (CUDA_VISIBLE_DEVICES its id), each process on whichever GPU is free;
+`--slurm`: a Slurm job array through submitit, a task per process, each task appending its own
+rows. Rows are appended under OUT/.results.lock, never twice for one cell.
 
 Defaults follow the paper where it says: t in {0.1, ..., 1.0} and every method. It leaves
 clients and rounds open; they come from the authors' code (CLIENTS_ROUNDS; docs/tables.md).

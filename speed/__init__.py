@@ -4,6 +4,8 @@ plain path it replaces (tests/test_speed.py). They import the method, never the 
     shared_prefix.py     --text-encoding shared (auto on CUDA): each prompt prefix through CLIP's
                          text encoder once (SharedPrefixText wraps a model)
     parallel_clients.py  --parallel-clients N: N clients of a round in one pass (train_together)
+    lockstep.py          reproduce.py --lockstep N: N cells of a grid in one process, every client of
+                         every cell a lane of one pass (run_cells, train_lanes)
 """
 from speed.shared_prefix import SharedPrefixText
 

@@ -20,6 +20,7 @@ run alone up to float rounding (tests/test_lockstep.py).
     python speed/lockstep.py --cell [federate.py options] --cell [federate.py options] ...
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -213,12 +214,15 @@ class Cell:
 
 
 def group_key(cfg, model_cfg) -> tuple:
-    """What cells side by side must share: every option but --seed, --heterogeneity and --out
-    (the options that only say how a run executes aside)."""
-    import dataclasses
-    varying = {"seed", "heterogeneity", "out", "resume"}
-    fields = [f for f in dataclasses.fields(cfg) if f.name not in varying and not f.metadata.get("execution")]
-    return tuple(getattr(cfg, f.name) for f in fields) + tuple(dataclasses.astuple(model_cfg))
+    """What cells side by side must share: every training option but --seed, --heterogeneity and
+    --out. Left out too: where a process reads and runs (threads, workers, the store, the data
+    root), and the files a resumed run reads back from its own directory (its conditions, unseen
+    classes, attributes): cells whose models differ in more than their tunable values train in
+    passes of their own (run_round_together)."""
+    varying = {"seed", "heterogeneity", "out", "resume", "threads", "workers", "cache_dir", "root", "download",
+               "plot", "conditions", "unseen", "attributes"}
+    return tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in varying) + tuple(
+        dataclasses.astuple(model_cfg))
 
 
 def start_cells(requests) -> list:
@@ -296,12 +300,20 @@ def run_round_together(cells, round_index, log) -> None:
             lanes.append((cell.global_state, exp.train[0], exp.train[1], exp.splits[client],
                           client_generator(cfg, round_index, client)))
             owners.append((cell, client))
-    cfg = cells[0].exp.cfg
+    cfg, results = cells[0].exp.cfg, [None] * len(lanes)
+    kinds = {}  # lanes whose models differ in more than their tunable values (--unseen random:F) train apart
+    for i, (cell, _) in enumerate(owners):
+        kinds.setdefault(json.dumps([cell.exp.resolved["classes"], cell.exp.resolved["unseen_classes"],
+                                     cell.exp.conditions]), []).append(i)
     with contextlib.ExitStack() as stack:
         for cell in cells:
             stack.enter_context(runs.round_failure(cell.exp.out, round_index))
         with runs.client_failure(round_index, [f"{Path(c.exp.out).name}:{k}" for c, k in owners]):
-            results = train_lanes(cells[0].exp.model, lanes, cfg, cosine_lr(cfg.lr, round_index, cfg.rounds))
+            for members in kinds.values():
+                trained = train_lanes(owners[members[0]][0].exp.model, [lanes[i] for i in members], cfg,
+                                      cosine_lr(cfg.lr, round_index, cfg.rounds))
+                for i, result in zip(members, trained):
+                    results[i] = result
     seconds = (time.time() - start) / len(cells)  # each cell's share of the pass (metrics.json's seconds)
     for cell in cells:
         updates = [(client, *result, "") for (owner, client), result in zip(owners, results) if owner is cell]

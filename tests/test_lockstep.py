@@ -44,12 +44,12 @@ def test_each_lane_of_the_batched_sinkhorn_stops_where_it_would_alone(rho):
     assert float((batched - together).abs().max()) > 1e-9
 
 
-def lanes_setup():
+def lanes_setup(method="fedmpt"):
     """Two cells' worth of lanes on the tiny CLIP (4 classes): two global states, two label sets,
     clients of 13, 7 and 4 images (partial batches), a tight gradient-norm guard."""
     torch.manual_seed(0)
     backbone = FrozenCLIP(load_clip("tiny"))
-    model = build("fedmpt", backbone, CLASSES[:4])
+    model = build(method, backbone, CLASSES[:4])
     images = torch.randn(24, 3, backbone.resolution, backbone.resolution)
     with torch.no_grad():
         stored = tuple(torch.from_numpy(x) for x in features.as_stored(model.encode_images(images)))
@@ -57,7 +57,7 @@ def lanes_setup():
     targets[1][0, 1] = -1  # a masked label
     start = model.tunable_state()
     states = [start, {name: t + 0.02 * torch.randn_like(t) for name, t in start.items()}]
-    cfg = Config(method="fedmpt", batch_size=5, local_epochs=2, grad_clip=2.0)
+    cfg = Config(method=method, batch_size=5, local_epochs=2, grad_clip=2.0)
     rows = [list(range(0, 13)), list(range(13, 20)), list(range(20, 24))]
     lanes = [(states[cell], stored, targets[cell], rows[k], federate.client_generator(cfg, 1, 10 * cell + k))
              for cell, k in [(0, 0), (0, 1), (1, 2), (1, 0)]]
@@ -69,8 +69,9 @@ def fresh(lanes):
 
 
 @pytest.mark.slow  # ~5 s: every lane trained twice
-def test_stacked_fedmpt_lanes_equal_each_client_trained_alone():
-    model, lanes, cfg = lanes_setup()
+@pytest.mark.parametrize("method", ["fedmpt", "fed-dualcoop", "fed-maple"])  # stacked, one encoder call, one by one
+def test_lanes_of_two_cells_equal_each_client_trained_alone(method):
+    model, lanes, cfg = lanes_setup(method)
     alone = [client.local_train(model, *lane[:4], cfg, 0.05, lane[4]) for lane in fresh(lanes)]
     together = lockstep.train_lanes(model, fresh(lanes), cfg, 0.05)
     for (state, n, stats), (state1, n1, stats1), lane in zip(together, alone, lanes):
@@ -81,7 +82,7 @@ def test_stacked_fedmpt_lanes_equal_each_client_trained_alone():
         for name in state:
             assert torch.allclose(state[name], state1[name], rtol=0, atol=1e-6), name
         assert any(not torch.equal(state[name], lane[0][name]) for name in state)  # it trained
-    assert 0 < alone[0][2]["clip_share"] < 1  # the guard clipped some steps, per lane
+    assert any(0 < result[2]["clip_share"] < 1 for result in alone)  # the guard clipped some steps, per lane
 
 
 # ---- Cells through reproduce.py: side by side, over GPUs, as a Slurm array ------------------
