@@ -40,9 +40,17 @@ if __name__ == "__main__":  # run as a script: the repository's modules
 import ot  # noqa: E402
 from client import batches, client_order, local_optimizer, local_train  # noqa: E402
 from errors import FedMPTError, RunFailed, exit_code  # noqa: E402
+from evaluation import thresholds_record  # noqa: E402
+from experiment import load_backbone, resolve, setup  # noqa: E402
+from federate import (accept_and_aggregate, client_generator, cosine_lr, evaluate_round, parse_config,  # noqa: E402
+                      sample_clients, save_round)
 from fedmpt import LOSSES, FedMPT  # noqa: E402
+from options import given_options  # noqa: E402
 from speed.parallel_clients import MethodCall, train_together  # noqa: E402
 from speed.shared_prefix import SharedPrefixText  # noqa: E402
+from store import runs  # noqa: E402
+from store.files import save_tensors, write_json  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 # ---- One pass over every lane of a round --------------------------------------------------
@@ -229,8 +237,6 @@ def start_cells(requests) -> list:
     """Each requested run (cfg, model_cfg, given) set up as federate.run sets one up, on one
     shared backbone and one copy of the frozen features; finished runs (--resume) are left out.
     Every cell's options are checked (and resumed ones read back) before anything is written."""
-    from experiment import load_backbone, resolve
-    from store import runs
     planned = []
     for cfg, model_cfg, given in requests:
         checkpoint = None
@@ -260,9 +266,6 @@ def start_cells(requests) -> list:
 def start_cell(cfg, model_cfg, given, checkpoint, backbone) -> Cell:
     """federate.run's start for one run, on a backbone already loaded: setup, round 0 (or the
     resumed history and client-sampling generator)."""
-    from experiment import setup
-    from federate import evaluate_round, save_round
-    from store import runs
     exp = setup(cfg, model_cfg, record={"engine": "lockstep"}, state=checkpoint and checkpoint["global_state"],
                 backbone=backbone)
     if cfg.resume and "rounds" in given:
@@ -291,8 +294,6 @@ def share_features(cells):
 def run_round_together(cells, round_index, log) -> None:
     """One round of every cell in `cells` (all at `round_index`): each samples its clients, every
     lane trains in one pass (train_lanes), each cell accepts, aggregates, evaluates and saves."""
-    from federate import accept_and_aggregate, client_generator, cosine_lr, evaluate_round, sample_clients, save_round
-    from store import runs
     lanes, owners, start = [], [], time.time()
     for cell in cells:
         cfg, exp = cell.exp.cfg, cell.exp
@@ -329,9 +330,6 @@ def run_round_together(cells, round_index, log) -> None:
 def finish(cell) -> None:
     """After a cell's last round: what federate.run does after its loop (state.pt, thresholds,
     the checks and warnings)."""
-    from evaluation import thresholds_record
-    from store import runs
-    from store.files import save_tensors, write_json
     exp, history, out = cell.exp, cell.history, cell.exp.out
     runs.check_trained(history, cell.first_round, cell.start_state, cell.global_state)
     save_tensors(cell.global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")
@@ -346,7 +344,6 @@ def finish(cell) -> None:
 def run_cells(requests) -> list:
     """Train (or continue) several runs side by side: requests [(cfg, model_cfg, given)], each as
     `federate.py` would take it. Returns each unfinished run's history (finished ones: skipped)."""
-    from tqdm import tqdm
     cells = start_cells(requests)
     failures = []
     while pending := [cell for cell in cells if cell.next_round <= cell.exp.cfg.rounds]:
@@ -365,8 +362,6 @@ def run_cells(requests) -> list:
 
 def parse_cells(argv) -> list:
     """`--cell [federate.py options] --cell ...` -> [(cfg, model_cfg, given)]."""
-    from federate import parse_config
-    from options import given_options
     if not argv or argv[0] != "--cell":
         raise FedMPTError("give each cell as --cell followed by its federate.py options.")
     groups, requests = [], []
