@@ -8,7 +8,7 @@ operator a TorchDispatchMode sees, gathering the batch included), and checks tha
 state equals its solo one (1e-5).
 
     OMP_NUM_THREADS=1 python benchmarks/lockstep_bench.py [--cells 8] [--method fedmpt] [--repeats 3]
-        [--out docs/lockstep_bench.json]
+        [--batches N] [--text-encoding auto|shared|full] [--out FILE.json]
 """
 import argparse
 import json
@@ -42,13 +42,16 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def round_lanes(cells, round_index=1) -> list:
-    """Every sampled client of every cell in its first round: (global_state, inputs, targets, rows, generator)."""
+def round_lanes(cells, round_index=1, batches=0) -> list:
+    """Every sampled client of every cell in its first round: (global_state, inputs, targets, rows,
+    generator); with `batches`, each client's first batches x batch size rows only (a shorter pass
+    of the same steps)."""
     lanes = []
     for exp in cells:
         cfg = exp.cfg
         for c in federate.sample_clients(np.random.default_rng(cfg.seed), cfg):
-            lanes.append((exp.model.tunable_state(), exp.train[0], exp.train[1], exp.splits[c],
+            rows = exp.splits[c][:batches * cfg.batch_size] if batches else exp.splits[c]
+            lanes.append((exp.model.tunable_state(), exp.train[0], exp.train[1], rows,
                           federate.client_generator(cfg, round_index, c)))
     return lanes
 
@@ -68,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--cells", type=int, default=8)
     parser.add_argument("--method", default="fedmpt")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=0, help="each client's first N batches only (0: all)")
     parser.add_argument("--text-encoding", default="auto", choices=("auto", "shared", "full"),
                         help="both sides' (federate.py's option; auto: full on the CPU)")
     parser.add_argument("--out", default="")
@@ -84,7 +88,7 @@ def main(argv=None):
         exps.append(exp)
     model, cfg = exps[0].model, exps[0].cfg
     lr = federate.cosine_lr(cfg.lr, 1, cfg.rounds)
-    lanes = round_lanes(exps)
+    lanes = round_lanes(exps, batches=args.batches)
     steps = sum(len(client.client_order(lane[3], cfg, torch.Generator().manual_seed(0))) for lane in lanes)
 
     sides = (("one by one", one_by_one), ("lockstep", train_lanes))
@@ -102,7 +106,8 @@ def main(argv=None):
     worst = max(float((a[0][k] - b[0][k]).abs().max() / (b[0][k].abs().max() or 1))
                 for a, b in zip(results["lockstep"], results["one by one"]) for k in a[0])
     rate = {name: steps / float(np.median(times)) for name, times in seconds.items()}
-    report = {"method": args.method, "cells": args.cells, "text_encoding": args.text_encoding, "lanes": len(lanes), "cell_steps": steps,
+    report = {"method": args.method, "cells": args.cells, "text_encoding": args.text_encoding, "lanes": len(lanes),
+              "batches_per_client": args.batches or "all", "cell_steps": steps,
               "backbone": cfg.clip, "ops_per_cell_step": {k: round(v, 1) for k, v in counts.items()},
               "cell_steps_per_second": {k: round(v, 2) for k, v in rate.items()},
               "seconds": {k: [round(t, 2) for t in v] for k, v in seconds.items()},
