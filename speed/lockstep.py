@@ -112,7 +112,9 @@ def stacked_loss(model, encode, lane_params, batch, loss_fn) -> torch.Tensor:
     A, prompts = len(batch), model.prompts
     embeddings, eot = vmap(lambda tensors: functional_call(prompts, tensors, ()), out_dims=(0, None))(
         {name[len("prompts."):]: p for name, p in lane_params.items() if name.startswith("prompts.")})
-    encoded = encode(embeddings.flatten(0, 1), eot.repeat(A))  # one text-encoder call: (A*2*K*C, D)
+    whole = encode == model.backbone.encode_prompts  # whole prompts (not speed.shared_prefix's layout)
+    per_lane = len(eot) if whole else None
+    encoded = encode_lanes(encode, embeddings.flatten(0, 1), eot.repeat(A), per_lane)  # (A*2*K*C, D)
     T = vmap(lambda tensors, x: functional_call(MethodCall(model, "text_from"), tensors, (x,)))(
         {f"model.{name}": p for name, p in lane_params.items()}, encoded.unflatten(0, (A, -1)))  # (A, 2, K, C, D)
     B = max(len(y) for _, y in batch)
@@ -129,6 +131,20 @@ def stacked_loss(model, encode, lane_params, batch, loss_fn) -> torch.Tensor:
     logits = model.backbone.logit_scale * torch.einsum("abk,abck->abc", g, z[:, :, 0] - z[:, :, 1])
     sizes = torch.tensor([len(y) for _, y in batch], dtype=logits.dtype, device=logits.device)
     return vmap(loss_fn)(logits, targets.to(logits.dtype)) * (targets.shape[1] / sizes)  # each lane's own mean
+
+
+CPU_TEXT_BATCH = 256  # prompts per text-encoder call on the CPU (see encode_lanes)
+
+
+def encode_lanes(encode, embeddings, eot, per_lane) -> torch.Tensor:
+    """The lanes' prompts through the text encoder: on a GPU (or with shared prefixes, whose
+    activations are a quarter of the whole prompts': per_lane None) in one call; whole prompts on
+    the CPU in calls of whole lanes, about CPU_TEXT_BATCH prompts each, where the activations still
+    fit the caches (one call over 32 lanes of the offline world ran 1.5x slower than one by one)."""
+    if embeddings.device.type != "cpu" or per_lane is None:
+        return encode(embeddings, eot)
+    step = per_lane * max(1, CPU_TEXT_BATCH // per_lane)
+    return torch.cat([encode(embeddings[i:i + step], eot[i:i + step]) for i in range(0, len(embeddings), step)])
 
 
 def pad(tensors, size, unknown=False) -> torch.Tensor:

@@ -33,8 +33,8 @@ from store import features  # noqa: E402
 def test_each_lane_of_the_batched_sinkhorn_stops_where_it_would_alone(rho):
     torch.manual_seed(0)
     # three lanes whose costs differ in scale: they settle after different numbers of iterations
-    cost = torch.rand(3, 4, 9, 5, dtype=torch.float64) * torch.tensor([0.05, 0.5, 10.0], dtype=torch.float64)[:, None,
-                                                                                                               None, None]
+    scale = torch.tensor([0.05, 0.5, 10.0], dtype=torch.float64).view(3, 1, 1, 1)
+    cost = torch.rand(3, 4, 9, 5, dtype=torch.float64) * scale
     together = lockstep.lane_sinkhorn(cost, 0.1, 100, rho, tol=1e-3)  # a loose tol: early stops
     for lane in range(3):
         alone = ot.sinkhorn(cost[lane], 0.1, n_iters=100, tol=1e-3, rho=rho)
