@@ -123,8 +123,11 @@ def stacked_loss(model, encode, lane_params, batch, loss_fn) -> torch.Tensor:
     K = T.shape[2]
     P = F.normalize(lane_call(model.patch_adapter, "patch_adapter.", lane_params, P), dim=-1)  # (A, B, N, D)
     S = torch.einsum("abnd,askcd->abscnk", P, T)  # (A, B, 2, C, N, K)
-    cfg = model.cfg
-    Q = ot.uniform_plan(S) if cfg.ot == "uniform" else lane_sinkhorn(1 - S.detach(), cfg.ot_eps, cfg.ot_iters, cfg.ot_rho)
+    cfg = model.cfg  # the transport as FedMPT.forward's: on a detached cost, one batched solve
+    if cfg.ot == "uniform":
+        Q = ot.uniform_plan(S)
+    else:
+        Q = lane_sinkhorn(1 - S.detach(), cfg.ot_eps, cfg.ot_iters, cfg.ot_rho)  # (A, B, 2, C, N, K)
     z = K * (Q * S).sum(dim=-2)  # (A, B, 2, C, K)
     g = (lane_call(model.gate, "gate.", lane_params, v) if not model.gate.uniform
          else model.gate(v.flatten(0, 1)).unflatten(0, v.shape[:2]))  # (A, B, K)
