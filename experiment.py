@@ -59,10 +59,11 @@ class Experiment:
     out: Path = None
 
 
-def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None) -> Experiment:
+def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None, backbone=None) -> Experiment:
     """The plain loop's start: every stage in order. `state`: a saved tunable state to continue
     from (--resume), loaded as soon as the model is built, so one that does not fit fails before
-    any image is encoded. An --out that already holds a run is refused first."""
+    any image is encoded. An --out that already holds a run is refused first. `backbone`: a
+    FrozenCLIP already loaded (cells side by side share one: speed/lockstep.py)."""
     cfg, model_cfg, device, root = resolve(cfg, model_cfg)  # bad options first, before anything is built
     if cfg.threads:  # after the checks: a bad option is all a refused run says
         torch.set_num_threads(cfg.threads)
@@ -70,7 +71,7 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
         print(f"note: the CPUs are busy (load {load:.1f} on {cores} cores); a run that shares them is faster "
               "with --threads 1 (docs/usage.md).", file=sys.stderr)
     out = runs.run_directory(cfg)
-    exp = prepare(cfg, model_cfg, device, root)
+    exp = prepare(cfg, model_cfg, device, root, backbone)
     if state is not None:
         try:
             exp.model.load_tunable_state(state)
@@ -83,8 +84,9 @@ def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict 
     return exp
 
 
-def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Experiment:
-    """(resolved options) -> data -> (seen classes) -> clients -> backbone -> model."""
+def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str, backbone=None) -> Experiment:
+    """(resolved options) -> data -> (seen classes) -> clients -> backbone (`backbone`, when one
+    is given) -> model."""
     print(f"feature store: {features.cache_root(cfg.cache_dir)} (set FEDMPT_CACHE or --cache-dir to move it)")
     conditions = load_conditions(cfg.conditions, cfg.dataset)
     train_set, test_set = load_data(cfg, root)
@@ -99,7 +101,7 @@ def prepare(cfg: Config, model_cfg: ModelConfig, device: str, root: str) -> Expe
     if validation:  # back to rows of the whole training set
         client_splits = [[pool[i] for i in s] for s in client_splits]
     print(splits.split_report(labelled.targets, client_splits, labelled.classes, names=client_names))
-    backbone = load_backbone(cfg, device)
+    backbone = load_backbone(cfg, device) if backbone is None else backbone
     train_set.transform = test_set.transform = data.clip_transform(backbone.resolution)
     similar = similar_classes(backbone, train_set.classes)
     attributes = method_attributes(cfg, train_set.classes) if cfg.method == "fedmvp" else None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from aggregation import AGGREGATORS
 from client import local_train
-from errors import RunFailed, exit_code
+from errors import exit_code
 from evaluation import evaluate_global, thresholds_record
 from experiment import Experiment, count_params, setup
 from options import Config, ModelConfig, build_parser, flag
@@ -123,12 +123,8 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
             results = ([local_train(model, global_state, inputs, targets, rows[0], cfg, lr, generators[0])]
                        if len(group) == 1 else train_together(model, global_state, inputs, targets, rows, generators,
                                                               cfg, lr))
-        except Exception as error:  # out of memory, a bug: the run stops in one process (RunFailed)
-            oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
-                or "can't allocate memory" in str(error)
-            raise RunFailed(f"round {round_index}, {'client' if len(group) == 1 else 'clients'} "
-                            f"{group[0] if len(group) == 1 else group}: {type(error).__name__}: {error}"
-                            + ("; out of memory: try a smaller --batch-size" if oom else "")) from error
+        except Exception as error:  # out of memory, a bug: the run stops in one process
+            raise runs.client_failed(round_index, group, error) from error
         updates += [(client, state, n, stats, "") for client, (state, n, stats) in zip(group, results)]
     new_state, stats, n_aggregated, rejected = accept_and_aggregate(round_index, updates, global_state,
                                                                     cfg.aggregate, log)

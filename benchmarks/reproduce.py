@@ -3,6 +3,7 @@
     python benchmarks/reproduce.py table1 --out runs/table1 [--dataset voc2007,coco2014,nuswide]
         [--methods fedmpt,fedmvp] [--t 0.1,0.2] [--seeds 0,1,2] [--rounds R] [--clients N]
         [--data-dir data] [--dry-run] [--keep-going] [-- more federate.py options]
+        [--lockstep N] [--jobs N | --gpus 0,1,2,3 | --slurm [--slurm-partition P] [--slurm-time MIN] ...]
     python benchmarks/reproduce.py table3 --out runs/table3      # multiscene, mlrsnet: mAP / CF1 / OF1
     python benchmarks/reproduce.py table5 --out runs/table1      # cost: step times joined with the mAP rows
     python benchmarks/reproduce.py zsl --out runs/zsl            # unseen classes: COCO 48/17, NUS-WIDE 925/81
@@ -18,11 +19,19 @@ note, any other bad row is an error naming its line. A grid holds OUT/.grid.lock
 a second grid on the same --out is refused (exit 2), so one cell never runs twice at once. Then OUT/<table>.md holds the
 table in the paper's layout beside the published numbers, and table1 draws OUT/table1.png.
 
+How the cells run: one process each, one at a time (`--jobs N`: N at once); `--lockstep N`: up to N
+cells of one method, dataset and options (their seeds and t levels) side by side in one process
+(speed/lockstep.py), each still its own run directory and row, equal to it run alone; `--gpus
+0,1,...`: a worker per GPU (CUDA_VISIBLE_DEVICES its id), each process on whichever GPU is free;
+`--slurm`: a Slurm job array through submitit, a task per process, each task appending its own
+rows. Rows are appended under OUT/.results.lock, never twice for one cell.
+
 Defaults follow the paper where it says: t in {0.1, ..., 1.0} and every method. It leaves
 clients and rounds open; they come from the authors' code (CLIENTS_ROUNDS; docs/tables.md).
 """
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -30,6 +39,7 @@ import io
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import statistics
@@ -184,16 +194,38 @@ def row_problem(row: dict, columns) -> str:
     return ""
 
 
-def append_result(path: Path, row: dict, columns=COLUMNS):
+def append_result(path: Path, row: dict, columns=COLUMNS) -> bool:
     """One line per finished run: results.csv rewritten whole with it (store/files.write_atomic:
-    a temporary file, flushed to disk, renamed), so a row is there whole or not at all."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    line = io.StringIO(newline="")
-    writer = csv.DictWriter(line, columns)
-    if not text:
-        writer.writeheader()
-    writer.writerow(row)
-    write_atomic(path, (text + line.getvalue()).encode())
+    a temporary file, flushed to disk, renamed), so a row is there whole or not at all. Writers
+    take turns under OUT/.results.lock (Slurm tasks, GPU workers and the grid may all write); a
+    cell already in the file is not added twice. Returns whether the row was added."""
+    with results_lock(path):
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        if text.endswith("\n") and any(cell_key(r) == cell_key(row) for r in csv.DictReader(io.StringIO(text))):
+            return False
+        line = io.StringIO(newline="")
+        writer = csv.DictWriter(line, columns)
+        if not text:
+            writer.writeheader()
+        writer.writerow(row)
+        write_atomic(path, (text + line.getvalue()).encode())
+    return True
+
+
+@contextlib.contextmanager
+def results_lock(path: Path):
+    """An exclusive lock on results.csv's lock file beside it (opened without following a link),
+    held while one writer reads and rewrites results.csv."""
+    lock = path.with_name(".results.lock")
+    try:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise GridError(f"cannot lock {path}: {lock} is {error.strerror}; remove it and run again.") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # waits for the writer before it
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def finished_row(cell, run_dir: Path) -> dict:
@@ -215,29 +247,83 @@ def read_launches(run_dir: Path) -> list:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str, threads: int = 0):
+def run_cell(cell, run_dir: Path, log: Path, data_dir: str, version: str, threads: int = 0, gpu=None):
     """One federate.py process; an interrupted cell (config.json, no state.pt) resumes."""
+    args = cell_arguments(cell, run_dir, data_dir)
+    launch([str(ROOT / "federate.py"), *args], [run_dir], log, version, threads, gpu, cell_name(cell))
+
+
+def cell_arguments(cell, run_dir: Path, data_dir: str) -> list:
+    """federate.py's options for a cell: its own, or --resume RUN_DIR for one that has started
+    (config.json); a run directory stopped before its first record is emptied first."""
     if run_dir.exists() and not (run_dir / "config.json").exists():
         shutil.rmtree(run_dir)  # stopped before its first record: nothing to keep
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = (run_dir / "config.json").exists()
-    args = ["--resume", str(run_dir)] if resume else federate_args(cell, run_dir, data_dir)
+    return ["--resume", str(run_dir)] if (run_dir / "config.json").exists() else federate_args(cell, run_dir, data_dir)
+
+
+def run_lockstep(cells, out: Path, data_dir: str, version: str, threads: int = 0, gpu=None):
+    """Cells side by side in one process (speed/lockstep.py: each resumes on its own); its output
+    goes to one log, named in each cell's own."""
+    run_dirs = [out / "runs" / cell_name(cell) for cell in cells]
+    args = [argument for cell, run_dir in zip(cells, run_dirs)
+            for argument in ["--cell", *cell_arguments(cell, run_dir, data_dir)]]
+    log = out / "logs" / f"lockstep-{cell_name(cells[0])}-{len(cells)}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for cell in cells:
+        with open(out / "logs" / f"{cell_name(cell)}.log", "a") as own:
+            own.write(f"(trained side by side with {len(cells) - 1} other cells: {log})\n")
+    launch([str(ROOT / "speed" / "lockstep.py"), *args], run_dirs, log, version, threads, gpu,
+           f"{len(cells)} cells side by side ({', '.join(map(cell_name, cells))})")
+
+
+def launch(command, run_dirs, log: Path, version: str, threads: int, gpu, what: str):
+    """A Python process of the grid, its output appended to `log`, with OMP_NUM_THREADS (threads)
+    and CUDA_VISIBLE_DEVICES (gpu) when given; each run directory's launches.json records its
+    share of the wall time, the code version and the GPU. A failed process is a GridError."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log, "a") as output:
-        output.write(f"$ python federate.py {' '.join(args)}\n")
+        output.write(f"$ python {' '.join(command)}\n")
         output.flush()
         try:
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-            code = subprocess.run([sys.executable, str(ROOT / "federate.py"), *args], cwd=ROOT, stdout=output,
-                                  stderr=subprocess.STDOUT, env=env).returncode
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+                   **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
+            code = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                  env=env).returncode
         finally:  # the wall time of the process, Ctrl-C included: what the next estimate uses
-            launches = read_launches(run_dir) + [{"code": version, "seconds": round(time.time() - start, 1)}]
-            write_atomic(run_dir / "launches.json", json.dumps(launches).encode())
+            share = round((time.time() - start) / len(run_dirs), 1)
+            for run_dir in run_dirs:
+                launch_record = {"code": version, "seconds": share, **({"gpu": str(gpu)} if gpu is not None else {}),
+                                 **({"lockstep": len(run_dirs)} if len(run_dirs) > 1 else {})}
+                write_atomic(run_dir / "launches.json", json.dumps(read_launches(run_dir) + [launch_record]).encode())
     if code != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise GridError(f"{cell_name(cell)} failed (exit {code}); its output: {log}\n" + "\n".join(tail),
+        raise GridError(f"{what} failed (exit {code}); its output: {log}\n" + "\n".join(tail),
                         code=2 if code == 2 else 1)
+
+
+def make_units(cells, size: int) -> list:
+    """The grid's processes: cells in groups of at most `size` (--lockstep) that may train side by
+    side, one method, dataset, rounds, clients and options each (their seeds and t levels differ)."""
+    groups = {}
+    for cell in cells:
+        groups.setdefault((cell["method"], cell["dataset"], cell["rounds"], cell["clients"], cell["options"]),
+                          []).append(cell)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def run_unit(unit, out: Path, data_dir: str, version: str, threads: int = 0, gpu=None) -> list:
+    """A unit's cells that have no state.pt yet trained (one: federate.py; more: side by side);
+    returns every cell's results.csv row."""
+    pending = [cell for cell in unit if not (out / "runs" / cell_name(cell) / "state.pt").exists()]
+    if len(pending) == 1:
+        cell = pending[0]
+        run_cell(cell, out / "runs" / cell_name(cell), out / "logs" / f"{cell_name(cell)}.log", data_dir, version,
+                 threads, gpu)
+    elif pending:
+        run_lockstep(pending, out, data_dir, version, threads, gpu)
+    return [finished_row(cell, out / "runs" / cell_name(cell)) for cell in unit]
 
 
 # ---- Time estimates ------------------------------------------------------------------------
@@ -437,6 +523,22 @@ def parse(argv):
                         "1 keeps a CPU grid fast beside other torch processes (two at full threads slow each other many times)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (one GPU shared; without --threads "
                         "each gets its share of the CPU cores); the results equal those of one at a time")
+    parser.add_argument("--lockstep", type=int, default=1, help="cells trained side by side in one process "
+                        "(speed/lockstep.py): up to N cells of one method, dataset, rounds, clients and options (their "
+                        "seeds and t levels) share the frozen encoders and each step's passes; each keeps its own run "
+                        "directory and row, equal to it run alone")
+    parser.add_argument("--gpus", default="", help="GPU ids, comma-separated: one worker per GPU "
+                        "(CUDA_VISIBLE_DEVICES=id), each cell (or --lockstep group) on whichever GPU is free")
+    parser.add_argument("--slurm", action="store_true", help="run the grid as a Slurm job array through submitit, a "
+                        "task per cell or --lockstep group (logs in OUT/slurm/)")
+    parser.add_argument("--slurm-partition", default="", help="--slurm: the partition (default: the cluster's)")
+    parser.add_argument("--slurm-time", type=int, default=1440, help="--slurm: minutes each task may run")
+    parser.add_argument("--slurm-gpus", type=int, default=1, help="--slurm: GPUs per task")
+    parser.add_argument("--slurm-cpus", type=int, default=8, help="--slurm: CPU cores per task")
+    parser.add_argument("--slurm-parallel", type=int, default=0, help="--slurm: tasks running at once (0: all)")
+    parser.add_argument("--slurm-cluster", default="slurm", choices=["slurm", "local"], help="--slurm: local runs "
+                        "the same tasks as processes on this machine (submitit's local executor: a check before "
+                        "a cluster)")
     parser.add_argument("--steps", type=int, default=5, help="table5: timed steps per method")
     parser.add_argument("--clip", default="ViT-B/16", help="table5: the architecture timed (random init)")
     parser.epilog = "Options after -- go to every cell's federate.py (e.g. -- --clients-by scene --min-labels 7)."
@@ -457,6 +559,20 @@ def parse(argv):
         raise GridError(f"--methods {','.join(unknown) or '(empty)'}: choose from {','.join(METHODS)}.")
     if args.jobs < 1:
         raise GridError(f"--jobs {args.jobs}: give 1 or more cells at once.")
+    if args.lockstep < 1:
+        raise GridError(f"--lockstep {args.lockstep}: give 1 or more cells per process.")
+    try:
+        args.gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+    except ValueError:
+        raise GridError(f"--gpus {args.gpus}: give GPU ids, comma-separated (e.g. 0,1,2,3).") from None
+    if any(g < 0 for g in args.gpus) or len(set(args.gpus)) != len(args.gpus):
+        raise GridError(f"--gpus {args.gpus}: each id once, 0 or more.")
+    if args.gpus and (args.jobs > 1 or args.slurm):
+        raise GridError("--gpus runs one process per GPU on this machine; leave out --jobs and --slurm with it.")
+    if args.slurm and (args.jobs > 1 or min(args.slurm_time, args.slurm_gpus + 1, args.slurm_cpus) < 1
+                       or args.slurm_parallel < 0):
+        raise GridError("--slurm: --slurm-time and --slurm-cpus must be 1 or more, --slurm-gpus and --slurm-parallel "
+                        "0 or more, and --jobs left out (the cluster runs the tasks at once).")
     if any(not 0 < t <= 1 for t in args.t):
         raise GridError(f"--t {args.t}: each level must lie in (0, 1].")
     if {"--out", "--resume", "--seed", "--method", "--dataset", "--heterogeneity"} & {option.split("=", 1)[0]
@@ -495,37 +611,114 @@ def run_grid(args, out: Path) -> list:
                  "run `table5` into this --out for step times, or let one cell finish)" if unknown else "") + ".")
         print(cost_model_price(todo))
         return []
-    failures = []
-    # --jobs N: N cells at once (one GPU shared; on the CPU the cores divided between them)
-    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0)
+    units = make_units(todo, args.lockstep)
+    if args.slurm:
+        submit_slurm(units, args, out, version)
+        return read_results(results_path, columns_of(args.table))
+    return run_units(units, args, out, version, results, results_path)
 
-    def one(cell):
-        run_dir = out / "runs" / cell_name(cell)
-        if not (run_dir / "state.pt").exists():
-            run_cell(cell, run_dir, out / "logs" / f"{cell_name(cell)}.log", args.data_dir, version, threads)
-        return finished_row(cell, run_dir)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+
+def run_units(units, args, out: Path, version: str, results: list, results_path: Path) -> list:
+    """Every unit (make_units) in a process of its own: --jobs at once, or with --gpus one per GPU
+    (CUDA_VISIBLE_DEVICES its id), each unit taking whichever GPU is free; this process alone
+    writes the rows. Returns the grid's rows of results.csv."""
+    workers = len(args.gpus) or args.jobs
+    # --jobs N: N cells at once (one GPU shared; on the CPU the cores divided between them)
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0)
+    free = queue.Queue()
+    for gpu in args.gpus:
+        free.put(gpu)
+
+    def one(unit):
+        gpu = free.get() if args.gpus else None
+        try:
+            return run_unit(unit, out, args.data_dir, version, threads, gpu)
+        finally:
+            if gpu is not None:
+                free.put(gpu)
+    failures, done, total = [], 0, sum(map(len, units))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
     try:
-        started = {pool.submit(one, cell): (cell, time.time()) for cell in todo}
-        for i, future in enumerate(concurrent.futures.as_completed(started), 1):
-            cell, start = started[future]
+        started = {pool.submit(one, unit): (unit, time.time()) for unit in units}
+        for future in concurrent.futures.as_completed(started):
+            unit, start = started[future]
             try:
-                row = future.result()
+                rows = future.result()
             except GridError as error:
                 if not args.keep_going:
                     raise
                 failures.append(str(error))
-                print(f"[{i}/{len(todo)}] {cell_name(cell)} failed", flush=True)
+                done += len(unit)
+                print(f"[{done}/{total}] {', '.join(map(cell_name, unit))} failed", flush=True)
                 continue
-            append_result(results_path, row, columns_of(args.table))  # one thread writes results.csv
-            results.append(row)
-            print(f"[{i}/{len(todo)}] {cell_name(cell)} mAP {float(row['mAP']):.2f} ({time.time() - start:.0f} s)",
-                  flush=True)
+            for cell, row in zip(unit, rows):
+                append_result(results_path, row, columns_of(args.table))  # one thread writes results.csv
+                results.append(row)
+                done += 1
+                print(f"[{done}/{total}] {cell_name(cell)} mAP {float(row['mAP']):.2f} ({time.time() - start:.0f} s)",
+                      flush=True)
     finally:  # Ctrl-C or a failed cell: no further cell starts; the running ones end (they got the Ctrl-C too)
         pool.shutdown(wait=True, cancel_futures=True)
     if failures:
         raise GridError(f"{len(failures)} cells failed:\n" + "\n".join(failures), code=1)
     return results
+
+
+# ---- A Slurm cluster (submitit) ------------------------------------------------------------
+def submit_slurm(units, args, out: Path, version: str):
+    """The units as one Slurm job array through submitit, a task per unit: each task runs
+    `reproduce.py --unit SPEC` (run_unit) and appends its cells' rows itself (append_result takes
+    turns under a lock), so rows land even if this process is gone. This process waits for the
+    array and says how each task ended; --slurm-cluster local runs the same tasks on this machine."""
+    try:
+        import submitit
+    except ImportError:
+        raise GridError("--slurm needs submitit: pip install -r requirements.txt") from None
+    if not units:
+        return
+    specs = []
+    for i, unit in enumerate(units):
+        spec = out / "units" / f"{cell_name(unit[0])}-{len(unit)}.json"
+        write_atomic(spec, json.dumps({"table": args.table, "out": str(out), "cells": unit, "data_dir": args.data_dir,
+                                       "version": version, "threads": args.threads}).encode())
+        specs.append(str(spec))
+    executor = submitit.AutoExecutor(folder=out / "slurm" / "%j", cluster=None if args.slurm_cluster == "slurm"
+                                     else "local")
+    parameters = {"timeout_min": args.slurm_time, "name": f"fedmpt-{args.table}"}
+    if args.slurm_cluster == "slurm":
+        parameters.update(gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus, tasks_per_node=1,
+                          slurm_array_parallelism=args.slurm_parallel or len(units),
+                          **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {}))
+    executor.update_parameters(**parameters)
+    task = submitit.helpers.CommandFunction([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--unit"],
+                                            cwd=str(ROOT), verbose=False)
+    jobs = executor.map_array(task, specs)
+    print(f"submitted {len(jobs)} tasks ({sum(map(len, units))} cells) as job {jobs[0].job_id.split('_')[0]}; "
+          f"their logs: {out / 'slurm'}; this command waits for them (Ctrl-C leaves them running).", flush=True)
+    failures = []
+    for job, unit in zip(jobs, units):
+        try:
+            job.result()
+            print(f"task {job.job_id}: {', '.join(map(cell_name, unit))} done", flush=True)
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+            failures.append(f"task {job.job_id} ({', '.join(map(cell_name, unit))}): {str(error).strip()[-600:]}")
+    if failures:
+        raise GridError(f"{len(failures)} tasks failed:\n" + "\n".join(failures), code=1)
+
+
+def run_unit_file(spec_path: str) -> int:
+    """`reproduce.py --unit SPEC`: one task of a Slurm array (submit_slurm): its unit trained, its
+    rows appended to results.csv."""
+    try:
+        spec = json.loads(Path(spec_path).read_text())
+        out = Path(spec["out"])
+        rows = run_unit(spec["cells"], out, spec["data_dir"], spec["version"], spec["threads"])
+        for row in rows:
+            append_result(out / "results.csv", row, columns_of(spec["table"]))
+        return 0
+    except GridError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
 
 
 def step_times_for(args, out: Path) -> Path:
@@ -573,6 +766,9 @@ def stop(signum, frame):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--unit"] and len(argv) == 2:  # a task of a --slurm array
+        return run_unit_file(argv[1])
     lock = None
     try:
         args = parse(argv)

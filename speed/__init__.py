@@ -7,6 +7,8 @@ plain path it replaces (tests/test_speed.py). They import the method, never the 
     compiled.py          --compile: the training loss compiled, CLIP's blocks batch-first into
                          scaled_dot_product_attention, the Sinkhorn fused (CompiledStep wraps a model)
     fused_sinkhorn.py    ot.sinkhorn with its iterations compiled (what --compile's transport runs)
+    lockstep.py          reproduce.py --lockstep N: N cells of a grid in one process, every client of
+                         every cell a lane of one pass (run_cells, train_lanes)
 """
 from speed.shared_prefix import SharedPrefixText
 

@@ -16,15 +16,17 @@ from speed.shared_prefix import SharedPrefixText
 
 def train_together(model, global_state, inputs, targets, client_rows, generators, cfg, lr) -> list:
     """client.local_train for several clients side by side: [(state, n_samples, stats)] in the
-    order of `client_rows` and `generators`."""
+    order of `client_rows` and `generators`. `global_state`, `inputs` and `targets` may also be
+    lists, one per client (clients of several cells: speed/lockstep.py)."""
     encode = model.encode_prompts if isinstance(model, SharedPrefixText) else model.backbone.encode_prompts
     model = model.model if isinstance(model, SharedPrefixText) else model  # the tunable tensors' own names
     device, loss_fn = model.device, LOSSES[cfg.loss]
-    states = [{f"model.{name}": t.detach().clone().requires_grad_() for name, t in global_state.items()}
-              for _ in client_rows]  # named as inside MethodCall
+    each = lambda value: value if isinstance(value, list) else [value] * len(client_rows)
+    states = [{f"model.{name}": t.detach().clone().requires_grad_() for name, t in state.items()}
+              for state in each(global_state)]  # named as inside MethodCall
     optimizers = [local_optimizer(list(state.values()), lr) for state in states]
     orders = [client_order(rows, cfg, generator) for rows, generator in zip(client_rows, generators)]
-    loaders = [batches(inputs, targets, order, device) for order in orders]
+    loaders = [batches(x, y, order, device) for x, y, order in zip(each(inputs), each(targets), orders)]
     sums = [torch.zeros(3, dtype=torch.float64, device=device) for _ in states]  # client.local_train's
     methods = {name: MethodCall(model, name) for name in ("text_inputs", "text_from", "loss")}
     call = lambda i, method, *args, **kwargs: functional_call(methods[method], states[i], args, kwargs)

@@ -267,6 +267,16 @@ def continue_from(checkpoint: dict, rng: np.random.Generator, out: Path):
     return checkpoint["history"], checkpoint["round"] + 1
 
 
+def client_failed(round_index: int, clients: list, error: Exception) -> RunFailed:
+    """What a client update that raised (out of memory, a bug) ends the run with: RunFailed naming
+    the round, the client(s) and the error, with a hint for out of memory."""
+    oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower() \
+        or "can't allocate memory" in str(error)
+    who = f"client {clients[0]}" if len(clients) == 1 else f"clients {clients}"
+    return RunFailed(f"round {round_index}, {who}: {type(error).__name__}: {error}"
+                     + ("; out of memory: try a smaller --batch-size" if oom else ""))
+
+
 @contextmanager
 def round_failure(out: Path, round_index: int):
     """A round that fails (RunFailed: its traceback goes to error.log) or is interrupted (Ctrl-C)
