@@ -29,6 +29,7 @@ import torch
 import metrics
 import splits
 from client import local_train
+from evaluation import predict_scores
 from store.files import write_json
 
 
@@ -99,10 +100,21 @@ def spread(per_client: list) -> dict:
             "worst_client": worst_client}
 
 
-def client_metrics(exp, scores, targets) -> dict:
-    """A round's per-client figures (--client-eval) from the global model's test scores."""
+def test_scores(exp, state, rows=None):
+    """Test probabilities (n, C) of a tunable state on the test images (or their `rows`), every
+    class scored (with unseen classes, by exp.scorer)."""
+    exp.model.load_tunable_state(state)
+    if exp.unseen:
+        exp.scorer.load_tunable_state(state)
+    return predict_scores(exp.scorer or exp.model, exp.test[0], rows=rows)
+
+
+def client_metrics(exp) -> dict:
+    """A round's per-client figures (--client-eval): the model's current state on each client's
+    test images (a second pass over the test images, beside evaluation.evaluate_global's)."""
     if exp.client_test is None:
         exp.client_test = test_clients(exp)
+    scores, targets = test_scores(exp, exp.model.tunable_state()), exp.test[1]
     per_client = [client_mAP(scores, targets, rows) for rows in exp.client_test]
     summary = spread(per_client)
     return {"client_mAP": per_client, **{f"client_mAP_{k}": summary[k] for k in ("mean", "std", "worst", "best")},
@@ -111,22 +123,16 @@ def client_metrics(exp, scores, targets) -> dict:
 
 # ---- Personalization -----------------------------------------------------------------------
 def own_mAP(exp, state, rows):
-    """mAP of a tunable state on one client's test `rows` (every class scored, with unseen ones)."""
-    from evaluation import predict_scores  # evaluation imports this module
+    """mAP of a tunable state on one client's test `rows`; None without a row."""
     if not rows:
         return None
-    exp.model.load_tunable_state(state)
-    if exp.unseen:
-        exp.scorer.load_tunable_state(state)
-    scores = predict_scores(exp.scorer or exp.model, exp.test[0], rows=rows)  # (len(rows), C)
-    return metrics.multilabel_metrics(scores, exp.test[1][rows], top_k=1)["mAP"]
+    return metrics.multilabel_metrics(test_scores(exp, state, rows), exp.test[1][rows], top_k=1)["mAP"]
 
 
-def personalize(exp, global_state) -> dict:
+def personalize(exp, global_state, generators) -> dict:
     """--personalize E: every client fine-tunes `global_state` for E local epochs on its own
-    training images and is scored on its own test images; writes personalized.json, prints a
-    table, and leaves the model holding `global_state` again."""
-    from federate import client_generator  # federate imports evaluation, which imports this module
+    training images (client j's order drawn from generators[j]) and is scored on its own test
+    images; writes personalized.json, prints a table, and leaves the model holding `global_state`."""
     cfg, (inputs, targets) = exp.cfg, exp.train
     if exp.client_test is None:
         exp.client_test = test_clients(exp)
@@ -134,12 +140,12 @@ def personalize(exp, global_state) -> dict:
     clients = []
     for client, (train_rows, test_rows) in enumerate(zip(exp.splits, exp.client_test)):
         state, n, stats = local_train(exp.model, global_state, inputs, targets, train_rows, tuning, cfg.lr,
-                                      client_generator(cfg, cfg.rounds + 1, client))
+                                      generators[client])
         clients.append({"client": client, "name": (exp.client_names or [None] * len(exp.splits))[client],
                         "train_images": n, "test_images": len(test_rows), "train_loss": stats["loss"],
                         "global_mAP": own_mAP(exp, global_state, test_rows),
                         "personalized_mAP": own_mAP(exp, state, test_rows)})
-    exp.model.load_tunable_state(global_state)
+    exp.model.load_tunable_state(global_state)  # the model (and the scorer) hold the global state again
     if exp.unseen:
         exp.scorer.load_tunable_state(global_state)
     summary = {kind: spread([c[f"{kind}_mAP"] for c in clients]) for kind in ("global", "personalized")}

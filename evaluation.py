@@ -3,7 +3,6 @@ held-out images' (--validation) and the thresholds chosen on them.
 """
 import torch
 
-import clients_eval
 import metrics
 import zeroshot
 from client import gather
@@ -40,8 +39,6 @@ def evaluate_global(exp) -> dict:
         result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
     if bool(((y == 1).sum(1) == 1).all()):  # one label a test image: FedMVP's and CoCoOp's accuracies too
         result.update(metrics.single_label_accuracy(scores, y, exp.unseen))
-    if exp.cfg.client_eval:  # every client on its own test images
-        result.update(clients_eval.client_metrics(exp, scores, y))
     if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
         val_scores, val_y = validation_scores(exp)
         held_out = metrics.multilabel_metrics(val_scores, val_y, top_k=min(3, y.shape[1]))

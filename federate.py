@@ -154,7 +154,10 @@ def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregat
         extra = {"clip_share": stats["clip_share"], "grad_norm": stats["grad_norm"], "clients_aggregated": n_aggregated,
                  "clients_rejected": list(rejected), "failed": n_aggregated == 0, **(dropout or {})}
     loss = None if stats is None else stats["loss"]
-    return {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp), **extra}
+    row = {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp)}
+    if exp.cfg.client_eval:  # every client on its own test images
+        row.update(clients_eval.client_metrics(exp))
+    return {**row, **extra}
 
 
 def save_round(exp: Experiment, history: list, row: dict, rng=None):
@@ -218,8 +221,9 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
 
     runs.check_trained(history, first_round, start_state, global_state)  # a run that could not train: exit 1
     save_tensors(global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")
-    if cfg.personalize:  # every client fine-tunes the final state and is scored on its own test images
-        clients_eval.personalize(exp, global_state)
+    if cfg.personalize:  # every client fine-tunes the final state (its order seeded as round R + 1)
+        clients_eval.personalize(exp, global_state, [client_generator(cfg, cfg.rounds + 1, c)
+                                                     for c in range(len(exp.splits))])
     if exp.validation:  # what predict.py labels with: thresholds chosen on held-out training images
         write_json(out / "thresholds.json", thresholds_record(exp, history[-1]["round"]))
     if cfg.plot:

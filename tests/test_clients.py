@@ -89,7 +89,7 @@ def sites(tmp_path_factory):
 
 def test_client_eval_equals_sklearn_on_each_sites_own_test_rows(sites):
     exp = sites
-    result = evaluation.evaluate_global(exp)
+    result = federate.evaluate_round(exp, 0, 0.0)  # a round's row
     scores, y = predict_scores(exp.model, exp.test[0]).double().numpy(), exp.test[1].numpy()
     names = [exp.test_set.images[i].parent.name for i in range(len(exp.test_set))]
     assert exp.client_names == SITES and result["client_test_images"] == [5, 5, 5]
@@ -107,7 +107,7 @@ def test_client_eval_equals_sklearn_on_each_sites_own_test_rows(sites):
 def test_without_the_option_a_multi_label_round_gains_no_key(sites):
     sites.cfg.client_eval = False
     try:
-        result = evaluation.evaluate_global(sites)
+        result = federate.evaluate_round(sites, 0, 0.0)
     finally:
         sites.cfg.client_eval = True
     assert not [key for key in result if "client" in key or "accuracy" in key]
