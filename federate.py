@@ -144,9 +144,10 @@ TABLE_HEADER = (f"{'round':>5} {'train loss':>10} {'clipped':>7} {'grad norm':>9
 
 def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregated=0, rejected=(),
                    dropout=None) -> dict:
-    """A round's row of metrics.json: the global model's test metrics and the round's training
-    numbers (accept_and_aggregate's; `dropout`: availability.drop_out's record); round 0, the
-    untuned model, carries the reference scores instead: the label prior and the frozen backbone zero-shot."""
+    """A round's row of metrics.json: the global model's test metrics (with --client-eval each
+    client's too) and the round's training numbers (accept_and_aggregate's; `dropout`:
+    availability.drop_out's record); round 0, the untuned model, carries the reference scores
+    instead: the label prior and the frozen backbone zero-shot."""
     if stats is None:
         extra = {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
                  **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}
