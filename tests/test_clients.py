@@ -4,6 +4,7 @@ assigned by the rule that split the training images), a model of each client's o
 single-label data scored as FedMVP and CoCoOp score it (top-1, base/novel/H accuracy). The
 references are sklearn's average precision and numpy's argmax on hand-made cases."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sklearn.metrics import average_precision_score
 
 import availability
 import clients_eval
+import data
 import evaluation
 import federate
 import metrics
@@ -212,3 +214,13 @@ def test_flower_refuses_personalize_before_anything_starts(tmp_path, capsys):
     assert flower_app.main(["--personalize", "1", "--out", str(tmp_path / "run")]) == 2
     assert "--personalize: only with the plain loop" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_single_label_world_holds_one_label_an_image_at_four_sites(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import clients  # benchmarks/clients.py, which makes the world of docs/results.md's single-label table
+    root = clients.write_single_label_world(tmp_path, n_train=8, n_test=4)
+    train, test = data.load_dataset("folder", root, "train"), data.load_dataset("folder", root, "test")
+    assert ((train.targets == 1).sum(1) == 1).all() and ((test.targets == 1).sum(1) == 1).all()
+    assert [site for site, _ in train.natural_clients] == [f"site-{s}" for s in range(4)]
+    assert [len(rows) for _, rows in test.natural_clients] == [1, 1, 1, 1]
