@@ -1,6 +1,7 @@
 """`--client-dropout` on Flower: the same clients drop out in the same rounds as in the plain loop
 (one draw both engines call, availability.dropped_clients), a round where none reports keeps the
-global state, and the two engines' results agree within their usual parity."""
+global state, and the two engines' results (with `--client-eval`, every client's own mAP too)
+agree within their usual parity."""
 import json
 
 import pytest
@@ -19,7 +20,7 @@ def test_both_engines_drop_the_same_clients_in_the_same_rounds(shapes_root, tmp_
     # three rounds of two clients at p = 0.5: one where both drop out, one where one does
     seed = seed_where(lambda d: sorted(map(len, d))[-2:] == [1, 2], 2, 3, 0.5)
     options = ["--root", str(shapes_root), "--clients", "2", "--rounds", "3", "--seed", str(seed),
-               "--client-dropout", "0.5", *TINY]
+               "--client-dropout", "0.5", "--client-eval", *TINY]
     flower = flower_run(tmp_path / "flower", *options, "--round-timeout", "300")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -40,5 +41,7 @@ def test_both_engines_drop_the_same_clients_in_the_same_rounds(shapes_root, tmp_
     b = torch.load(tmp_path / "plain" / "state.pt", weights_only=True)
     assert max(float((a[k] - b[k]).abs().max()) for k in b) <= 1e-5
     assert max(abs(x["mAP"] - y["mAP"]) for x, y in zip(history, plain)) <= 1e-3
+    assert max(abs(f - p) for x, y in zip(history, plain) for f, p in zip(x["client_mAP"], y["client_mAP"])) <= 1e-3
+    assert history[-1]["client_test_images"] == plain[-1]["client_test_images"]  # the server assigns them alike
     assert "dropped out (--client-dropout 0.5); none reported" in flower.output()
     flower.assert_no_process_left()
