@@ -2,7 +2,7 @@
 single-label data scored as FedMVP and CoCoOp score it.
 
     python benchmarks/clients.py --table dropout [--ps 0 0.3 0.6] [--seeds 0 1 2] [--out runs/compare] [--threads 1]
-    python benchmarks/clients.py --table single-label [--methods fedmpt fed-dualcoop] [--seeds 0] [--out runs/clients]
+    python benchmarks/clients.py --table single-label [--methods fedmpt fed-dualcoop] [--seeds 0 1 2] [--out runs/clients]
 
 dropout: FedMPT on the offline world (10 rounds, 4 clients, --client-eval) at each --client-dropout
 p; p = 0 is compare.py's fedmpt run itself (the same options), reused when --out is compare.py's.
@@ -103,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--out", default="")
     add_run_options(parser)
     args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([0, 1, 2] if args.table == "dropout" else [0])
+    args.seeds = args.seeds or [0, 1, 2]
     args.out = args.out or ("runs/compare" if args.table == "dropout" else "runs/clients")
     env, extra = run_settings(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
