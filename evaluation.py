@@ -37,6 +37,8 @@ def evaluate_global(exp) -> dict:
     if exp.test_set.biased_pairs:  # how much the spurious companions of training still drive predictions
         bias = metrics.bias_metrics(scores, y, exp.test_set.biased_pairs)
         result.update({k: bias[k] for k in ("exclusive_mAP", "cooccur_mAP", "irrelevant_rate")})
+    if bool(((y == 1).sum(1) == 1).all()):  # one label a test image: FedMVP's and CoCoOp's accuracies too
+        result.update(metrics.single_label_accuracy(scores, y, exp.unseen))
     if exp.validation:  # the held-out training images: what settings are chosen on (--validation)
         val_scores, val_y = validation_scores(exp)
         held_out = metrics.multilabel_metrics(val_scores, val_y, top_k=min(3, y.shape[1]))

@@ -57,6 +57,7 @@ class Experiment:
     store_keys: dict = dataclasses.field(default_factory=dict)  # {"train"/"test"/"zero-shot": key in the store}
     encoded: int = 0  # images encoded now (not found in the feature store)
     out: Path = None
+    client_test: list = None  # each client's test rows (--client-eval, --personalize: clients_eval.test_clients)
 
 
 def setup(cfg: Config, model_cfg: ModelConfig, record: dict = None, state: dict = None, backbone=None) -> Experiment:
@@ -201,6 +202,8 @@ def zero_shot_metrics(backbone, v, test_set, classes, unseen=()) -> dict:
     result = {"mAP": metrics.multilabel_metrics(scores, test_set.targets, top_k=min(3, len(classes)))["mAP"]}
     if unseen:
         result.update(metrics.zsl_metrics(scores, test_set.targets, unseen))
+    if bool(((test_set.targets == 1).sum(1) == 1).all()):  # one label a test image: top-1 accuracies too
+        result.update(metrics.single_label_accuracy(scores, test_set.targets, unseen))
     if test_set.biased_pairs:
         bias = metrics.bias_metrics(scores, test_set.targets, test_set.biased_pairs)
         result.update(exclusive_mAP=bias["exclusive_mAP"], cooccur_mAP=bias["cooccur_mAP"])

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import availability
+import clients_eval
 from aggregation import AGGREGATORS
 from client import local_train
 from errors import exit_code
@@ -100,7 +102,8 @@ def accept_and_aggregate(round_index, updates, reference, rule, log):
             continue
         states.append(state), sizes.append(n), stats.append(client_stats)
     if not states:
-        log(f"round {round_index}: every client failed; the global state stays as it was")
+        if updates:  # (none at all: every sampled client dropped out, and availability.drop_out said so)
+            log(f"round {round_index}: every client failed; the global state stays as it was")
         return None, {"loss": None, "clip_share": None, "grad_norm": None}, 0, sorted(rejected)
     steps = [s["steps"] for s in stats]
     combined = {"loss": float(np.average([s["loss"] for s in stats], weights=sizes)),
@@ -138,18 +141,23 @@ COLUMNS = [("loss", 10, ".4f"), ("clip_share", 7, ".0%"), ("grad_norm", 9, ".2f"
            ("OF1", 7, ".2f"), ("seconds", 8, ".1f")]  # each printed row's, after the round (round 0 has no training)
 
 
-def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregated=0, rejected=()) -> dict:
-    """A round's row of metrics.json: the global model's test metrics and the round's training
-    numbers (accept_and_aggregate's); round 0, the untuned model, carries the reference scores
+def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregated=0, rejected=(),
+                   dropout=None) -> dict:
+    """A round's row of metrics.json: the global model's test metrics (with --client-eval each
+    client's too) and the round's training numbers (accept_and_aggregate's; `dropout`:
+    availability.drop_out's record); round 0, the untuned model, carries the reference scores
     instead: the label prior and the frozen backbone zero-shot."""
     if stats is None:
         extra = {"label_prior_mAP": exp.prior_mAP, "zero_shot_mAP": exp.zero_shot["mAP"],
                  **{f"zero_shot_{k}": v for k, v in exp.zero_shot.items() if k != "mAP"}}
     else:
         extra = {"clip_share": stats["clip_share"], "grad_norm": stats["grad_norm"], "clients_aggregated": n_aggregated,
-                 "clients_rejected": list(rejected), "failed": n_aggregated == 0}
+                 "clients_rejected": list(rejected), "failed": n_aggregated == 0, **(dropout or {})}
     loss = None if stats is None else stats["loss"]
-    return {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp), **extra}
+    row = {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp)}
+    if exp.cfg.client_eval:  # every client on its own test images
+        row.update(clients_eval.client_metrics(exp))
+    return {**row, **extra}
 
 
 def save_round(exp: Experiment, history: list, row: dict, rng=None):
@@ -198,15 +206,21 @@ def run(cfg: Config, model_cfg: ModelConfig, given: dict = None):
         save_round(exp, history, evaluate_round(exp, 0, 0.0))
     for round_index in range(first_round, cfg.rounds + 1):
         start = time.time()
-        sampled = sample_clients(rng, cfg)
+        sampled, dropout = sample_clients(rng, cfg), None
+        if cfg.client_dropout:  # sampled clients that fail to report (availability.py)
+            sampled, dropout = availability.drop_out(cfg, round_index, sampled, tqdm.write)
         with runs.round_failure(out, round_index):
             global_state, stats, n_aggregated, rejected = run_round(
                 round_index, model, global_state, exp.train, exp.splits, sampled, cfg, tqdm.write)
         model.load_tunable_state(global_state)
-        save_round(exp, history, evaluate_round(exp, round_index, time.time() - start, stats, n_aggregated, rejected), rng)
+        row = evaluate_round(exp, round_index, time.time() - start, stats, n_aggregated, rejected, dropout)
+        save_round(exp, history, row, rng)
 
     runs.check_trained(history, first_round, start_state, global_state)  # a run that could not train: exit 1
     save_tensors(global_state, out / "state.pt", f"python federate.py --resume {out} writes it from checkpoint.pt")
+    if cfg.personalize:  # every client fine-tunes the final state (its order seeded as round R + 1)
+        clients_eval.personalize(exp, global_state, [client_generator(cfg, cfg.rounds + 1, c)
+                                                     for c in range(len(exp.splits))])
     if exp.validation:  # what predict.py labels with: thresholds chosen on held-out training images
         write_json(out / "thresholds.json", thresholds_record(exp, history[-1]["round"]))
     if cfg.plot:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import availability
 import evaluation
 import experiment
 import federate
@@ -215,9 +216,12 @@ class FedMPTStrategy(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         start = time.time()
         nodes = self.connected_clients(grid, server_round)
-        sampled = federate.sample_clients(self.rng, self.cfg)
+        sampled, dropout = federate.sample_clients(self.rng, self.cfg), None
+        if self.cfg.client_dropout:  # sampled clients that fail to report: the plain loop's draw (availability.py)
+            sampled, dropout = availability.drop_out(self.cfg, server_round, sampled,
+                                                     lambda text: print(text, flush=True))
         absent = [client for client in sampled if client not in nodes]  # left out in aggregate_train
-        self.round = {"start": start, "sent": [c for c in sampled if c in nodes], "absent": absent}
+        self.round = {"start": start, "sent": [c for c in sampled if c in nodes], "absent": absent, "dropout": dropout}
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
         return [Message(content, dst_node_id=nodes[c], message_type=MessageType.TRAIN) for c in self.round["sent"]]
@@ -258,7 +262,7 @@ class FedMPTStrategy(FedAvg):
             row = federate.evaluate_round(exp, 0, 0.0)
         else:
             row = federate.evaluate_round(exp, server_round, time.time() - self.round["start"], self.round["stats"],
-                                          self.round["aggregated"], self.round["rejected"])
+                                          self.round["aggregated"], self.round["rejected"], self.round["dropout"])
         federate.save_round(exp, self.history, row, self.rng if server_round else None)
         return MetricRecord({"mAP": row["mAP"], "CF1": row["CF1"], "OF1": row["OF1"]})
 

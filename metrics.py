@@ -167,6 +167,33 @@ def zsl_metrics(scores, targets, unseen, ks=(3, 5)):
     return {**out, **reasons}
 
 
+def single_label_accuracy(scores, targets, unseen=()):
+    """Top-1 accuracy (percent) of single-label images, as FedMVP and CoCoOp report it: an image
+    is right when its highest-scoring class is its one label (np.argmax: a tie goes to the lower
+    class index).
+      top1_accuracy   every class competes, on every image
+    With classes no client labelled (`unseen`, CoCoOp's base-to-novel protocol):
+      base_accuracy   the images of a base (seen) class, only the base classes competing
+      novel_accuracy  the images of a novel (unseen) class, only the novel classes competing
+      H_accuracy      the harmonic mean of the two
+    A figure without an image to score is None. targets: (n_images, C), exactly one 1 a row."""
+    s, t = _validate(scores, targets)
+    if not ((t == 1).sum(1) == 1).all():
+        raise ValueError("single_label_accuracy needs exactly one positive label per image")
+    label = (t == 1).argmax(1)  # (n_images,) each image's class
+    out = {"top1_accuracy": 100.0 * float(np.mean(s.argmax(1) == label))}
+    if len(unseen):
+        novel = sorted(set(int(c) for c in unseen))
+        base = [c for c in range(s.shape[1]) if c not in novel]
+        for name, classes in (("base", base), ("novel", novel)):
+            holding = np.isin(label, classes)  # the images of these classes
+            chosen = np.asarray(classes)[s[holding][:, classes].argmax(1)] if holding.any() else None
+            out[f"{name}_accuracy"] = 100.0 * float(np.mean(chosen == label[holding])) if holding.any() else None
+        a, b = out["base_accuracy"], out["novel_accuracy"]
+        out["H_accuracy"] = None if a is None or b is None else (2 * a * b / (a + b) if a + b > 0 else 0.0)
+    return out
+
+
 def ranked_mean_ap(scores, targets) -> tuple:
     """(mAP in percent over the classes with both a positive and a negative among these images,
     '') or (None, why) when no class has both."""

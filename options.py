@@ -76,6 +76,15 @@ class Config:
     out: str = option("", "run directory", shown="runs/<dataset>-<method>-<timestamp>")
     aggregate: str = option("mean", "mean (FedAvg, weighted by samples), median or trimmed-mean (robust)",
                             choices=tuple(AGGREGATORS))
+    client_eval: bool = option(False, "metrics.json also scores every client on its own test images (assigned by "
+                                      "the rule that split the training images): per-client mAP, mean, std, worst "
+                                      "(clients_eval.py)", added="0.4")
+    personalize: int = option(0, "after the last round each client fine-tunes the global state for N local epochs "
+                                 "and is scored on its own test images: personalized.json (plain loop; 0 = off)",
+                              range="[0, inf)", added="0.4")
+    client_dropout: float = option(0.0, "each sampled client fails to report with this probability (seeded by "
+                                        "the seed and the round, the same on both engines); metrics.json records "
+                                        "who dropped", range="[0, 1)", added="0.4")
     resume: str = option("", "a run directory to continue from its last checkpoint, with its own options")
     download: bool = option(False, "download and extract VOC2007 into --root first (voc2007 only)")
     skip_unreadable: bool = option(False, "decode every image first; leave out (and list) the unreadable ones")

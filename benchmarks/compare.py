@@ -100,10 +100,12 @@ def main():
                         "tunable": config["tunable_params"], "tunable_vit_b16": vit["tunable"]}
         print(f"{method}: mAP {mean_std([r['mAP'] for r in rows[method]['final']])}", flush=True)
     (out / "compare.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| method | mAP | CF1 | OF1 | tunable (this backbone) | tunable (ViT-B/16, VOC) | s / round |",
-             "|---|---|---|---|---|---|---|"]
+    # with `-- --client-eval` the runs score every client on its own test images: a worst-client column
+    keys = ["mAP", "CF1", "OF1"] + (["client_mAP_worst"] if "client_mAP_worst" in rows[args.methods[0]]["final"][0] else [])
+    lines = [f"| method | mAP | CF1 | OF1 |{' worst client (mAP) |' if len(keys) > 3 else ''} tunable (this backbone) "
+             "| tunable (ViT-B/16, VOC) | s / round |", "|---" * (len(keys) + 4) + "|"]
     for method, row in rows.items():
-        cells = [mean_std([r[key] for r in row["final"]]) for key in ("mAP", "CF1", "OF1")]
+        cells = [mean_std([r[key] for r in row["final"]]) for key in keys]
         lines.append(f"| {method} | {' | '.join(cells)} | {row['tunable']:,} | {row['tunable_vit_b16']:,} | "
                      f"{row['seconds_per_round']:.1f} |")
     first = next(iter(rows.values()))["zero"]

@@ -43,7 +43,9 @@ def launch(cfg: Config, model_cfg: ModelConfig, flower_cfg: FlowerConfig = Flowe
     """Run the federation on Flower; returns the rows of metrics.json like federate.run."""
     checks = [(not cfg.resume, "--resume works with the plain engine only; a Flower run's checkpoint.pt is "
                                "the plain loop's, so `python federate.py --resume RUN_DIR` continues it"),
-              (not cfg.plot and not cfg.validation, "--plot and --validation: only with the plain loop (python federate.py)")]
+              (not cfg.plot and not cfg.validation, "--plot and --validation: only with the plain loop (python federate.py)"),
+              (not cfg.personalize, "--personalize: only with the plain loop (python federate.py): a Flower server "
+                                    "holds no client's training images to fine-tune on")]
     problems = [message for ok, message in checks if not ok] + field_problems(flower_cfg)
     if problems:
         raise FedMPTError("; ".join(problems) + ".")
