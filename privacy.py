@@ -137,6 +137,7 @@ def budget_problem(cfg) -> str:
 def noise_for_epsilon(epsilon: float, q: float, rounds: int, delta: float) -> float:
     """The noise multiplier z whose `rounds` rounds at rate q spend `epsilon` at `delta` (the
     accountant inverted by dp-accounting's calibration: the smallest z within its tolerance)."""
-    every_round = lambda z: dp_event.SelfComposedDpEvent(round_event(z, q), rounds)  # noqa: E731
+    def every_round(noise):
+        return dp_event.SelfComposedDpEvent(round_event(noise, q), rounds)
     return float(calibrate_dp_mechanism(rdp_privacy_accountant.RdpAccountant, every_round, epsilon, delta,
                                         LowerEndpointAndGuess(0.0, 1.0)))
