@@ -39,7 +39,6 @@ import torch
 import evaluation
 import experiment
 import federate
-import privacy
 import zeroshot
 from errors import FedMPTError, exit_code
 from client import local_train
@@ -218,8 +217,9 @@ class FedMPTStrategy(FedAvg):
         nodes = self.connected_clients(grid, server_round)
         sampled = federate.sample_clients(self.rng, self.cfg)
         absent = [client for client in sampled if client not in nodes]  # left out in aggregate_train
-        self.round = {"start": start, "sent": [c for c in sampled if c in nodes], "absent": absent,  # until aggregated:
-                      "stats": federate.combine_stats([], []), "aggregated": 0, "rejected": sampled}  # (DP skips a round with an error)
+        # nothing aggregated until aggregate_train says otherwise (Flower's DP wrapper skips it when a reply has an error)
+        self.round = {"start": start, "sent": [c for c in sampled if c in nodes], "absent": absent,
+                      "stats": federate.combine_stats([], []), "aggregated": 0, "rejected": sampled}
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
         return [Message(content, dst_node_id=nodes[c], message_type=MessageType.TRAIN) for c in self.round["sent"]]
@@ -245,6 +245,7 @@ class FedMPTStrategy(FedAvg):
             updates.append((client, state, n, numbers, problem))
         combine = None
         if self.cfg.dp_clip:  # Flower's DP wrapper clipped the replies and adds the noise: equal weights here
+            import privacy  # only with DP on: each message's fresh client process imports this file
             combine = privacy.equal_mean
             np.random.seed(privacy.noise_seed(self.cfg.seed, server_round))  # its noise: the plain loop's draw
         aggregated, stats, n_aggregated, rejected = federate.accept_and_aggregate(
@@ -287,6 +288,7 @@ def server_main(grid, context):
     print(federate.TABLE_HEADER, flush=True)
     runner = strategy
     if cfg.dp_clip:  # client-level DP: Flower's own wrapper clips each update and adds the noise (docs/flower.md)
+        import privacy
         runner = DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise, cfg.dp_clip,
                                                             privacy.clients_per_round(cfg))
     runner.start(grid, ArrayRecord(strategy.reference), num_rounds=cfg.rounds, timeout=flower_cfg.round_timeout,
