@@ -186,3 +186,34 @@ def test_the_plain_loop_without_dp_loads_neither_privacy_nor_dp_accounting():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stderr[-2000:]
+
+
+class Memorizer(torch.nn.Module):
+    """A stand-in model whose logit for image i is its label (+-4) where `knows[i]`, else 0:
+    what a model that memorised exactly the members would score."""
+
+    def __init__(self, targets, knows):
+        super().__init__()
+        self.logits, self.device = torch.where(knows[:, None], 8.0 * targets - 4.0, torch.zeros_like(targets)), "cpu"
+
+    def text_features(self):
+        return None
+
+    def forward(self, index, T=None):
+        return self.logits[index.long().flatten()]
+
+
+def test_the_attack_scores_minus_the_loss_so_memorised_members_rank_first():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.privacy import image_losses
+    from sklearn.metrics import roc_auc_score
+    targets = (torch.rand(60, 3, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    targets[0, 1] = -1  # an unknown label: left out of the loss
+    knows = torch.arange(60) < 40  # images 0-39 memorised (the members), 40-59 not
+    losses = image_losses(Memorizer(targets, knows), (torch.arange(60.0)[:, None],), targets, list(range(60)))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(  # the loss by its own formula
+        Memorizer(targets, knows).logits.double(), targets.clamp(min=0).double(), reduction="none")
+    assert np.allclose(losses, (expected * (targets >= 0)).sum(1).numpy(), rtol=1e-4)  # float32 probabilities
+    assert roc_auc_score(knows.numpy(), -losses) == 1.0  # members below every non-member's loss
