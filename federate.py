@@ -82,11 +82,12 @@ def validate_update(update: dict, reference: dict) -> str:
     return ""
 
 
-def accept_and_aggregate(round_index, updates, reference, rule, log):
+def accept_and_aggregate(round_index, updates, reference, rule, log, combine=None):
     """What both engines do with a round's updates. `updates`: (client, state, n_samples, stats,
     problem) per sampled client, `problem` '' or why it sent nothing usable (no reply, its
     training failed). Updates that do not fit `reference` (validate_update) are left out too,
-    with a log line; the rest are combined by the rule named `rule` (aggregation.AGGREGATORS).
+    with a log line; the rest are combined by the rule named `rule` (aggregation.AGGREGATORS),
+    or by `combine` (states, sizes) -> state when given (client-level DP: privacy.py).
     Returns (new state, or None when no update was accepted; the round's training numbers from
     the accepted clients' local_train stats: the loss per image weighted by samples, the clipped
     share and the mean gradient norm weighted by local steps, Nones when none was accepted; their
@@ -108,7 +109,7 @@ def accept_and_aggregate(round_index, updates, reference, rule, log):
     steps = [s["steps"] for s in stats]
     combined = {"loss": float(np.average([s["loss"] for s in stats], weights=sizes)),
                 **{key: float(np.average([s[key] for s in stats], weights=steps)) for key in ("clip_share", "grad_norm")}}
-    return AGGREGATORS[rule](states, sizes), combined, len(states), sorted(rejected)
+    return (combine or AGGREGATORS[rule])(states, sizes), combined, len(states), sorted(rejected)
 
 
 def run_round(round_index, model, global_state, features, client_splits, sampled, cfg, log):
@@ -129,8 +130,12 @@ def run_round(round_index, model, global_state, features, client_splits, sampled
         except Exception as error:  # out of memory, a bug: the run stops in one process
             raise runs.client_failed(round_index, group, error) from error
         updates += [(client, state, n, stats, "") for client, (state, n, stats) in zip(group, results)]
+    combine = None
+    if cfg.dp_clip:  # client-level DP: clipped updates, equal weights, seeded noise (privacy.py)
+        import privacy
+        combine = privacy.round_aggregator(cfg, round_index, global_state)
     new_state, stats, n_aggregated, rejected = accept_and_aggregate(round_index, updates, global_state,
-                                                                    cfg.aggregate, log)
+                                                                    cfg.aggregate, log, combine)
     return (global_state if new_state is None else new_state), stats, n_aggregated, rejected
 
 
@@ -153,6 +158,9 @@ def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregat
     else:
         extra = {"clip_share": stats["clip_share"], "grad_norm": stats["grad_norm"], "clients_aggregated": n_aggregated,
                  "clients_rejected": list(rejected), "failed": n_aggregated == 0, **(dropout or {})}
+        if exp.cfg.dp_clip:  # client-level DP: epsilon spent after this round (privacy.py)
+            import privacy
+            extra["dp_epsilon"] = privacy.epsilon_spent(exp.cfg, round_index)
     loss = None if stats is None else stats["loss"]
     row = {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp)}
     if exp.cfg.client_eval:  # every client on its own test images

@@ -54,7 +54,7 @@ try:
     from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
-    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
     import tomli_w  # noqa: F401 (launch writes Flower's TOML files with it)
 except ImportError as error:
     missing = f"the Flower engine needs Flower ({error}): pip install -r requirements-flower.txt"
@@ -221,7 +221,10 @@ class FedMPTStrategy(FedAvg):
             sampled, dropout = availability.drop_out(self.cfg, server_round, sampled,
                                                      lambda text: print(text, flush=True))
         absent = [client for client in sampled if client not in nodes]  # left out in aggregate_train
-        self.round = {"start": start, "sent": [c for c in sampled if c in nodes], "absent": absent, "dropout": dropout}
+        # nothing aggregated until aggregate_train says otherwise (Flower's DP wrapper skips it when a reply has an error)
+        self.round = {"start": start, "sent": [c for c in sampled if c in nodes], "absent": absent, "dropout": dropout,
+                      "stats": {"loss": None, "clip_share": None, "grad_norm": None}, "aggregated": 0,
+                      "rejected": sampled}
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
         return [Message(content, dst_node_id=nodes[c], message_type=MessageType.TRAIN) for c in self.round["sent"]]
@@ -245,8 +248,13 @@ class FedMPTStrategy(FedAvg):
                 except (KeyError, TypeError, ValueError) as error:
                     problem = f"sent a malformed reply ({type(error).__name__}: {error})"
             updates.append((client, state, n, numbers, problem))
+        combine = None
+        if self.cfg.dp_clip:  # Flower's DP wrapper clipped the replies and adds the noise: equal weights here
+            import privacy  # only with DP on: each message's fresh client process imports this file
+            combine = privacy.equal_mean
+            np.random.seed(privacy.noise_seed(self.cfg.seed, server_round))  # its noise: the plain loop's draw
         aggregated, stats, n_aggregated, rejected = federate.accept_and_aggregate(
-            server_round, updates, self.reference, self.cfg.aggregate, lambda text: print(text, flush=True))
+            server_round, updates, self.reference, self.cfg.aggregate, lambda text: print(text, flush=True), combine)
         self.round.update(aggregated=n_aggregated, rejected=rejected, stats=stats)
         if aggregated is None:
             return None, None
@@ -281,8 +289,13 @@ def server_main(grid, context):
     strategy = FedMPTStrategy(exp, flower_cfg)  # launch made every path absolute
     print(f"label prior mAP {exp.prior_mAP:.2f}; client sizes {[len(s) for s in exp.splits]}")
     print(federate.TABLE_HEADER, flush=True)
-    strategy.start(grid, ArrayRecord(strategy.reference), num_rounds=cfg.rounds, timeout=flower_cfg.round_timeout,
-                   evaluate_fn=strategy.evaluate_and_record)
+    runner = strategy
+    if cfg.dp_clip:  # client-level DP: Flower's own wrapper clips each update and adds the noise (docs/flower.md)
+        import privacy
+        runner = DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise, cfg.dp_clip,
+                                                            privacy.clients_per_round(cfg))
+    runner.start(grid, ArrayRecord(strategy.reference), num_rounds=cfg.rounds, timeout=flower_cfg.round_timeout,
+                 evaluate_fn=strategy.evaluate_and_record)
     save_tensors(strategy.global_state, exp.out / "state.pt")
     print(f"final mAP {strategy.history[-1]['mAP']:.2f}; run saved in {exp.out}", flush=True)
     runs.warn_after_run(strategy.history, exp.cfg.lr, exp.cfg.grad_clip)

@@ -85,6 +85,17 @@ class Config:
     client_dropout: float = option(0.0, "each sampled client fails to report with this probability (seeded by "
                                         "the seed and the round, the same on both engines); metrics.json records "
                                         "who dropped", range="[0, 1)", added="0.4")
+    dp_noise: float = option(-1.0, "client-level DP (DP-FedAvg, privacy.py): noise multiplier z; Gaussian noise of "
+                                   "std z*S/m on the mean of the m clipped updates, with --dp-clip S; 0 = clipping and "
+                                   "equal weights without noise (no privacy: a check); -1 = off",
+                             range="[-1, inf)", shown="-1 (off)", added="0.4")
+    dp_clip: float = option(0.0, "client-level DP: L2 norm S each client's update (its state minus the global state, "
+                                 "every tunable tensor together) is clipped to; needs --dp-noise; 0 = off",
+                            range="[0, inf)", shown="0 (off)", added="0.4")
+    dp_delta: float = option(1e-5, "client-level DP: the delta at which metrics.json reports epsilon (dp_epsilon) "
+                                   "each round; below 1/--clients", range="(0, 1)", added="0.4")
+    dp_max_epsilon: float = option(0.0, "client-level DP: refuse a run whose --rounds would spend more epsilon "
+                                        "(says how many rounds fit); 0 = no limit", range="[0, inf)", added="0.4")
     resume: str = option("", "a run directory to continue from its last checkpoint, with its own options")
     download: bool = option(False, "download and extract VOC2007 into --root first (voc2007 only)")
     skip_unreadable: bool = option(False, "decode every image first; leave out (and list) the unreadable ones")
@@ -168,6 +179,8 @@ def validate(cfg: Config, model_cfg: ModelConfig):
              (not cfg.compile or cfg.parallel_clients == 1,
               f"--compile with --parallel-clients {cfg.parallel_clients}: the compiled step trains one client at a "
               "time; give one of the two")]
+    if cfg.dp_noise != -1.0 or cfg.dp_clip or cfg.dp_max_epsilon:  # client-level DP (privacy.py)
+        rules += dp_rules(cfg, fields_fit=not problems)
     if cfg.unseen or cfg.zsl_split:  # every method scores the classes it never trained on, or says why not
         why = zeroshot.cannot_score_unseen(cfg.method, model_cfg.class_ctx)
         rules.append((not why, f"--{'unseen' if cfg.unseen else 'zsl-split'}: {cfg.method} cannot score unseen "
@@ -177,6 +190,25 @@ def validate(cfg: Config, model_cfg: ModelConfig):
         raise FedMPTError("; ".join(problems) + ".")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise FedMPTError("--device cuda: no CUDA device is visible; use --device cpu.")
+
+
+def dp_rules(cfg: Config, fields_fit: bool) -> list:
+    """The rules of client-level DP's options, and (when every field is in its range: `fields_fit`)
+    the planned rounds' epsilon within --dp-max-epsilon."""
+    on = cfg.dp_clip > 0 and cfg.dp_noise >= 0
+    rules = [((cfg.dp_noise == -1.0) == (cfg.dp_clip == 0), "--dp-noise and --dp-clip: client-level DP needs both, "
+                                                            "the noise multiplier z and the clip norm S (e.g. --dp-noise 1 --dp-clip 1)"),
+             (cfg.dp_noise >= 0 or cfg.dp_noise == -1.0, f"--dp-noise {cfg.dp_noise}: must be 0 or more (-1: off)"),
+             (not on or cfg.aggregate == "mean", f"--aggregate {cfg.aggregate}: client-level DP averages the clipped "
+                                                 "updates with equal weights; use --aggregate mean"),
+             (not on or cfg.dp_delta * cfg.clients < 1, f"--dp-delta {cfg.dp_delta:g}: must lie below 1/--clients "
+                                                       f"({1 / max(cfg.clients, 1):g}), or one client's data could be released whole"),
+             (on or not cfg.dp_max_epsilon, "--dp-max-epsilon: a budget for client-level DP; give --dp-noise and --dp-clip")]
+    if fields_fit and all(ok for ok, _ in rules) and on and cfg.dp_max_epsilon:
+        import privacy  # dp-accounting: only a run with a privacy budget needs it here
+        problem = privacy.budget_problem(cfg)
+        rules.append((not problem, problem))
+    return rules
 
 
 # ---- What is made from the fields -------------------------------------------------------
