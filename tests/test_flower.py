@@ -150,8 +150,9 @@ def flower_run():
         run.stop()
 
 
-def test_flower_run_equals_the_plain_loop(shapes_root, tmp_path, flower_run):
-    options = ["--root", str(shapes_root), "--clients", "2", "--rounds", "2", "--seed", "3", *TINY]
+def both_engines(flower_run, tmp_path, options):
+    """The same options on Flower (tmp_path/flower) and, meanwhile, in the plain loop here
+    (tmp_path/plain, one thread): (the finished Flower run, the plain loop's history)."""
     flower = flower_run(tmp_path / "flower", *options, "--round-timeout", "300")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -160,6 +161,12 @@ def test_flower_run_equals_the_plain_loop(shapes_root, tmp_path, flower_run):
     finally:
         torch.set_num_threads(threads)
     assert flower.finish() == 0, flower.output()[-3000:]
+    return flower, plain
+
+
+def test_flower_run_equals_the_plain_loop(shapes_root, tmp_path, flower_run):
+    options = ["--root", str(shapes_root), "--clients", "2", "--rounds", "2", "--seed", "3", *TINY]
+    flower, plain = both_engines(flower_run, tmp_path, options)
 
     a = torch.load(tmp_path / "flower" / "state.pt", weights_only=True)
     b = torch.load(tmp_path / "plain" / "state.pt", weights_only=True)

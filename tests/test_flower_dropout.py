@@ -13,7 +13,7 @@ from test_clients import seed_where
 
 pytestmark = pytest.mark.slow  # a whole federation in subprocesses
 pytest.importorskip("flwr", reason="flwr is not installed: pip install -r requirements-flower.txt")
-from test_flower import TINY, flower_run  # noqa: E402,F401 (the fixture)
+from test_flower import TINY, both_engines, flower_run  # noqa: E402,F401 (the fixture)
 
 
 def test_both_engines_drop_the_same_clients_in_the_same_rounds(shapes_root, tmp_path, flower_run):
@@ -21,14 +21,7 @@ def test_both_engines_drop_the_same_clients_in_the_same_rounds(shapes_root, tmp_
     seed = seed_where(lambda d: sorted(map(len, d))[-2:] == [1, 2], 2, 3, 0.5)
     options = ["--root", str(shapes_root), "--clients", "2", "--rounds", "3", "--seed", str(seed),
                "--client-dropout", "0.5", "--client-eval", *TINY]
-    flower = flower_run(tmp_path / "flower", *options, "--round-timeout", "300")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the plain loop runs meanwhile, here
-        plain = federate.run(*federate.parse_config([*options, "--out", str(tmp_path / "plain")]))
-    finally:
-        torch.set_num_threads(threads)
-    assert flower.finish() == 0, flower.output()[-3000:]
+    flower, plain = both_engines(flower_run, tmp_path, options)
     history = flower.history()
     expected = [availability.dropped_clients(seed, r, [0, 1], 2, 0.5) for r in (1, 2, 3)]
     assert [row["clients_dropped"] for row in history[1:]] == [row["clients_dropped"] for row in plain[1:]] == expected

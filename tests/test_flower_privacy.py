@@ -9,21 +9,14 @@ pytestmark = pytest.mark.slow  # whole federations in subprocesses
 
 flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install -r requirements-flower.txt")
 import federate  # noqa: E402
-from test_flower import ONE_THREAD, TINY, flower_run  # noqa: E402,F401 (flower_run: the fixture)
+from test_flower import ONE_THREAD, TINY, both_engines, flower_run  # noqa: E402,F401 (flower_run: the fixture)
 
 
 @pytest.mark.parametrize("noise, clip", [("0", "1"), ("1", "0.5")])
 def test_flowers_dp_wrapper_equals_the_plain_loops_dp(shapes_root, tmp_path, flower_run, noise, clip):  # noqa: F811
     options = ["--root", str(shapes_root), "--clients", "2", "--rounds", "2", "--seed", "3", *TINY,
                "--dp-noise", noise, "--dp-clip", clip]
-    flower = flower_run(tmp_path / "flower", *options, "--round-timeout", "300")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the plain loop runs meanwhile, here
-        plain = federate.run(*federate.parse_config([*options, "--out", str(tmp_path / "plain")]))
-    finally:
-        torch.set_num_threads(threads)
-    assert flower.finish() == 0, flower.output()[-3000:]
+    flower, plain = both_engines(flower_run, tmp_path, options)
     flower_log = (tmp_path / "flower" / "flower" / "flwr-run.log").read_text()  # every line of flwr run, INFO too
     assert "central DP noise with" in flower_log and "parameters are clipped by value" in flower_log  # the wrapper's
     a = torch.load(tmp_path / "flower" / "state.pt", weights_only=True)
