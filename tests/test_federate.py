@@ -97,6 +97,7 @@ def test_the_seed_decides_the_starting_model(shapes_root, tmp_path):
     assert first["mAP"] != second["mAP"], (first["mAP"], second["mAP"])
 
 
+@pytest.mark.slow  # builds every method's model (~5 s): the fast tier stays under 90 s
 def test_lr_defaults_to_the_methods_own_rate_and_an_explicit_one_is_kept():
     import baselines
     import experiment

@@ -219,6 +219,7 @@ def two_kinds_of_images(T, n=256, seed=0):
     return v, P + 0.1 * torch.randn(P.shape, generator=generator) / D ** 0.5, y[:, None], kind
 
 
+@pytest.mark.slow  # trains a gate twice (~7 s): the fast tier stays under 90 s
 @pytest.mark.parametrize("gate", ["mlp", "uniform"])
 def test_gate_weights_move_when_the_condition_that_carries_the_label_changes_per_image(gate):
     """Trained with the federated client update (local_train: its loss, lr and clipping), the
