@@ -38,7 +38,7 @@ if __name__ == "__main__":  # run as a script: the repository's modules
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ot  # noqa: E402
-from client import batches, client_order, local_optimizer, local_train  # noqa: E402
+from client import batches, client_order, local_optimizer, local_train, step_stats  # noqa: E402
 from errors import FedMPTError, RunFailed, exit_code  # noqa: E402
 from evaluation import thresholds_record  # noqa: E402
 from experiment import load_backbone, resolve, setup  # noqa: E402
@@ -205,26 +205,22 @@ def clip_lanes(params, grad_clip) -> torch.Tensor:
 
 
 class LaneTotals:
-    """client.step_stats' sums of every lane at once, on the device in float64: read once, at the end."""
+    """Every lane's client.clip_and_step numbers summed at once, (lanes, 3) on the device in float64,
+    read once at the end by client.step_stats, lane by lane."""
 
     def __init__(self, lanes, device):
-        self.loss, self.norms, self.clipped = (torch.zeros(lanes, dtype=torch.float64, device=device) for _ in range(3))
+        self.sums = torch.zeros(lanes, 3, dtype=torch.float64, device=device)
         self.seen, self.steps = [0] * lanes, [0] * lanes
 
     def add(self, index, losses, norms, sizes, grad_clip):
-        n = torch.tensor(sizes, dtype=torch.float64, device=losses.device)
-        self.loss.index_add_(0, index, losses.double() * n)
-        self.norms.index_add_(0, index, norms.double())
-        if grad_clip > 0:
-            self.clipped.index_add_(0, index, (norms.double() > grad_clip).double())
+        n, norms = torch.tensor(sizes, dtype=torch.float64, device=losses.device), norms.double()
+        self.sums.index_add_(0, index, torch.stack([losses.double() * n, norms,
+                                                    (norms > grad_clip).double() * (grad_clip > 0)], dim=1))
         for i, size in zip(index.tolist(), sizes):
             self.seen[i], self.steps[i] = self.seen[i] + size, self.steps[i] + 1
 
     def stats(self) -> list:
-        loss, norms, clipped = (t.tolist() for t in (self.loss, self.norms, self.clipped))  # the one host sync
-        return [{"loss": loss[i] / max(self.seen[i], 1), "steps": self.steps[i],
-                 "clip_share": clipped[i] / max(self.steps[i], 1), "grad_norm": norms[i] / max(self.steps[i], 1)}
-                for i in range(len(self.seen))]
+        return [step_stats(sums, steps, seen) for sums, steps, seen in zip(self.sums, self.steps, self.seen)]
 
 
 # ---- Cells: federate.run for several runs at once ------------------------------------------
