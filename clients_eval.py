@@ -109,12 +109,12 @@ def test_scores(exp, state, rows=None):
     return predict_scores(exp.scorer or exp.model, exp.test[0], rows=rows)
 
 
-def client_metrics(exp, scores) -> dict:
-    """A round's per-client figures (--client-eval) from the global model's test `scores` (n, C),
-    those evaluation.evaluate_global scored: each client's mAP on its own test images."""
+def client_metrics(exp) -> dict:
+    """A round's per-client figures (--client-eval): the model's current state on each client's
+    test images (a second pass over the test images, beside evaluation.evaluate_global's)."""
     if exp.client_test is None:
         exp.client_test = test_clients(exp)
-    targets = exp.test[1]
+    scores, targets = test_scores(exp, exp.model.tunable_state()), exp.test[1]
     per_client = [client_mAP(scores, targets, rows) for rows in exp.client_test]
     summary = spread(per_client)
     return {"client_mAP": per_client, **{f"client_mAP_{k}": summary[k] for k in ("mean", "std", "worst", "best")},

@@ -21,8 +21,7 @@ def predict_scores(model, inputs, batch_size=256, rows=None):
 
 def evaluate_global(exp) -> dict:
     """Metrics of the model's current state on the test images (with unseen classes: every
-    class scored by exp.scorer, and the zero-shot figures; with --client-eval each client's mAP
-    on its own test images, clients_eval.client_metrics). A state whose scores are not finite
+    class scored by exp.scorer, and the zero-shot figures). A state whose scores are not finite
     (finite updates so large that the model overflows) ends the run: RunFailed."""
     inputs, y = exp.test
     if exp.unseen:
@@ -46,9 +45,6 @@ def evaluate_global(exp) -> dict:
         result.update({f"val_{k}": held_out[k] for k in ("mAP", "CF1", "OF1")})
         chosen = metrics.multilabel_metrics(scores, y, validation_thresholds(exp, val_scores, val_y), min(3, y.shape[1]))
         result.update({f"{k}_val_thresholds": chosen[k] for k in ("CF1", "OF1")})
-    if exp.cfg.client_eval:  # every client on its own test images, from these scores
-        import clients_eval  # (it imports this module)
-        result.update(clients_eval.client_metrics(exp, scores))
     return result
 
 

@@ -162,7 +162,10 @@ def evaluate_round(exp: Experiment, round_index, seconds, stats=None, n_aggregat
             import privacy
             extra["dp_epsilon"] = privacy.epsilon_spent(exp.cfg, round_index)
     loss = None if stats is None else stats["loss"]
-    return {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp), **extra}
+    row = {"round": round_index, "loss": loss, "seconds": seconds, **evaluate_global(exp)}
+    if exp.cfg.client_eval:  # every client on its own test images
+        row.update(clients_eval.client_metrics(exp))
+    return {**row, **extra}
 
 
 def save_round(exp: Experiment, history: list, row: dict, rng=None):
